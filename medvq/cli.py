@@ -1,0 +1,61 @@
+"""What every job script shares: the common flags, config from flags, and clean user errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable
+
+from medmnist.info import DEFAULT_ROOT
+
+from medvq.config import Config
+from medvq.errors import UserError
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every job takes, with the same names and meanings."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--data-root", help="folder with the MedMNIST .npz files "
+                        "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
+    parser.add_argument("--datasets", default=",".join(Config.datasets),
+                        help="comma-separated MedMNIST names (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--epochs", type=int, default=Config.epochs, help="default: %(default)s")
+    return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=Config.size, help="image side: 28, 64, 128 or 224")
+    parser.add_argument("--codebook-size", type=int, default=Config.codebook_size)
+    parser.add_argument("--commitment-weight", type=float, default=Config.commitment_weight)
+    parser.add_argument("--batch-size", type=int, default=Config.batch_size, help="per worker")
+    parser.add_argument("--learning-rate", type=float, default=Config.learning_rate)
+    parser.add_argument("--mixing", choices=("proportional", "balanced"), default=Config.mixing)
+    parser.add_argument("--limit-batches", type=int, help="at most this many train and val batches per epoch")
+    parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default=Config.accelerator)
+    parser.add_argument("--seed", type=int, default=Config.seed)
+
+
+def resolve_data_root(flag: str | None) -> str:
+    return os.path.abspath(os.path.expanduser(flag or os.environ.get("MEDVQ_DATA_ROOT") or DEFAULT_ROOT))
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Build the one Config from parsed flags; flags a job does not define keep their defaults."""
+    names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    flag_fields = ("size", "codebook_size", "commitment_weight", "batch_size", "learning_rate", "mixing",
+                   "limit_batches", "accelerator", "seed", "epochs")
+    values = {name: getattr(args, name) for name in flag_fields if hasattr(args, name)}
+    return Config(data_root=resolve_data_root(args.data_root), datasets=tuple(names), **values)
+
+
+def run_job(main: Callable[[], None]) -> None:
+    """Run a job's main: a UserError becomes one line on stderr and exit code 2, without a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

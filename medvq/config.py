@@ -1,0 +1,86 @@
+"""One typed configuration shared by every step: data, model, training, tuning, encoding.
+
+Plain data only (str, int, float, tuple), so Ray can ship it to workers and a checkpoint can
+store it as a dict and rebuild the exact model it was trained with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from medvq.errors import UserError
+
+# The five MedMNIST sets the project learns together; any other 2D MedMNIST set works the same way.
+DEFAULT_DATASETS = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist", "bloodmnist")
+MIXINGS = ("proportional", "balanced")
+ACCELERATORS = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- data ---
+    data_root: str | None = None  # None: medmnist's own default root (~/.medmnist)
+    datasets: tuple[str, ...] = DEFAULT_DATASETS
+    size: int = 28  # MedMNIST image side; MedMNIST+ also has 64, 128, 224
+    mixing: str = "proportional"  # "balanced" draws every set equally often, so Breast (546) is not drowned
+    # --- model ---
+    hidden_channels: int = 64  # enough for 28x28 medical images; the model stays < 0.5M parameters
+    residual_blocks: int = 2  # per side, as in the VQ-VAE paper
+    downsample: int = 2  # stride-2 stages: 28x28 -> 7x7 latent grid
+    embedding_dim: int = 64  # D, the size of one code vector
+    codebook_size: int = 512  # K, the number of codes
+    commitment_weight: float = 0.25  # beta in the VQ-VAE paper
+    ema_decay: float = 0.99  # codebook EMA decay (VQ-VAE-2 value)
+    dead_code_threshold: float = 1.0  # re-seed a code whose EMA count falls below one vector per batch
+    # --- optimisation ---
+    batch_size: int = 256  # per worker; small images, so large batches keep a GPU busy
+    learning_rate: float = 1e-3  # Adam; the codebook itself is not trained by gradient
+    epochs: int = 10
+    limit_batches: int | None = None  # cap on train and val batches per epoch (smoke runs)
+    seed: int = 0
+    accelerator: str = "auto"  # "auto": the GPU when there is one, else the CPU
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "datasets", tuple(self.datasets))
+        checks = [
+            (len(self.datasets) > 0, "datasets: name at least one dataset"),
+            (len(set(self.datasets)) == len(self.datasets), "datasets: a dataset is named twice"),
+            (self.mixing in MIXINGS, f"mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}"),
+            (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}"),
+            (self.codebook_size > 0, f"codebook size must be positive, got {self.codebook_size}"),
+            (self.commitment_weight > 0, f"commitment weight must be > 0, got {self.commitment_weight}"),
+            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
+            (self.dead_code_threshold >= 0, f"dead-code threshold must be >= 0, got {self.dead_code_threshold}"),
+            (self.embedding_dim > 0 and self.hidden_channels > 0, "embedding dim and hidden channels must be positive"),
+            (self.residual_blocks >= 0, f"residual blocks must be >= 0, got {self.residual_blocks}"),
+            (self.downsample >= 1, f"downsample must be >= 1, got {self.downsample}"),
+            (self.size % 2**self.downsample == 0, f"image size {self.size} is not divisible by 2**downsample = {2**self.downsample}"),
+            (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
+            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.limit_batches is None or self.limit_batches > 0, f"limit batches must be positive, got {self.limit_batches}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def latent_side(self) -> int:
+        """Side of the latent grid (7 for 28x28 images and two stride-2 stages)."""
+        return self.size // 2**self.downsample
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> Config:
+        """Rebuild from `to_dict()`; unknown keys are an error, not silently dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise UserError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+    def with_changes(self, **changes: Any) -> Config:
+        return replace(self, **changes)

@@ -1,0 +1,243 @@
+"""MedMNIST files -> verified uint8 arrays with ids -> batches from whole-split tensors.
+
+Everything known about a dataset (channels, labels, split sizes, md5, file names) comes from
+`medmnist.INFO`; nothing is copied by hand, so any 2D MedMNIST set works the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import lightning as L
+import medmnist
+import numpy as np
+import torch
+from medmnist import INFO
+from torch.utils.data import DataLoader, Sampler
+
+from medvq.config import Config
+from medvq.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SIZES = (28, 64, 128, 224)
+
+
+def dataset_info(name: str) -> dict:
+    """`medmnist.INFO[name]`, for the 2D single-label sets medvq can learn from."""
+    two_d = sorted(n for n in INFO if not n.endswith("3d"))
+    if name not in INFO or name.endswith("3d"):
+        raise UserError(f"unknown dataset {name!r}: choose from {', '.join(two_d)}")
+    if INFO[name]["task"].startswith("multi-label"):
+        raise UserError(f"{name} is multi-label; medvq needs one class per image")
+    return INFO[name]
+
+
+def file_name(name: str, size: int) -> str:
+    """MedMNIST's own naming: `bloodmnist.npz` at 28x28, `bloodmnist_64.npz` for MedMNIST+."""
+    if size not in SIZES:
+        raise UserError(f"image size must be one of {', '.join(map(str, SIZES))}, got {size}")
+    return f"{name}.npz" if size == 28 else f"{name}_{size}.npz"
+
+
+def _size_key(size: int) -> str:
+    return "" if size == 28 else f"_{size}"
+
+
+def ensure_file(name: str, root: str | Path, size: int = 28) -> Path:
+    """Path of the dataset's file under `root`, downloading it through medmnist if it is missing."""
+    info = dataset_info(name)
+    path = Path(root) / file_name(name, size)
+    if path.exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dataset_class = getattr(medmnist, info["python_class"])
+        dataset_class(split="train", root=str(path.parent), size=size, download=True)
+    except Exception as error:  # medmnist raises a bare RuntimeError for any network failure
+        url = info[f"url{_size_key(size)}"]
+        raise UserError(
+            f"{path.name} is not in {path.parent} and the download failed ({type(error).__name__}): "
+            f"fetch {url} into that folder, or point --data-root / MEDVQ_DATA_ROOT at a folder that has it"
+        ) from None
+    return path
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _structure_problem(path: Path, name: str, size: int) -> str | None:
+    """Why the file is not a MedMNIST file of this dataset and size, or None if its structure holds."""
+    info = dataset_info(name)
+    expected_keys = {f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")}
+    image_shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
+    try:
+        with np.load(path) as npz:
+            if set(npz.files) != expected_keys:
+                return f"keys {sorted(npz.files)} are not the six MedMNIST keys"
+            for split in SPLITS:
+                images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+                count = info["n_samples"][split]
+                if images.dtype != np.uint8:
+                    return f"{split}_images has dtype {images.dtype}, not uint8"
+                if images.shape != (count, *image_shape):
+                    return f"{split}_images has shape {images.shape}, expected {(count, *image_shape)}"
+                if labels.shape not in ((count,), (count, 1)):
+                    return f"{split}_labels has shape {labels.shape}, expected ({count},) or ({count}, 1)"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        return f"not a readable npz file ({error})"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _verify(path: Path, name: str, size: int, mtime_ns: int) -> None:
+    """Check the md5 from medmnist.INFO; on mismatch accept a structurally valid copy with a warning.
+
+    Cached per file version (`mtime_ns`), so loading three splits hashes the file once.
+    """
+    expected = dataset_info(name)[f"MD5{_size_key(size)}"]
+    if _md5(path) == expected:
+        return
+    problem = _structure_problem(path, name, size)
+    if problem:
+        raise UserError(f"{path} is not a valid {name} file: {problem}; delete it and download it again")
+    log.warning("%s: md5 differs from medmnist's, but its structure is valid; using it", path)
+
+
+def verified_file(name: str, root: str | Path, size: int = 28) -> Path:
+    """The dataset's file, downloaded if missing and checked; raises UserError if it is unusable."""
+    path = ensure_file(name, root, size)
+    _verify(path, name, size, path.stat().st_mtime_ns)
+    return path
+
+
+def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """One split of one dataset: images uint8 (N, H, W, C) with C as stored, labels int64 (N,)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
+    with np.load(verified_file(name, root, size)) as npz:
+        images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
+    if images.ndim == 3:
+        images = images[..., None]  # (N, H, W) -> (N, H, W, 1)
+    return images, labels.reshape(-1).astype(np.int64)
+
+
+@dataclass
+class SplitArrays:
+    """One split of several datasets, concatenated; every row traces back to its source image."""
+
+    images: torch.Tensor  # (N, H, W, 3) uint8, grayscale replicated to three channels
+    labels: torch.Tensor  # (N,) int64, class within its own dataset
+    dataset_ids: torch.Tensor  # (N,) int64, position in the config's dataset list
+    indices: torch.Tensor  # (N,) int64, row within its own dataset's split
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A whole batch at once: `rows` is a tensor of row numbers."""
+        return {
+            "image": self.images[rows],
+            "label": self.labels[rows],
+            "dataset_id": self.dataset_ids[rows],
+            "index": self.indices[rows],
+        }
+
+
+def load_splits(datasets: tuple[str, ...], split: str, root: str | Path, size: int = 28) -> SplitArrays:
+    parts = []
+    for dataset_id, name in enumerate(datasets):
+        images, labels = load_split(name, split, root, size)
+        images = np.broadcast_to(images, (*images.shape[:3], 3))  # grayscale -> RGB, a view until concatenated
+        parts.append((images, labels, np.full(len(labels), dataset_id), np.arange(len(labels))))
+    images, labels, dataset_ids, indices = (np.concatenate(column) for column in zip(*parts))
+    return SplitArrays(
+        torch.from_numpy(images),
+        torch.from_numpy(labels),
+        torch.from_numpy(dataset_ids.astype(np.int64)),
+        torch.from_numpy(indices.astype(np.int64)),
+    )
+
+
+def to_float_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], channels-last in memory; run it on the device."""
+    return images.permute(0, 3, 1, 2).float().div_(255)
+
+
+class IndexBatches(Sampler):
+    """Yields tensors of row numbers, one per batch, for this rank's share of an epoch.
+
+    order="shuffle": a fresh permutation each epoch; "balanced": rows drawn with replacement so every
+    dataset is seen equally often; "fixed": one permutation for every epoch (evaluation: the same
+    images each time, and a capped number of batches still covers every dataset). Training orders give
+    every rank the same number of batches, so DDP never waits on a rank that ran out.
+    """
+
+    def __init__(self, dataset_ids: torch.Tensor, batch_size: int, order: str, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        self.dataset_ids, self.batch_size, self.order = dataset_ids, batch_size, order
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning each epoch, so a resumed run sees the same order as an unbroken one."""
+        self.epoch = epoch
+
+    def _epoch_rows(self) -> torch.Tensor:
+        n = len(self.dataset_ids)
+        if self.order == "fixed":
+            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))[self.rank :: self.world_size]
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.order == "balanced":
+            per_dataset = torch.bincount(self.dataset_ids).float()
+            weights = 1.0 / per_dataset[self.dataset_ids]
+            rows = torch.multinomial(weights, n, replacement=True, generator=generator)
+        else:
+            rows = torch.randperm(n, generator=generator)
+        usable = n - n % self.world_size
+        return rows[self.rank : usable : self.world_size]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self._epoch_rows().split(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-len(self._epoch_rows()) // self.batch_size)
+
+
+class MedMNISTDataModule(L.LightningDataModule):
+    """Loads whole splits once (`setup`) and serves batches sliced from them."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+
+    def prepare_data(self) -> None:
+        for name in self.config.datasets:
+            verified_file(name, self.config.data_root, self.config.size)
+
+    def setup(self, stage: str) -> None:
+        load = lambda split: load_splits(self.config.datasets, split, self.config.data_root, self.config.size)
+        self.train_arrays, self.val_arrays = load("train"), load("val")
+
+    def _loader(self, arrays: SplitArrays, order: str) -> DataLoader:
+        sampler = IndexBatches(arrays.dataset_ids, self.config.batch_size, order, self.config.seed,
+                               self.trainer.global_rank, self.trainer.world_size)
+        return DataLoader(arrays, sampler=sampler, batch_size=None, pin_memory=torch.cuda.is_available())
+
+    def train_dataloader(self) -> DataLoader:
+        order = "balanced" if self.config.mixing == "balanced" else "shuffle"
+        return self._loader(self.train_arrays, order)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_arrays, "fixed")

@@ -1,0 +1,211 @@
+"""Encoder, decoder and the EMA vector quantizer of the VQ-VAE (van den Oord et al., 2017).
+
+Tensors stay channels-first at module boundaries (B, C, H, W); the quantizer works on the latent grid
+flattened channels-last, one D-dim vector per grid cell.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from medvq.config import Config
+
+
+# --- small helpers, so the quantizer reads as the algorithm -------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum in place over all ranks (no-op in a single process)."""
+    if _distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def broadcast_from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def ema_inplace_(moving: torch.Tensor, new: torch.Tensor, decay: float) -> None:
+    moving.mul_(decay).add_(new, alpha=1 - decay)
+
+
+def laplace_smoothing(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Counts nudged away from zero while keeping their total, so no code divides by zero."""
+    total = counts.sum()
+    return (counts + eps) / (total + len(counts) * eps) * total
+
+
+def squared_distances(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """||x - c||^2 as X^2 + C^2 - 2XC in one matmul: (N, D), (K, D) -> (N, K)."""
+    return torch.addmm(x.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1), x, codes.t(), alpha=-2.0)
+
+
+# --- the codebook -------------------------------------------------------------------------------
+
+
+class EMACodebook(nn.Module):
+    """K code vectors kept as an exponential moving average of the encoder outputs assigned to them.
+
+    Buffers, not parameters: the codebook is never trained by gradient. Under torch.distributed every
+    update uses counts and sums all-reduced over ranks, and re-seeds come from rank 0, so all ranks
+    hold the same codebook.
+    """
+
+    def __init__(self, codebook_size: int, dim: int, decay: float, dead_code_threshold: float):
+        super().__init__()
+        self.decay, self.dead_code_threshold = decay, dead_code_threshold
+        embedding = torch.randn(codebook_size, dim)
+        self.register_buffer("embedding", embedding)  # (K, D)
+        # Start every code as if it had won one vector already: an unused code then decays slowly
+        # towards zero weight instead of jumping to 0/eps on the first step.
+        self.register_buffer("cluster_size", torch.ones(codebook_size))  # (K,)
+        self.register_buffer("embed_sum", embedding.clone())  # (K, D)
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of x (N, D) -> (N,)."""
+        return squared_distances(x, self.embedding).argmin(dim=1)
+
+    def update_ema_(self, x: torch.Tensor, indices: torch.Tensor) -> None:
+        """One K-means-style EMA step from this batch's assignments (all ranks together)."""
+        onehot = F.one_hot(indices, len(self.embedding)).type_as(x)  # (N, K)
+        counts = all_reduce_sum_(onehot.sum(0))  # (K,)
+        sums = all_reduce_sum_(onehot.t() @ x)  # (K, D)
+        ema_inplace_(self.cluster_size, counts, self.decay)
+        ema_inplace_(self.embed_sum, sums, self.decay)
+        self.embedding.copy_(self.embed_sum / laplace_smoothing(self.cluster_size).unsqueeze(1))
+
+    def reseed_dead_codes_(self, x: torch.Tensor) -> int:
+        """Move codes that have stopped winning onto random current encoder outputs; returns how many."""
+        dead = self.cluster_size < self.dead_code_threshold  # identical on every rank: all-reduced counts
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        picks = torch.randint(len(x), (len(self.embedding),), device=x.device)
+        candidates = broadcast_from_rank_zero_(x[picks].contiguous())  # (K, D), rank 0's choice for all
+        self.embedding[dead] = candidates[dead]
+        self.cluster_size[dead] = self.dead_code_threshold
+        self.embed_sum[dead] = candidates[dead] * self.dead_code_threshold
+        return n_dead
+
+
+# --- the quantizer ------------------------------------------------------------------------------
+
+
+class Quantized(NamedTuple):
+    quantized: torch.Tensor  # (B, D, H, W), straight-through in training
+    indices: torch.Tensor  # (B, H, W) code index per latent cell
+    commitment_loss: torch.Tensor  # scalar, already weighted
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Nearest-code quantization with a straight-through gradient and an EMA codebook."""
+
+    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, decay: float = 0.99,
+                 dead_code_threshold: float = 1.0):
+        super().__init__()
+        self.commitment_weight = commitment_weight
+        self.codebook = EMACodebook(codebook_size, dim, decay, dead_code_threshold)
+
+    def forward(self, z: torch.Tensor) -> Quantized:
+        batch, dim, height, width = z.shape
+        # The codebook maths runs in float32 even under bf16/fp16 autocast: distances and EMA sums
+        # lose too much in half precision.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (B*H*W, D), channels-last
+            indices = self.codebook.nearest(flat)  # (B*H*W,)
+            if self.training:
+                with torch.no_grad():
+                    self.codebook.update_ema_(flat.detach(), indices)
+                    self.codebook.reseed_dead_codes_(flat.detach())
+            codes = self.codebook.embedding[indices]  # (B*H*W, D)
+            commitment = self.commitment_weight * F.mse_loss(flat, codes.detach())
+            if self.training:
+                codes = flat + (codes - flat).detach()  # straight-through: gradient flows to the encoder
+        quantized = codes.view(batch, height, width, dim).permute(0, 3, 1, 2)  # (B, D, H, W)
+        return Quantized(quantized, indices.view(batch, height, width), commitment)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code vectors for a grid of indices: (B, H, W) -> (B, D, H, W)."""
+        return self.codebook.embedding[indices].permute(0, 3, 1, 2)
+
+
+# --- encoder and decoder ------------------------------------------------------------------------
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(channels // 2, channels, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+def _residual_stack(channels: int, blocks: int) -> nn.Sequential:
+    return nn.Sequential(*(ResidualBlock(channels) for _ in range(blocks)), nn.ReLU())
+
+
+class Encoder(nn.Module):
+    """(B, 3, S, S) in [0, 1] -> (B, D, S / 2**downsample, S / 2**downsample)."""
+
+    def __init__(self, hidden: int, residual_blocks: int, downsample: int, dim: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = 3
+        for stage in range(downsample):
+            out = hidden if stage == downsample - 1 else hidden // 2
+            layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
+            channels = out
+        layers += [nn.Conv2d(hidden, hidden, 3, padding=1), _residual_stack(hidden, residual_blocks),
+                   nn.Conv2d(hidden, dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Decoder(nn.Module):
+    """(B, D, s, s) -> (B, 3, s * 2**upsample, s * 2**upsample) in [0, 1]."""
+
+    def __init__(self, hidden: int, residual_blocks: int, upsample: int, dim: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(dim, hidden, 3, padding=1), _residual_stack(hidden, residual_blocks)]
+        channels = hidden
+        for stage in range(upsample):
+            last = stage == upsample - 1
+            out = 3 if last else hidden // 2
+            layers += [nn.ConvTranspose2d(channels, out, 4, stride=2, padding=1), nn.Sigmoid() if last else nn.ReLU()]
+            channels = out
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        c = config
+        self.encoder = Encoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
+        self.quantizer = VectorQuantizerEMA(c.codebook_size, c.embedding_dim, c.commitment_weight,
+                                            c.ema_decay, c.dead_code_threshold)
+        self.decoder = Decoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
+        """(B, 3, S, S) -> reconstruction (B, 3, S, S) and the quantizer's output."""
+        q = self.quantizer(self.encoder(x))
+        return self.decoder(q.quantized), q

@@ -1,0 +1,39 @@
+"""Shared fixtures: synthetic MedMNIST files (fast, offline) and the real files when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from medvq.config import Config
+from medvq.synthetic import write_synthetic_npz
+
+REPO = Path(__file__).resolve().parents[1]
+# Two small sets, one grayscale and one RGB, so every test covers the channel replication.
+SYNTHETIC_DATASETS = ("breastmnist", "retinamnist")
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("medmnist")
+    for seed, name in enumerate(SYNTHETIC_DATASETS):
+        write_synthetic_npz(root, name, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_root() -> Path:
+    """The real MedMNIST files: $MEDVQ_DATA_ROOT, else ../shared/medmnist beside the repo."""
+    root = Path(os.environ.get("MEDVQ_DATA_ROOT", REPO.parent / "shared" / "medmnist"))
+    if not (root / "breastmnist.npz").exists():
+        pytest.skip(f"real MedMNIST files not found in {root}")
+    return root
+
+
+def tiny_config(root: Path, **overrides) -> Config:
+    """A model small enough that a CPU epoch over a few batches takes about a second."""
+    values = dict(data_root=str(root), datasets=SYNTHETIC_DATASETS, hidden_channels=16, embedding_dim=8,
+                  codebook_size=32, batch_size=64, epochs=1, limit_batches=3, accelerator="cpu")
+    return Config(**{**values, **overrides})
