@@ -32,8 +32,15 @@ def real_root() -> Path:
     return root
 
 
-def tiny_config(root: Path, **overrides) -> Config:
-    """A model small enough that a CPU epoch over a few batches takes about a second."""
-    values = dict(data_root=str(root), datasets=SYNTHETIC_DATASETS, hidden_channels=16, embedding_dim=8,
-                  codebook_size=32, batch_size=64, epochs=1, limit_batches=3, accelerator="cpu")
-    return Config(**{**values, **overrides})
+@pytest.fixture
+def tiny_config(synthetic_root):
+    """Factory for a Config on the synthetic files with a model small enough that a CPU epoch of a
+    few batches takes about a second; keyword arguments override any field."""
+
+    def make(**overrides) -> Config:
+        values = dict(data_root=str(synthetic_root), datasets=SYNTHETIC_DATASETS, hidden_channels=16,
+                      embedding_dim=8, codebook_size=32, batch_size=64, epochs=1, limit_batches=3,
+                      accelerator="cpu")
+        return Config(**{**values, **overrides})
+
+    return make
