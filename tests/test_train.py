@@ -1,0 +1,82 @@
+"""The Lightning module and local training: a real fit on synthetic files, and the job's user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from medvq.module import MeanNormalizedMSE, VQVAEModule
+from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
+from tests.conftest import REPO
+
+
+def test_normalized_mse_is_mse_over_variance_averaged_over_datasets():
+    target = torch.rand(6, 3, 4, 4)
+    recon = target + 0.1 * torch.randn_like(target)
+    ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    metric = MeanNormalizedMSE(2)
+    metric.update(recon, target, ids)
+    expected = [((recon[ids == d] - target[ids == d]) ** 2).mean() / target[ids == d].var(unbiased=False)
+                for d in (0, 1)]
+    assert metric.compute() == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+
+
+def test_codebook_is_not_trained_by_gradient(tiny_config):
+    module = VQVAEModule(tiny_config().to_dict())
+    optimiser = module.configure_optimizers()
+    trained = {id(p) for group in optimiser.param_groups for p in group["params"]}
+    assert id(module.model.quantizer.codebook.embedding) not in trained
+    assert len(trained) == len(list(module.model.parameters()))
+
+
+def test_local_training_writes_metrics_and_a_checkpoint_that_rebuilds_its_model(tiny_config, tmp_path):
+    config = tiny_config(epochs=2)
+    final = train_local(config, tmp_path)
+    history = pd.read_csv(tmp_path / METRICS_NAME)
+    assert list(history["epoch"]) == [0, 1]
+    for stage in ("train", "val"):
+        for name in ("loss", "mae", "psnr", "ssim", "perplexity", "codes_used"):
+            assert history[f"{stage}_{name}"].notna().all(), f"{stage}_{name}"
+    for name in config.datasets:
+        assert history[f"val_psnr_{name}"].notna().all()
+    assert 0 < final["val_codes_used"] <= 1 and 1 <= final["val_perplexity"] <= config.codebook_size
+    restored = VQVAEModule.load_from_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert restored.config == config
+    images = torch.randint(0, 256, (2, 28, 28, 3), dtype=torch.uint8)
+    restored.eval()
+    recon, quantized = restored(images)
+    assert recon.shape == (2, 3, 28, 28) and quantized.indices.shape == (2, 7, 7)
+
+
+def run_train_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--datasets", "nosuchmnist"], "unknown dataset 'nosuchmnist'"),
+        (["--codebook-size", "0"], "codebook size must be positive"),
+        (["--commitment-weight", "0"], "commitment weight must be > 0"),
+        (["--datasets", "pneumoniamnist"], "pneumoniamnist.npz is not in"),
+    ],
+)
+def test_train_job_rejects_bad_input_with_one_line_and_writes_nothing(synthetic_root, tmp_path, flags, message):
+    out = tmp_path / "out"
+    result = run_train_job("--data-root", str(synthetic_root), "--datasets", "breastmnist", "--out", str(out), *flags)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_train_job_rejects_a_corrupt_file(tmp_path):
+    (tmp_path / "breastmnist.npz").write_bytes(b"not a zip file")
+    out = tmp_path / "out"
+    result = run_train_job("--data-root", str(tmp_path), "--datasets", "breastmnist", "--out", str(out))
+    assert result.returncode == 2 and "is not a valid breastmnist file" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()
