@@ -5,14 +5,15 @@
 
 from pathlib import Path
 
-from medvq.cli import add_model_flags, common_parser, config_from_args, run_job
+from medvq.cli import add_searched_flags, add_training_flags, common_parser, config_from_args, run_job
 from medvq.errors import UserError
 from medvq.train import check_data, resolve_accelerator, train_local
 
 
 def main() -> None:
     parser = common_parser(__doc__.strip().splitlines()[0])
-    add_model_flags(parser)
+    add_searched_flags(parser)
+    add_training_flags(parser)
     args = parser.parse_args()
     config = config_from_args(args)
     resolve_accelerator(config.accelerator)

@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+import pyarrow.fs as pafs
 from medmnist.info import DEFAULT_ROOT
 
 from medvq.config import Config
@@ -26,16 +27,41 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=int, default=Config.size, help="image side: 28, 64, 128 or 224")
+def add_searched_flags(parser: argparse.ArgumentParser) -> None:
+    """The two values the sweep searches, for jobs that train one model."""
     parser.add_argument("--codebook-size", type=int, default=Config.codebook_size)
     parser.add_argument("--commitment-weight", type=float, default=Config.commitment_weight)
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", type=int, default=Config.size, help="image side: 28, 64, 128 or 224")
     parser.add_argument("--batch-size", type=int, default=Config.batch_size, help="per worker")
     parser.add_argument("--learning-rate", type=float, default=Config.learning_rate)
     parser.add_argument("--mixing", choices=("proportional", "balanced"), default=Config.mixing)
     parser.add_argument("--limit-batches", type=int, help="at most this many train and val batches per epoch")
     parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default=Config.accelerator)
     parser.add_argument("--seed", type=int, default=Config.seed)
+
+
+def parse_list(text: str, kind: type, flag: str) -> tuple:
+    """"64,128" -> (64, 128), with a one-line error naming the flag."""
+    try:
+        return tuple(kind(item) for item in text.split(",") if item.strip())
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def check_storage(storage: str) -> None:
+    """Fail before any worker starts if the storage path (a folder or a URI such as s3://...) is not writable."""
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
+        filesystem.create_dir(path, recursive=True)
+        probe = f"{path.rstrip('/')}/.medvq-write-check"
+        with filesystem.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        filesystem.delete_file(probe)
+    except Exception as error:  # pyarrow raises a different type per filesystem
+        raise UserError(f"storage {storage} is not writable: {error}".splitlines()[0]) from None
 
 
 def resolve_data_root(flag: str | None) -> str:

@@ -6,6 +6,8 @@ store it as a dict and rebuild the exact model it was trained with.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -40,6 +42,10 @@ class Config:
     limit_batches: int | None = None  # cap on train and val batches per epoch (smoke runs)
     seed: int = 0
     accelerator: str = "auto"  # "auto": the GPU when there is one, else the CPU
+    # --- Ray Train workers (ignored by local training) ---
+    workers: int = 1  # DDP workers, one per GPU
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0: CPU workers; a fraction lets several one-worker trials share a GPU
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -60,6 +66,11 @@ class Config:
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
             (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
             (self.limit_batches is None or self.limit_batches > 0, f"limit batches must be positive, got {self.limit_batches}"),
+            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
+            (self.cpus_per_worker > 0 and self.gpus_per_worker >= 0, "CPUs per worker must be > 0 and GPUs per worker >= 0"),
+            # NCCL refuses two ranks of one run on the same GPU, so only a one-worker run may share one.
+            (self.workers == 1 or self.gpus_per_worker in (0, int(self.gpus_per_worker)),
+             f"a run of {self.workers} workers needs whole GPUs per worker, got {self.gpus_per_worker}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -84,3 +95,47 @@ class Config:
 
     def with_changes(self, **changes: Any) -> Config:
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A Ray Tune search over codebook size x commitment weight; every trial trains `base` with those two changed."""
+
+    base: Config
+    codebook_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
+    commitment_range: tuple[float, float] = (0.05, 2.0)  # sampled log-uniformly ...
+    commitment_grid: tuple[float, ...] = ()  # ... unless a grid is given
+    num_samples: int = 3  # Tune repeats the codebook-size grid this often: 15 trials by default
+    max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
+    grace_period: int = 2  # ASHA lets every trial run this many epochs before stopping poor ones
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
+        object.__setattr__(self, "commitment_grid", tuple(self.commitment_grid))
+        low, high = self.commitment_range
+        checks = [
+            (len(self.codebook_sizes) > 0, "the search space is empty: give at least one codebook size"),
+            (all(k > 0 for k in self.codebook_sizes), f"codebook sizes must be positive, got {self.codebook_sizes}"),
+            (0 < low <= high, f"commitment range must satisfy 0 < low <= high, got {self.commitment_range}"),
+            (all(w > 0 for w in self.commitment_grid), f"commitment weights must be > 0, got {self.commitment_grid}"),
+            (self.num_samples >= 1, f"num samples must be >= 1, got {self.num_samples}"),
+            (self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max concurrent trials must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    @property
+    def trial_count(self) -> int:
+        return self.num_samples * len(self.codebook_sizes) * max(1, len(self.commitment_grid))
+
+    def run_name(self) -> str:
+        """Deterministic name from everything that shapes the results, so the same command resumes the same sweep."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return f"medvq-sweep-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+
+
+def smoke_sweep(base: Config) -> SweepConfig:
+    """Two tiny trials that finish in a few minutes on two CPU cores: checks the whole job, learns little."""
+    tiny = base.with_changes(epochs=2, limit_batches=4, batch_size=128, hidden_channels=32, embedding_dim=16)
+    return SweepConfig(tiny, codebook_sizes=(32, 64), commitment_grid=(0.25,), num_samples=1, grace_period=1)

@@ -88,7 +88,9 @@ class VQVAEModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.config = Config.from_dict(config)
-        self.model = VQVAE(self.config)
+        # Channels-last weights match the channels-last activations (faster convolutions on GPU, and DDP's
+        # gradient buckets then have the same layout as the gradients).
+        self.model = VQVAE(self.config).to(memory_format=torch.channels_last)
         self.train_metrics, self.val_metrics = self._stage_metrics(), self._stage_metrics()
         self.dataset_metrics = nn.ModuleDict(
             {name: nn.ModuleDict({score: MeanMetric() for score in IMAGE_SCORES}) for name in self.config.datasets}

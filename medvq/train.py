@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import pandas as pd
+import ray.train
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from medvq.config import Config
 from medvq.data import MedMNISTDataModule, verified_file
@@ -45,7 +51,8 @@ class EpochMetrics(L.Callback):
             pd.DataFrame(self.rows).to_csv(self.path, index=False)
 
 
-def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=()) -> L.Trainer:
+def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=(),
+                  progress_bar: bool = True) -> L.Trainer:
     """The one place a Lightning Trainer is configured; local and Ray runs differ only in strategy."""
     accelerator = resolve_accelerator(config.accelerator)
     return L.Trainer(
@@ -63,6 +70,7 @@ def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", pl
         logger=False,  # EpochMetrics writes the per-epoch CSV; Ray Train reports for Tune
         enable_checkpointing=False,
         enable_model_summary=False,
+        enable_progress_bar=progress_bar,
     )
 
 
@@ -74,3 +82,59 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config))
     trainer.save_checkpoint(out_dir / CHECKPOINT_NAME)
     return history.rows[-1]
+
+
+def train_worker(config_dict: dict) -> None:
+    """Ray Train's per-worker function (Ray forbids returning tensors from it)."""
+    fit_worker(config_dict)
+
+
+def fit_worker(config_dict: dict) -> VQVAEModule:
+    """The local trainer with Ray's DDP strategy, on one Ray Train worker; returns the fitted module.
+
+    Reports metrics and a checkpoint every epoch. When Ray Train resumes a run (same name and storage)
+    or retries after a worker failure, training continues from the newest checkpoint.
+    """
+    config = Config.from_dict(config_dict)
+    L.seed_everything(config.seed, verbose=False)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-worker banners in the driver log
+    trainer = build_trainer(
+        config,
+        devices="auto",
+        # The codebook's EMA is all-reduced by the quantizer itself; broadcasting rank 0's buffers on
+        # every forward would be redundant work (and would hide a bug in that all-reduce).
+        strategy=RayDDPStrategy(forward_sync_buffers=False),
+        plugins=[RayLightningEnvironment()],
+        callbacks=[RayTrainReportCallback()],
+        progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
+    )
+    trainer = prepare_trainer(trainer)
+    module, data = VQVAEModule(config.to_dict()), MedMNISTDataModule(config)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        trainer.fit(module, datamodule=data)
+    else:
+        with checkpoint.as_directory() as directory:
+            trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)
+    return module
+
+
+def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
+                      per_worker: Callable[[dict], None] = train_worker) -> ray.train.Result:
+    """Run `per_worker` on `config.workers` Ray Train workers (Lightning DDP: NCCL on GPU, gloo on CPU).
+
+    The run lives at storage/name; calling again with the same name resumes it from its last checkpoint.
+    """
+    use_gpu = config.gpus_per_worker > 0
+    # Explicit, never guessed: a CPU worker may still see the node's GPUs.
+    config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
+    # One worker per GPU; several one-worker runs may share a GPU through fractional gpus_per_worker.
+    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
+    scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
+    # Two newest checkpoints: the last one resumes the run, and the one before still exists if Tune (ASHA)
+    # stops a trial whose run has already written one more epoch. Retry failed workers twice.
+    run = RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
+                    failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks))
+    trainer = TorchTrainer(per_worker, train_loop_config=config.to_dict(), scaling_config=scaling, run_config=run,
+                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    return trainer.fit()

@@ -1,0 +1,96 @@
+"""The medvq job: search codebook size x commitment weight with Ray Tune over Ray Train runs.
+
+    python jobs/sweep.py --smoke --data-root DATA --out runs/smoke                      # local Ray
+    ray job submit --working-dir . -- python jobs/sweep.py --data-root DATA --out OUT   # a cluster
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import ray
+
+from medvq.cli import check_storage, common_parser, config_from_args, add_training_flags, parse_list, run_job
+from medvq.config import SweepConfig, smoke_sweep
+from medvq.errors import UserError
+from medvq.train import check_data
+from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
+
+
+def parser():
+    parser = common_parser(__doc__.strip().splitlines()[0])
+    add_training_flags(parser)
+    parser.add_argument("--storage", help="Ray Train/Tune storage: a folder, shared mount or s3:// URI "
+                        "(default: OUT/ray_results); the same command resumes from it")
+    parser.add_argument("--smoke", action="store_true", help="two tiny trials: checks the whole job in minutes on a CPU")
+    parser.add_argument("--codebook-sizes", default=",".join(map(str, SweepConfig.codebook_sizes)))
+    parser.add_argument("--commitment-weights", default="0.05:2",
+                        help="LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=SweepConfig.num_samples,
+                        help="samples per codebook size (default: %(default)s)")
+    parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial, one per GPU")
+    parser.add_argument("--gpus-per-trial", type=float,
+                        help="GPUs per trial (default: one per worker if the cluster has GPUs, else 0); "
+                        "a fraction packs several one-worker trials on a GPU")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
+    parser.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster fits")
+    return parser
+
+
+def sweep_from_args(args) -> SweepConfig:
+    base = config_from_args(args).with_changes(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker)
+    if args.smoke:
+        return replace(smoke_sweep(base), max_concurrent_trials=args.max_concurrent_trials)
+    if ":" in args.commitment_weights:
+        low, high = parse_list(args.commitment_weights.replace(":", ","), float, "--commitment-weights")
+        commitment = dict(commitment_range=(low, high))
+    else:
+        commitment = dict(commitment_grid=parse_list(args.commitment_weights, float, "--commitment-weights"))
+    return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, int, "--codebook-sizes"),
+                       num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials, **commitment)
+
+
+def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: float) -> SweepConfig:
+    """Resolve --gpus-per-trial against the cluster: GPUs by default when there are any."""
+    workers = sweep.base.workers
+    if gpus_per_trial is None:
+        gpus_per_trial = workers if cluster_gpus > 0 else 0
+    if sweep.base.accelerator == "cpu":
+        gpus_per_trial = 0
+    elif sweep.base.accelerator == "gpu" and gpus_per_trial == 0:
+        raise UserError("--accelerator gpu was asked for, but the cluster has no GPUs (or --gpus-per-trial is 0)")
+    return replace(sweep, base=sweep.base.with_changes(gpus_per_worker=gpus_per_trial / workers))
+
+
+def main() -> None:
+    args = parser().parse_args()
+    sweep = sweep_from_args(args)
+    out = Path(args.out).resolve()
+    storage = args.storage or str(out / "ray_results")
+    check_data(sweep.base)
+    check_storage(storage)
+    # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
+    # stay in Ray's log files and dashboard: the terminal shows Tune's trial table.
+    ray.init(log_to_driver=False)
+    cluster = ray.cluster_resources()
+    sweep = with_gpus(sweep, args.gpus_per_trial, cluster.get("GPU", 0))
+    fits = concurrent_trials(sweep.base, cluster)
+    print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
+          f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
+    started = time.monotonic()
+    results = run_sweep(sweep, storage)
+    out.mkdir(parents=True, exist_ok=True)
+    best = write_sweep_outputs(results, sweep, out)
+    summary = (f"{best['trials']} trials in {time.monotonic() - started:.0f} s; best {best['trial_id']}: "
+               f"codebook {best['config']['codebook_size']}, commitment {best['config']['commitment_weight']:.3g}, "
+               f"val_nmse {best['metrics']['val_nmse']:.4f}, val PSNR {best['metrics']['val_psnr']:.2f} dB, "
+               f"SSIM {best['metrics']['val_ssim']:.3f}, codes used {best['metrics']['val_codes_used']:.0%}\n"
+               f"checkpoint {best['checkpoint']}\n")
+    (out / "summary.md").write_text(summary)
+    print(summary + f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, summary.md to {out}")
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,115 @@
+"""The Ray Tune search: every trial is a Ray Train run of the same trainer, with codebook size and
+commitment weight changed. Objective: `val_nmse` (per-dataset-normalised validation error), never the
+total loss, whose commitment term changes with the weight being searched."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.train.lightning import RayTrainReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from medvq.config import Config, SweepConfig
+from medvq.errors import UserError
+from medvq.train import train_distributed
+
+OBJECTIVE, MODE = "val_nmse", "min"
+SEARCHED = ("codebook_size", "commitment_weight")
+TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
+
+
+def search_space(sweep: SweepConfig) -> dict:
+    commitment = (tune.grid_search(list(sweep.commitment_grid)) if sweep.commitment_grid
+                  else tune.loguniform(*sweep.commitment_range))
+    return {"codebook_size": tune.grid_search(list(sweep.codebook_sizes)), "commitment_weight": commitment}
+
+
+def run_trial(params: dict, base: dict, storage: str) -> None:
+    """One Tune trial = one Ray Train run, reporting to Tune every epoch.
+
+    Its Train run is named after the trial, so a resumed sweep resumes an unfinished trial's run
+    from its last checkpoint.
+    """
+    config = Config.from_dict(base).with_changes(**{name: params[name] for name in SEARCHED})
+    context = tune.get_context()
+    train_distributed(config, storage=storage, name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
+                      callbacks=[TuneReportCallback()])
+
+
+def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
+    """How many trials fit on the cluster at once; a clear error if not even one does."""
+    needs = {"CPU": config.workers * config.cpus_per_worker, "GPU": config.workers * config.gpus_per_worker}
+    fits = [math.floor(cluster.get(kind, 0) / amount + 1e-9) for kind, amount in needs.items() if amount > 0]
+    if min(fits) < 1:
+        have = {kind: cluster.get(kind, 0) for kind in needs}
+        raise UserError(f"one trial needs {needs['CPU']:g} CPUs and {needs['GPU']:g} GPUs "
+                        f"({config.workers} workers), but the cluster has {have['CPU']:g} CPUs and {have['GPU']:g} GPUs")
+    return min(fits)
+
+
+def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
+    """A new Tuner, or the stored one when this sweep already ran here: finished trials are not run again."""
+    trainable = tune.with_parameters(run_trial, base=sweep.base.to_dict(), storage=storage)
+    # The trial function only drives its Train run: the Train workers hold the CPUs and GPUs, so the
+    # driver asks for a little memory only (Tune needs some request) and never blocks a worker's CPU.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
+    path = f"{storage.rstrip('/')}/{sweep.run_name()}"
+    if tune.Tuner.can_restore(path):
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    limit = sweep.max_concurrent_trials or concurrent_trials(sweep.base, ray.cluster_resources())
+    scheduler = ASHAScheduler(max_t=sweep.base.epochs, grace_period=min(sweep.grace_period, sweep.base.epochs))
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(sweep),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, scheduler=scheduler,
+                                    num_samples=sweep.num_samples, max_concurrent_trials=limit),
+        run_config=tune.RunConfig(name=sweep.run_name(), storage_path=storage, verbose=1),
+    )
+
+
+def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
+    """Run (or resume) the search; raises if any trial failed for good."""
+    results = _tuner(sweep, storage).fit()
+    if results.errors:
+        raise RuntimeError(f"{len(results.errors)} of {len(results)} trials failed; first error: {results.errors[0]}")
+    return results
+
+
+def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
+    """One row per trial: searched values, epochs run, final metrics and checkpoint path, best first."""
+    rows = []
+    for result in results:
+        row = {"trial_id": result.metrics.get("trial_id"), **{name: result.config[name] for name in SEARCHED}}
+        row["epochs_run"] = result.metrics.get("training_iteration")
+        row.update({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_"))})
+        row["checkpoint_path"] = result.metrics.get("checkpoint_path")
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values(OBJECTIVE).reset_index(drop=True)
+
+
+def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path) -> dict:
+    """trials.csv / trials.parquet, best.json and best_metrics.csv in `out`; returns the best record."""
+    table = trial_table(results)
+    table.to_csv(out / "trials.csv", index=False)
+    table.to_parquet(out / "trials.parquet", index=False)
+    best_result = results.get_best_result(metric=OBJECTIVE, mode=MODE, scope="last")
+    best_result.metrics_dataframe.to_csv(out / "best_metrics.csv", index=False)
+    best_row = table.iloc[0]
+    config = sweep.base.with_changes(codebook_size=int(best_row["codebook_size"]),
+                                     commitment_weight=float(best_row["commitment_weight"]))
+    best = {
+        "sweep": sweep.run_name(),
+        "trial_id": best_row["trial_id"],
+        "config": config.to_dict(),
+        "metrics": {k: float(v) for k, v in best_row.items() if k.startswith(("val_", "train_"))},
+        "checkpoint": f"{best_row['checkpoint_path']}/{RayTrainReportCallback.CHECKPOINT_NAME}",
+        "trials": len(table),
+    }
+    (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+    return best

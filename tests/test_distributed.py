@@ -1,0 +1,68 @@
+"""Ray Train and Ray Tune on a real local Ray instance (CPU workers, gloo), on synthetic files."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from medvq.config import SweepConfig
+from medvq.module import VQVAEModule
+from medvq.train import fit_worker, train_distributed
+from medvq.errors import UserError
+from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    ray.init(num_cpus=4, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def save_codebook_per_rank(folder: str):
+    def per_worker(config_dict: dict) -> None:
+        module = fit_worker(config_dict)
+        rank = ray.train.get_context().get_world_rank()
+        torch.save(module.model.quantizer.codebook.state_dict(), f"{folder}/codebook-rank{rank}.pt")
+
+    return per_worker
+
+
+def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_config, tmp_path):
+    config = tiny_config(workers=2, epochs=2)
+    result = train_distributed(config, storage=str(tmp_path / "storage"), name="two-workers",
+                               per_worker=save_codebook_per_rank(str(tmp_path)))
+    assert result.metrics["epoch"] == 1 and result.checkpoint is not None
+    rank0, rank1 = (torch.load(tmp_path / f"codebook-rank{rank}.pt") for rank in (0, 1))
+    assert set(rank0) == {"embedding", "cluster_size", "embed_sum"}
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    # The EMA really moved: the codebook is not still its random initialisation on both ranks.
+    assert not torch.allclose(rank0["cluster_size"], torch.ones_like(rank0["cluster_size"]))
+
+
+def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance, tiny_config, tmp_path):
+    sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16, 32), commitment_grid=(0.25,), num_samples=1)
+    results = run_sweep(sweep, str(tmp_path / "storage"))
+    best = write_sweep_outputs(results, sweep, tmp_path)
+    table = pd.read_csv(tmp_path / "trials.csv")
+    assert sorted(table["codebook_size"]) == [16, 32]
+    assert table["val_nmse"].notna().all() and table["val_nmse"].is_monotonic_increasing
+    assert pd.read_parquet(tmp_path / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
+    assert best["metrics"]["val_nmse"] == pytest.approx(table["val_nmse"].min())
+    assert best["config"]["codebook_size"] == table["codebook_size"][0]
+    history = pd.read_csv(tmp_path / "best_metrics.csv")
+    assert len(history) == table["epochs_run"][0] and {"train_loss", "val_psnr"} <= set(history.columns)
+    restored = VQVAEModule.load_from_checkpoint(best["checkpoint"])
+    assert restored.config.codebook_size == best["config"]["codebook_size"]
+
+
+def test_a_trial_larger_than_the_cluster_is_a_clear_error(tiny_config):
+    with pytest.raises(UserError, match="needs 2 CPUs and 4 GPUs"):
+        concurrent_trials(tiny_config(workers=2, gpus_per_worker=2), {"CPU": 8, "GPU": 1})
+    assert concurrent_trials(tiny_config(gpus_per_worker=0.25), {"CPU": 16, "GPU": 1}) == 4
+    assert concurrent_trials(tiny_config(workers=2), {"CPU": 5}) == 2

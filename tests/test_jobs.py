@@ -1,0 +1,85 @@
+"""The sweep job as users run it: a killed driver resumes, and `ray job submit` against `ray start --head`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, SYNTHETIC_DATASETS
+
+pytestmark = pytest.mark.integration
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def smoke_command(data_root: Path, out: Path, *extra: str) -> list[str]:
+    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
+            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
+
+
+def finished_trial_results(storage: Path) -> dict[str, int]:
+    """Reports per trial whose Tune state says TERMINATED, read from the sweep's files on disk."""
+    states = sorted(storage.glob("medvq-sweep-*/experiment_state-*.json"))
+    if not states:
+        return {}
+    trials = json.loads(states[-1].read_text())["trial_data"]
+    finished = [json.loads(state)["trial_id"] for state, _ in trials if '"TERMINATED"' in state]
+    return {trial: len((next(storage.glob(f"medvq-sweep-*/run_trial_{trial}*")) / "result.json").read_text().splitlines())
+            for trial in finished}
+
+
+def test_killed_sweep_resumes_without_rerunning_the_finished_trial(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, *smoke_command(synthetic_root, out, "--max-concurrent-trials", "1")[1:]]
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (finished := finished_trial_results(out / "ray_results")):
+        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished within 5 minutes"
+        time.sleep(1)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started, as if its node died
+    driver.wait()
+    assert not (out / "trials.csv").exists(), "the first run finished before it was killed: nothing was tested"
+
+    rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    for trial, reports in finished.items():
+        assert finished_trial_results(out / "ray_results")[trial] == reports, f"trial {trial} ran again"
+    assert len(pd.read_csv(out / "trials.csv")) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root, tmp_path):
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # token auth, as Ray's local clusters default to
+    dashboard = free_port()
+    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
+                    "--num-cpus=4", "--include-dashboard=true"], env=env, check=True, capture_output=True)
+    try:
+        out = tmp_path / "out"
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+             *smoke_command(synthetic_root, out)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    best = json.loads((out / "best.json").read_text())
+    assert Path(best["checkpoint"]).exists()
+    assert len(pd.read_parquet(out / "trials.parquet")) == 2
+    assert (out / "summary.md").read_text().startswith("2 trials")
