@@ -19,6 +19,7 @@ import medmnist
 import numpy as np
 import torch
 from medmnist import INFO
+from medmnist.info import DEFAULT_ROOT
 from torch.utils.data import DataLoader, Sampler
 
 from medvq.config import Config
@@ -51,10 +52,10 @@ def _size_key(size: int) -> str:
     return "" if size == 28 else f"_{size}"
 
 
-def ensure_file(name: str, root: str | Path, size: int = 28) -> Path:
-    """Path of the dataset's file under `root`, downloading it through medmnist if it is missing."""
+def ensure_file(name: str, root: str | Path | None, size: int = 28) -> Path:
+    """Path of the dataset's file under `root` (None: medmnist's ~/.medmnist), downloaded if missing."""
     info = dataset_info(name)
-    path = Path(root) / file_name(name, size)
+    path = Path(DEFAULT_ROOT if root is None else root) / file_name(name, size)
     if path.exists():
         return path
     try:
@@ -83,6 +84,8 @@ def _structure_problem(path: Path, name: str, size: int) -> str | None:
     info = dataset_info(name)
     expected_keys = {f"{split}_{kind}" for split in SPLITS for kind in ("images", "labels")}
     image_shape = (size, size) if info["n_channels"] == 1 else (size, size, info["n_channels"])
+    if not zipfile.is_zipfile(path):  # np.load would return a bare array for a .npy file, not an archive
+        return "not a readable npz file (not a zip archive)"
     try:
         with np.load(path) as npz:
             if set(npz.files) != expected_keys:
@@ -116,7 +119,7 @@ def _verify(path: Path, name: str, size: int, mtime_ns: int) -> None:
     log.warning("%s: md5 differs from medmnist's, but its structure is valid; using it", path)
 
 
-def verified_file(name: str, root: str | Path, size: int = 28) -> Path:
+def verified_file(name: str, root: str | Path | None, size: int = 28) -> Path:
     """The dataset's file, downloaded if missing and checked; raises UserError if it is unusable."""
     path = ensure_file(name, root, size)
     _verify(path, name, size, path.stat().st_mtime_ns)

@@ -64,7 +64,8 @@ def free_port() -> int:
 
 
 def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root, tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}  # token auth, as Ray's local clusters default to
+    # Token auth, as Ray's local clusters default to; and this interpreter's `python` for the job's entrypoint.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     dashboard = free_port()
     subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
                     "--num-cpus=4", "--include-dashboard=true"], env=env, check=True, capture_output=True)

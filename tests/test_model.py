@@ -1,0 +1,210 @@
+"""medvq.model: distances, the EMA codebook, the straight-through quantizer, the VQ-VAE's shapes."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from medvq.model import VQVAE, VectorQuantizerEMA, laplace_smoothing, squared_distances
+
+
+def grid(rows: torch.Tensor) -> torch.Tensor:
+    """(N, D) -> (1, D, 1, N): a latent grid whose flattened, channels-last rows are `rows` in order."""
+    return rows.t().reshape(1, rows.shape[1], 1, rows.shape[0])
+
+
+def buffers(quantizer: VectorQuantizerEMA) -> dict[str, torch.Tensor]:
+    return {name: tensor.clone() for name, tensor in quantizer.codebook.named_buffers()}
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def test_squared_distances_match_cdist():
+    generator = torch.Generator().manual_seed(0)
+    x, codes = torch.randn(300, 16, generator=generator), torch.randn(64, 16, generator=generator)
+    distances, reference = squared_distances(x, codes), torch.cdist(x, codes)
+    assert distances.shape == (300, 64)
+    assert torch.allclose(distances, reference**2, rtol=1e-4, atol=1e-4)
+    assert torch.equal(distances.argmin(1), reference.argmin(1))
+
+
+def test_laplace_smoothing_keeps_the_total_and_lifts_zeros():
+    counts = torch.tensor([0.0, 3.0, 7.0])
+    smoothed = laplace_smoothing(counts)
+    assert torch.isclose(smoothed.sum(), counts.sum()) and (smoothed > 0).all()
+    assert torch.allclose(smoothed, counts, atol=1e-4)
+
+
+# --- the EMA codebook -----------------------------------------------------------------------------
+
+
+def test_ema_step_equals_the_closed_form():
+    decay, eps = 0.8, 1e-5
+    quantizer = VectorQuantizerEMA(codebook_size=3, dim=2, commitment_weight=0.25, decay=decay, dead_code_threshold=0)
+    codebook = quantizer.codebook
+    codebook.embedding.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    codebook.cluster_size.copy_(torch.tensor([1.0, 2.0, 0.0]))  # code 2: 0/0 without smoothing
+    codebook.embed_sum.copy_(codebook.embedding * codebook.cluster_size[:, None])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [9.0, 1.0], [11.0, -1.0], [0.5, 0.5]])
+    assignments = torch.tensor([0, 0, 1, 1, 0])  # code 2 wins nothing
+    counts = torch.tensor([3.0, 2.0, 0.0])
+    sums = torch.tensor([[1.5, 1.5], [20.0, 0.0], [0.0, 0.0]])
+
+    cluster_size, embed_sum = codebook.cluster_size.clone(), codebook.embed_sum.clone()
+    for _ in range(2):
+        cluster_size = decay * cluster_size + (1 - decay) * counts
+        embed_sum = decay * embed_sum + (1 - decay) * sums
+        total = cluster_size.sum()
+        smoothed = (cluster_size + eps) / (total + 3 * eps) * total
+        indices = quantizer(grid(x)).indices
+        assert torch.equal(indices.flatten(), assignments)
+        assert torch.allclose(codebook.cluster_size, cluster_size)
+        assert torch.allclose(codebook.embed_sum, embed_sum)
+        assert torch.allclose(codebook.embedding, embed_sum / smoothed[:, None])
+
+
+def test_dead_codes_are_reseeded_onto_current_inputs():
+    threshold, decay = 0.9, 0.5
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(16, 4, 0.25, decay=decay, dead_code_threshold=threshold)
+    codebook = quantizer.codebook
+    codebook.embedding[1:] += 100  # every input is nearest to code 0: codes 1.. win nothing
+    codebook.embed_sum.copy_(codebook.embedding)
+    x = 0.1 * torch.randn(64, 4)
+    quantizer(grid(x))
+    for code in range(1, 16):
+        assert (codebook.embedding[code] == x).all(dim=1).any(), f"code {code} is not an input row"
+    assert torch.equal(codebook.cluster_size[1:], torch.full((15,), threshold))
+    assert torch.allclose(codebook.embed_sum[1:], codebook.embedding[1:] * threshold)
+    assert codebook.cluster_size[0] > threshold and not (codebook.embedding[0] == x).all(dim=1).any()
+
+
+# --- the quantizer --------------------------------------------------------------------------------
+
+
+def test_codebook_is_a_buffer_and_gradients_pass_straight_through(tiny_config):
+    torch.manual_seed(0)
+    model = VQVAE(tiny_config())
+    assert "quantizer.codebook.embedding" in dict(model.named_buffers())
+    assert all(p is not model.quantizer.codebook.embedding for p in model.parameters())
+    x = torch.rand(4, 3, 28, 28)
+    reconstruction, q = model(x)
+    assert torch.allclose(q.quantized, model.quantizer.lookup(q.indices), atol=1e-6)  # forward value: the codes
+    F.mse_loss(reconstruction, x).backward()  # no commitment term: the encoder's gradient comes straight through
+    for name, parameter in model.encoder.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert model.quantizer.codebook.embedding.grad is None
+
+
+def test_eval_output_is_the_lookup_of_its_indices_and_leaves_the_codebook_alone():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(32, 8, 0.25).eval()
+    before = buffers(quantizer)
+    q = quantizer(torch.randn(3, 8, 5, 5))
+    assert torch.equal(q.quantized, quantizer.lookup(q.indices))
+    assert all(torch.equal(before[name], after) for name, after in buffers(quantizer).items())
+
+
+def test_quantizer_runs_in_float32_under_autocast():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(512, 64, 0.25)
+    reference = copy.deepcopy(quantizer)
+    z = torch.randn(8, 64, 7, 7).bfloat16()  # what an encoder under bf16 autocast hands over
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = quantizer(z)
+    torch.manual_seed(1)
+    expected = reference(z.float())
+    assert torch.equal(q.indices, expected.indices)
+    assert q.quantized.dtype == torch.float32 and q.commitment_loss.dtype == torch.float32
+    for name, tensor in buffers(quantizer).items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, buffers(reference)[name]), name
+
+
+# --- DDP: two gloo processes ----------------------------------------------------------------------
+
+DDP_STEPS, DDP_THRESHOLDS = 3, {"reseed": 0.95, "no_reseed": 0.0}
+
+
+def ddp_batches(rank: int) -> list[torch.Tensor]:
+    """Different data on each rank, crowded near one point so that most codes die."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    return [0.3 * torch.randn(2, 4, 3, 3, generator=generator) + 1 for _ in range(DDP_STEPS)]
+
+
+def ddp_quantizer(threshold: float) -> VectorQuantizerEMA:
+    torch.manual_seed(0)  # identical initial codebook in every process
+    return VectorQuantizerEMA(16, 4, 0.25, decay=0.9, dead_code_threshold=threshold).train()
+
+
+def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        results = {}
+        for scenario, threshold in DDP_THRESHOLDS.items():
+            quantizer = ddp_quantizer(threshold)
+            torch.manual_seed(1000 + rank)  # each rank would pick different re-seeds on its own
+            for z in ddp_batches(rank):
+                quantizer(z)
+            results[scenario] = buffers(quantizer)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_codebooks(tmp_path_factory) -> list[dict]:
+    out_dir = tmp_path_factory.mktemp("ddp")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(ddp_worker, args=(2, port, str(out_dir)), nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+@pytest.mark.integration
+def test_ddp_ranks_hold_the_same_codebook_with_reseeding(ddp_codebooks):
+    rank0, rank1 = (codebooks["reseed"] for codebooks in ddp_codebooks)
+    assert (rank0["cluster_size"] == DDP_THRESHOLDS["reseed"]).any(), "no code was re-seeded: the test proves nothing"
+    for name in ("embedding", "cluster_size", "embed_sum"):
+        assert torch.equal(rank0[name], rank1[name]), name
+
+
+@pytest.mark.integration
+def test_ddp_codebook_equals_one_process_fed_both_batches(ddp_codebooks):
+    single, rank0_only = ddp_quantizer(0.0), ddp_quantizer(0.0)
+    for z0, z1 in zip(ddp_batches(0), ddp_batches(1)):
+        single(torch.cat([z0, z1]))
+        rank0_only(z0)
+    for rank in (0, 1):
+        for name, expected in buffers(single).items():
+            assert torch.allclose(ddp_codebooks[rank]["no_reseed"][name], expected, atol=1e-5), (rank, name)
+    assert not torch.allclose(buffers(rank0_only)["embedding"], buffers(single)["embedding"], atol=1e-3)
+
+
+# --- the VQ-VAE -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, downsample", [(28, 2), (64, 3)])
+def test_vqvae_shapes_and_output_range(tiny_config, size, downsample):
+    config = tiny_config(size=size, downsample=downsample)
+    model = VQVAE(config)
+    side = {28: 7, 64: 8}[size]
+    assert config.latent_side == side
+    x = torch.rand(2, 3, size, size)
+    reconstruction, q = model(x)
+    assert q.indices.shape == (2, side, side) and q.quantized.shape == (2, config.embedding_dim, side, side)
+    assert reconstruction.shape == x.shape
+    assert reconstruction.min() >= 0 and reconstruction.max() <= 1
+    assert q.indices.min() >= 0 and q.indices.max() < config.codebook_size
