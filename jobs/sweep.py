@@ -70,13 +70,13 @@ def main() -> None:
     out = Path(args.out).resolve()
     storage = args.storage or str(out / "ray_results")
     check_data(sweep.base)
-    check_storage(storage)
     # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
     # stay in Ray's log files and dashboard: the terminal shows Tune's trial table.
     ray.init(log_to_driver=False)
     cluster = ray.cluster_resources()
     sweep = with_gpus(sweep, args.gpus_per_trial, cluster.get("GPU", 0))
     fits = concurrent_trials(sweep.base, cluster)
+    check_storage(storage)
     print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
           f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
     started = time.monotonic()

@@ -57,6 +57,26 @@ def test_killed_sweep_resumes_without_rerunning_the_finished_trial(synthetic_roo
     assert len(pd.read_csv(out / "trials.csv")) == 2
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--datasets", "breastmnist,nosuchmnist"], "unknown dataset 'nosuchmnist'"),
+        (["--codebook-sizes", ","], "the search space is empty"),
+        (["--commitment-weights", "2:0.5"], "commitment range must satisfy"),
+        (["--gpus-per-trial", "4"], "but the cluster has"),
+        (["--storage", "/proc/medvq-cannot-write-here"], "storage /proc/medvq-cannot-write-here is not writable"),
+    ],
+)
+def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_path, flags, message):
+    out = tmp_path / "out"
+    command = [sys.executable, "jobs/sweep.py", "--data-root", str(synthetic_root), "--out", str(out),
+               "--datasets", ",".join(SYNTHETIC_DATASETS), *flags]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
