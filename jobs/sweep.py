@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import check_storage, common_parser, config_from_args, add_training_flags, parse_list, run_job
+from medvq.cli import add_training_flags, check_storage, common_parser, config_from_args, parse_list, run_job
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.errors import UserError
 from medvq.train import check_data
@@ -67,6 +67,8 @@ def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: fl
 def main() -> None:
     args = parser().parse_args()
     sweep = sweep_from_args(args)
+    if "://" in args.out:
+        raise UserError("--out must be a local or mounted folder; put Ray's storage on a URI with --storage")
     out = Path(args.out).resolve()
     storage = args.storage or str(out / "ray_results")
     check_data(sweep.base)
