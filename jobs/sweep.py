@@ -15,7 +15,7 @@ import ray
 from medvq.cli import add_training_flags, check_storage, common_parser, config_from_args, parse_list, run_job
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.errors import UserError
-from medvq.train import check_data
+from medvq.data import check_data
 from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from medvq.cli import add_searched_flags, add_training_flags, common_parser, config_from_args, run_job
 from medvq.errors import UserError
-from medvq.train import check_data, resolve_accelerator, train_local
+from medvq.data import check_data
+from medvq.train import resolve_accelerator, train_local
 
 
 def main() -> None:

@@ -126,6 +126,12 @@ def verified_file(name: str, root: str | Path | None, size: int = 28) -> Path:
     return path
 
 
+def check_data(config: Config) -> None:
+    """Fail early, before anything is written, if any dataset file is missing or corrupt."""
+    for name in config.datasets:
+        verified_file(name, config.data_root, config.size)
+
+
 def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """One split of one dataset: images uint8 (N, H, W, C) with C as stored, labels int64 (N,)."""
     if split not in SPLITS:
@@ -226,8 +232,7 @@ class MedMNISTDataModule(L.LightningDataModule):
         self.config = config
 
     def prepare_data(self) -> None:
-        for name in self.config.datasets:
-            verified_file(name, self.config.data_root, self.config.size)
+        check_data(self.config)
 
     def setup(self, stage: str) -> None:
         load = lambda split: load_splits(self.config.datasets, split, self.config.data_root, self.config.size)

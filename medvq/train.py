@@ -15,7 +15,7 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrai
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from medvq.config import Config
-from medvq.data import MedMNISTDataModule, verified_file
+from medvq.data import MedMNISTDataModule
 from medvq.errors import UserError
 from medvq.module import VQVAEModule
 
@@ -30,12 +30,6 @@ def resolve_accelerator(requested: str) -> str:
     if requested == "gpu" and not torch.cuda.is_available():
         raise UserError("--accelerator gpu was asked for, but no CUDA GPU is visible here")
     return requested
-
-
-def check_data(config: Config) -> None:
-    """Fail early, before anything is written, if any dataset file is missing or corrupt."""
-    for name in config.datasets:
-        verified_file(name, config.data_root, config.size)
 
 
 class EpochMetrics(L.Callback):
