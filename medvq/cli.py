@@ -15,13 +15,18 @@ from medvq.config import Config
 from medvq.errors import UserError
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    """Flags every job takes, with the same names and meanings."""
-    parser = argparse.ArgumentParser(description=description)
+def add_data_flags(parser: argparse.ArgumentParser, datasets_default: str | None = ",".join(Config.datasets)) -> None:
+    """--data-root and --datasets, with the same names and meanings in every job."""
     parser.add_argument("--data-root", help="folder with the MedMNIST .npz files "
                         "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
-    parser.add_argument("--datasets", default=",".join(Config.datasets),
+    parser.add_argument("--datasets", default=datasets_default,
                         help="comma-separated MedMNIST names (default: %(default)s)")
+
+
+def common_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every training job takes."""
+    parser = argparse.ArgumentParser(description=description)
+    add_data_flags(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="default: %(default)s")
     return parser
@@ -68,13 +73,17 @@ def resolve_data_root(flag: str | None) -> str:
     return os.path.abspath(os.path.expanduser(flag or os.environ.get("MEDVQ_DATA_ROOT") or DEFAULT_ROOT))
 
 
+def dataset_names(flag: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in flag.split(",") if name.strip())
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """Build the one Config from parsed flags; flags a job does not define keep their defaults."""
-    names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+    names = dataset_names(args.datasets)
     flag_fields = ("size", "codebook_size", "commitment_weight", "batch_size", "learning_rate", "mixing",
                    "limit_batches", "accelerator", "seed", "epochs")
     values = {name: getattr(args, name) for name in flag_fields if hasattr(args, name)}
-    return Config(data_root=resolve_data_root(args.data_root), datasets=tuple(names), **values)
+    return Config(data_root=resolve_data_root(args.data_root), datasets=names, **values)
 
 
 def run_job(main: Callable[[], None]) -> None:

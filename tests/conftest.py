@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import ray
 
 from medvq.config import Config
 from medvq.synthetic import write_synthetic_npz
@@ -13,6 +14,9 @@ from medvq.synthetic import write_synthetic_npz
 REPO = Path(__file__).resolve().parents[1]
 # Two small sets, one grayscale and one RGB, so every test covers the channel replication.
 SYNTHETIC_DATASETS = ("breastmnist", "retinamnist")
+# A model small enough that a CPU epoch of a few batches takes about a second.
+TINY = dict(datasets=SYNTHETIC_DATASETS, hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64,
+            epochs=1, limit_batches=3, accelerator="cpu")
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +38,17 @@ def real_root() -> Path:
 
 @pytest.fixture
 def tiny_config(synthetic_root):
-    """Factory for a Config on the synthetic files with a model small enough that a CPU epoch of a
-    few batches takes about a second; keyword arguments override any field."""
+    """Factory for a TINY Config on the synthetic files; keyword arguments override any field."""
 
     def make(**overrides) -> Config:
-        values = dict(data_root=str(synthetic_root), datasets=SYNTHETIC_DATASETS, hidden_channels=16,
-                      embedding_dim=8, codebook_size=32, batch_size=64, epochs=1, limit_batches=3,
-                      accelerator="cpu")
-        return Config(**{**values, **overrides})
+        return Config(**{**TINY, "data_root": str(synthetic_root), **overrides})
 
     return make
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A real local Ray instance; 4 logical CPUs so two workers (or actors) and their drivers fit on 2 cores."""
+    ray.init(num_cpus=4, log_to_driver=False)
+    yield
+    ray.shutdown()

@@ -16,13 +16,6 @@ from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def ray_instance():
-    ray.init(num_cpus=4, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def save_codebook_per_rank(folder: str):
     def per_worker(config_dict: dict) -> None:
         module = fit_worker(config_dict)

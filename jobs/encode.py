@@ -1,0 +1,50 @@
+"""Encode every image of the chosen datasets (all splits) to Parquet latents with Ray Data.
+
+    python jobs/encode.py --checkpoint runs/dev/model.ckpt --data-root DATA --datasets bloodmnist,breastmnist --out runs/dev
+"""
+
+import argparse
+from pathlib import Path
+
+import ray
+
+from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
+from medvq.data import check_data
+from medvq.errors import UserError
+from medvq.report import checkpoint_config, describe_checkpoint
+
+
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="a medvq checkpoint: model.ckpt of jobs/train.py, or the one named in a sweep's best.json")
+    add_data_flags(parser, datasets_default=None)
+    parser.add_argument("--out", required=True, help="output folder: latents/, summary.json and summary.md "
+                        "land there (an older latents/ is replaced)")
+    parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, else one per two CPUs)")
+    parser.add_argument("--gpus-per-actor", type=float,
+                        help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors")
+    return parser
+
+
+def main() -> None:
+    args = parser().parse_args()
+    checkpoint = Path(args.checkpoint).resolve()
+    if not checkpoint.is_file():
+        raise UserError(f"--checkpoint {args.checkpoint} is not a file")
+    try:
+        trained = checkpoint_config(checkpoint)
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise UserError(f"--checkpoint {args.checkpoint} is not a medvq checkpoint ({type(error).__name__})") from None
+    datasets = dataset_names(args.datasets) if args.datasets else trained.datasets
+    config = trained.with_changes(data_root=resolve_data_root(args.data_root), datasets=datasets)
+    check_data(config)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
+    describe_checkpoint(str(checkpoint), config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
+    print(f"wrote {out / 'latents'}/, summary.json and summary.md to {out}; read with pandas.read_parquet")
+
+
+if __name__ == "__main__":
+    run_job(main)

@@ -1,0 +1,109 @@
+"""The Ray Data batch encoder: every image of the chosen datasets, all splits -> one Parquet row each.
+
+The driver ships only (dataset, split) names; read tasks load the images from the data root inside the
+pipeline, and an actor pool (one GPU per actor, or a fraction, where there are GPUs; CPU actors
+otherwise) runs the trained model on large batches.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import torch
+
+from medvq.config import Config
+from medvq.data import SPLITS, dataset_info, load_split, to_float_images
+from medvq.errors import UserError
+from medvq.module import VQVAEModule, image_scores
+
+PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
+ROWS_PER_FILE = 50_000  # a few Parquet files for the five sets at 28x28, not one per block
+
+
+def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[str, np.ndarray]:
+    """Ray Data read step: one (dataset, split) row -> that split's images, as RGB uint8, with their ids."""
+    name, split = str(batch["dataset"][0]), str(batch["split"][0])
+    images, labels = load_split(name, split, data_root, size)
+    label_names = dataset_info(name)["label"]
+    return {
+        "dataset": np.full(len(labels), name),
+        "split": np.full(len(labels), split),
+        "index": np.arange(len(labels), dtype=np.int64),
+        "label": labels,
+        "label_name": np.array([label_names[str(label)] for label in labels]),
+        # Grayscale -> three channels, as in training; every batch then has one image shape.
+        "image": np.ascontiguousarray(np.broadcast_to(images, (*images.shape[:3], 3))),
+    }
+
+
+def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
+    """(N, L) -> an Arrow fixed-size list column: pandas reads it back as one length-L array per row."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
+
+
+class ImageEncoder:
+    """Ray Data actor: loads the checkpoint once, then encodes batches on its GPU (or the CPU)."""
+
+    def __init__(self, checkpoint: str, use_gpu: bool):
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model = VQVAEModule.load_from_checkpoint(checkpoint, map_location=self.device).model.eval()
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        x = to_float_images(torch.from_numpy(batch["image"]).to(self.device))  # (B, 3, H, W)
+        recon, quantized = self.model(x)
+        scores = image_scores(recon, x)
+        scores["mse"] = (recon.float() - x).pow(2).mean(dim=(1, 2, 3))
+        latent = quantized.quantized.mean(dim=(2, 3))  # (B, D): code vectors averaged over the grid
+        codes = quantized.indices.flatten(1)  # (B, h*w), row-major over the latent grid
+        columns = {name: batch[name] for name in ("dataset", "split", "index", "label", "label_name")}
+        columns["codes"] = _fixed_size_list(codes.to(torch.int16).cpu().numpy())
+        columns["latent"] = _fixed_size_list(latent.float().cpu().numpy())
+        for name in ("mse", "mae", "psnr", "ssim"):
+            columns[name] = scores[name].float().cpu().numpy()
+        return pa.table(columns)
+
+
+def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
+    """Defaults from the cluster: one actor per GPU when there are GPUs, else one per two CPUs
+    (the other CPU reads and writes)."""
+    cluster = ray.cluster_resources()
+    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    if gpus_per_actor is None:
+        gpus_per_actor = 1.0 if gpus > 0 else 0.0
+    if actors is None:
+        actors = int(gpus / gpus_per_actor) if gpus_per_actor > 0 else max(1, int(cpus) // 2)
+    # A pool the cluster cannot hold would wait forever for its actors: say so instead.
+    if actors < 1 or gpus_per_actor < 0:
+        raise UserError(f"encoder actors must be >= 1 and GPUs per actor >= 0, got {actors} and {gpus_per_actor}")
+    if actors * gpus_per_actor > gpus + 1e-9 or actors > cpus:
+        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit "
+                        f"on a cluster with {gpus:g} GPUs and {cpus:g} CPUs")
+    return actors, gpus_per_actor
+
+
+def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: int | None = None,
+                      gpus_per_actor: float | None = None) -> int:
+    """Write the latents of every image of `config.datasets` (all splits) to a fresh Parquet folder;
+    returns the number of rows. Needs Ray initialised; `folder` must be reachable from every node."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    actors, gpus_per_actor = encoder_pool(actors, gpus_per_actor)
+    splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
+    images = splits.map_batches(read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size})
+    latents = images.map_batches(
+        ImageEncoder,
+        fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": gpus_per_actor > 0},
+        batch_size=max(1, PIXELS_PER_BATCH // config.size**2),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=gpus_per_actor,
+    )
+    latents.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
+    return sum(pq.ParquetFile(path).metadata.num_rows for path in folder.glob("*.parquet"))

@@ -1,0 +1,116 @@
+"""Ray Data encoding to Parquet on a real local Ray instance, read back the way users read it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from medmnist import INFO
+
+from medvq.config import Config
+from medvq.data import SPLITS, load_split
+from medvq.encode import encode_to_parquet, encoder_pool
+from medvq.errors import UserError
+from medvq.report import checkpoint_config, describe_checkpoint
+from medvq.train import train_local
+from tests.conftest import REPO, SYNTHETIC_DATASETS, TINY
+
+pytestmark = pytest.mark.integration
+
+# Run in a fresh interpreter: proves the Parquet needs nothing but pandas (no Ray extension types).
+PLAIN_PANDAS_READER = """
+import json, sys
+import numpy as np, pandas as pd
+frame = pd.read_parquet(sys.argv[1])
+assert "ray" not in sys.modules
+print(json.dumps({
+    "rows": len(frame),
+    "unique_keys": int((~frame.duplicated(["dataset", "split", "index"])).sum()),
+    "dtypes": {name: str(dtype) for name, dtype in frame.dtypes.items()},
+    "latent_shape": list(np.stack(frame["latent"].to_numpy()).shape),
+    "latent_dtype": str(np.stack(frame["latent"].to_numpy()).dtype),
+    "codes_shape": list(np.stack(frame["codes"].to_numpy()).shape),
+}))
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic_root) -> str:
+    """A real (barely trained) checkpoint, shared by the module's tests."""
+    config = Config(**{**TINY, "data_root": str(synthetic_root), "limit_batches": 2})
+    out = tmp_path_factory.mktemp("trained")
+    train_local(config, out)
+    return str(out / "model.ckpt")
+
+
+def image_count(datasets) -> int:
+    return sum(INFO[name]["n_samples"][split] for name in datasets for split in SPLITS)
+
+
+def test_latents_parquet_reads_back_with_plain_pandas(ray_instance, checkpoint, tmp_path):
+    config = checkpoint_config(checkpoint)
+    rows = encode_to_parquet(checkpoint, config, tmp_path / "latents", actors=2)
+    read = subprocess.run([sys.executable, "-c", PLAIN_PANDAS_READER, str(tmp_path / "latents")],
+                          capture_output=True, text=True, check=True)
+    table = json.loads(read.stdout)
+    expected = image_count(SYNTHETIC_DATASETS)
+    assert rows == table["rows"] == table["unique_keys"] == expected
+    assert all(table["dtypes"][name] in ("str", "object") for name in ("dataset", "split", "label_name"))
+    assert table["dtypes"]["index"] == table["dtypes"]["label"] == "int64"
+    assert all(table["dtypes"][name] == "float32" for name in ("mse", "mae", "psnr", "ssim"))
+    assert table["latent_shape"] == [expected, config.embedding_dim] and table["latent_dtype"] == "float32"
+    assert table["codes_shape"] == [expected, config.latent_side**2]
+
+
+def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tmp_path):
+    config = checkpoint_config(checkpoint).with_changes(datasets=("breastmnist",))
+    encode_to_parquet(checkpoint, config, tmp_path / "latents", actors=1)
+    frame = pd.read_parquet(tmp_path / "latents")
+    test = frame[frame["split"] == "test"].sort_values("index")
+    _, labels = load_split("breastmnist", "test", config.data_root)
+    np.testing.assert_array_equal(test["label"].to_numpy(), labels)
+    assert set(test["label_name"]) <= set(INFO["breastmnist"]["label"].values())
+    assert (np.stack(frame["codes"].to_numpy()) < config.codebook_size).all()
+
+
+def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
+    config = checkpoint_config(checkpoint)
+    for _ in range(2):  # a re-run replaces the latents rather than appending to them
+        describe_checkpoint(checkpoint, config, tmp_path, actors=2)
+    frame = pd.read_parquet(tmp_path / "latents")
+    assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
+    assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0
+    assert not (tmp_path / "latents.partial").exists()
+    records = json.loads((tmp_path / "summary.json").read_text())
+    assert [record["dataset"] for record in records] == list(SYNTHETIC_DATASETS)
+    for record in records:
+        assert record["test_images"] == INFO[record["dataset"]]["n_samples"]["test"]
+        for key in ("knn_latent", "knn_pixels", "majority_class", "dataset_recovered", "codes_used"):
+            assert 0 <= record[key] <= 1
+    table = (tmp_path / "summary.md").read_text()
+    assert all(f"| {name} |" in table for name in SYNTHETIC_DATASETS)
+
+
+def test_a_pool_the_cluster_cannot_hold_is_an_error(ray_instance):
+    with pytest.raises(UserError, match="do not fit"):
+        encoder_pool(actors=1, gpus_per_actor=1)
+    with pytest.raises(UserError, match="do not fit"):
+        encoder_pool(actors=64, gpus_per_actor=0)
+
+
+@pytest.mark.parametrize("make_checkpoint, message", [
+    (lambda path: None, "is not a file"),
+    (lambda path: path.write_text("not a checkpoint"), "is not a medvq checkpoint"),
+])
+def test_encode_job_rejects_a_bad_checkpoint_in_one_line(tmp_path, synthetic_root, make_checkpoint, message):
+    checkpoint = tmp_path / "model.ckpt"
+    make_checkpoint(checkpoint)
+    job = subprocess.run([sys.executable, "jobs/encode.py", "--checkpoint", str(checkpoint), "--data-root",
+                          str(synthetic_root), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert job.returncode == 2
+    assert job.stderr.strip().splitlines() == [job.stderr.strip()] and message in job.stderr
+    assert not (tmp_path / "out").exists()
