@@ -1,0 +1,248 @@
+"""Figures of a run folder: latent space, training curves, the sweep, reconstructions, codebook usage.
+
+Every figure is a matplotlib `Figure` (no pyplot state, so it is safe in any process) saved as PNG at a
+fixed pixel size: figure inches x DPI, never cropped to its contents.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from medvq.data import load_split
+from medvq.errors import UserError
+from medvq.module import VQVAEModule
+
+log = logging.getLogger(__name__)
+
+DPI = 100
+LATENT_SIZE = (8.0, 7.0)  # inches; 800 x 700 px
+CURVES_SIZE = (10.0, 7.0)
+SWEEP_SIZE = (8.0, 5.0)
+USAGE_SIZE = (9.0, 4.0)
+CLASS_PANEL = (5.5, 3.5)  # one dataset's panel, its legend to the right
+CLASS_COLUMNS = 3
+TILE = 0.75  # inches per image in the reconstruction grid
+ROW_LABEL = 1.5  # inches left of the grid for the dataset names
+SHOWN = 8  # test images per dataset in the reconstruction grid
+LABEL_CHARS = 22  # longer class names are cut so legends stay beside their panel
+
+LATENT_COLUMNS = ["dataset", "label", "label_name", "codes", "umap_x", "umap_y"]  # `latent` is not drawn
+CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
+
+
+def class_grid(n_datasets: int) -> tuple[int, int]:
+    """(rows, columns) of the per-dataset panels in latent_by_class.png."""
+    columns = min(n_datasets, CLASS_COLUMNS)
+    return -(-n_datasets // columns), columns
+
+
+def class_figure_size(n_datasets: int) -> tuple[float, float]:
+    rows, columns = class_grid(n_datasets)
+    return columns * CLASS_PANEL[0], rows * CLASS_PANEL[1]
+
+
+def reconstruction_figure_size(n_datasets: int) -> tuple[float, float]:
+    return ROW_LABEL + SHOWN * TILE, 2 * n_datasets * TILE
+
+
+def short_label(name: str) -> str:
+    """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
+    name = name.split("(")[0].strip()
+    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
+
+
+def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float]:
+    """Uses per code (K,) and perplexity: exp(entropy) of the usage, K when every code is used evenly."""
+    counts = np.bincount(codes.ravel(), minlength=codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    return counts, float(np.exp(-(p * np.log(p)).sum()))
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.savefig(path, dpi=DPI, format="png")
+
+
+def _colours(n: int) -> list:
+    return list(colormaps["tab10" if n <= 10 else "tab20"].colors)[:n]
+
+
+def _scatter(ax, points: pd.DataFrame, colour, label: str) -> None:
+    """One call per group: 35k points draw in well under a second, rasterised so the PNG stays small."""
+    ax.scatter(points["umap_x"], points["umap_y"], s=2, color=colour, alpha=0.6, linewidths=0,
+               rasterized=True, label=label)
+
+
+def _blank_axes(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def draw_latent_space(latents: pd.DataFrame, path: Path) -> None:
+    figure = Figure(figsize=LATENT_SIZE, layout="constrained")
+    ax = figure.subplots()
+    groups = latents.groupby("dataset", sort=True)
+    for colour, (name, points) in zip(_colours(groups.ngroups), groups):
+        _scatter(ax, points, colour, f"{name} ({len(points):,})")
+    ax.legend(markerscale=5, title="dataset (images)")
+    ax.set_title(f"UMAP of the latents of {len(latents):,} images")
+    _blank_axes(ax)
+    _save(figure, path)
+
+
+def draw_latent_by_class(latents: pd.DataFrame, path: Path) -> None:
+    groups = latents.groupby("dataset", sort=True)
+    rows, columns = class_grid(groups.ngroups)
+    figure = Figure(figsize=class_figure_size(groups.ngroups), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (dataset, points) in zip(axes, groups):
+        classes = points.groupby(["label", "label_name"], sort=True)
+        for colour, ((_, name), members) in zip(_colours(classes.ngroups), classes):
+            _scatter(ax, members, colour, short_label(name))
+        ax.legend(markerscale=5, fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
+        ax.set_title(dataset)
+        _blank_axes(ax)
+    for ax in axes[groups.ngroups :]:
+        ax.set_axis_off()
+    _save(figure, path)
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """Per-epoch metrics indexed by 1-based epoch, from Tune's best_metrics.csv or train_local's metrics.csv."""
+    history = pd.read_csv(path)
+    epochs = history["training_iteration"] if "training_iteration" in history else history["epoch"] + 1
+    return history.set_index(pd.Index(epochs.astype(int), name="epoch"))
+
+
+def draw_curves(history: pd.DataFrame, path: Path) -> None:
+    figure = Figure(figsize=CURVES_SIZE, layout="constrained")
+    for ax, (metric, title) in zip(figure.subplots(2, 2).ravel(), CURVES):
+        for stage in ("train", "val"):
+            ax.plot(history.index, history[f"{stage}_{metric}"], marker="o", markersize=3, label=stage)
+        ax.set(title=title, xlabel="epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+    _save(figure, path)
+
+
+def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
+    """val_nmse against commitment weight, one line per codebook size; hollow markers: stopped by ASHA."""
+    figure = Figure(figsize=SWEEP_SIZE, layout="constrained")
+    ax = figure.subplots()
+    stopped = trials["epochs_run"] < trials["epochs_run"].max()
+    groups = trials.assign(stopped=stopped).sort_values("commitment_weight").groupby("codebook_size")
+    for colour, (size, group) in zip(_colours(groups.ngroups), groups):
+        ax.plot(group["commitment_weight"], group["val_nmse"], color=colour, label=f"K = {size}")
+        for hollow, part in group.groupby("stopped"):
+            ax.scatter(part["commitment_weight"], part["val_nmse"], s=36, edgecolors=colour,
+                       facecolors="white" if hollow else colour, zorder=3)
+    hollow_key = Line2D([], [], linestyle="", marker="o", color="grey", markerfacecolor="white",
+                        label="stopped early by ASHA")
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], hollow_key], title="codebook size")
+    ax.set(xscale="log", xlabel="commitment weight", ylabel="val_nmse (lower is better)",
+           title=f"{len(trials)} trials; {int(stopped.sum())} stopped early (hollow)")
+    _save(figure, path)
+
+
+@torch.inference_mode()
+def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None, path: Path) -> None:
+    """The first SHOWN test images of every dataset the model was trained on, above their reconstructions."""
+    config = module.config
+    figure = Figure(figsize=reconstruction_figure_size(len(config.datasets)), layout="constrained")
+    axes = figure.subplots(2 * len(config.datasets), SHOWN, squeeze=False)
+    for row, name in enumerate(config.datasets):
+        images = load_split(name, "test", data_root, config.size)[0][:SHOWN]
+        images = np.broadcast_to(images, (*images.shape[:3], 3)).copy()  # grayscale -> RGB; torch wants writable memory
+        recon = module(torch.from_numpy(images))[0].permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+        for column in range(SHOWN):
+            for ax, shown in ((axes[2 * row, column], images), (axes[2 * row + 1, column], recon)):
+                _blank_axes(ax)
+                if column < len(shown):
+                    ax.imshow(shown[column])  # RGB: uint8 originals, float reconstructions in [0, 1]
+        axes[2 * row, 0].set_ylabel(name, rotation=0, ha="right", va="center")
+        axes[2 * row + 1, 0].set_ylabel("reconstructed", rotation=0, ha="right", va="center", fontsize="small")
+    _save(figure, path)
+
+
+def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> None:
+    counts, perplexity = code_usage(codes, codebook_size)
+    used = int((counts > 0).sum())
+    figure = Figure(figsize=USAGE_SIZE, layout="constrained")
+    ax = figure.subplots()
+    # Unused codes cannot sit on a log axis: they are the empty stretch on the right, up to K.
+    ax.bar(np.arange(used), np.sort(counts)[::-1][:used], width=1.0, align="edge")
+    ax.set(yscale="log", xlim=(0, codebook_size), xlabel="code, most used first", ylabel="uses",
+           title=f"{used} of {codebook_size} codes used ({used / codebook_size:.0%}), perplexity {perplexity:.1f}")
+    _save(figure, path)
+
+
+def _checkpoint(run: Path) -> Path | None:
+    """The run's model.ckpt (jobs/train.py, or the sweep's copy of its best), else the one best.json names."""
+    if (run / "model.ckpt").exists():
+        return run / "model.ckpt"
+    if (run / "best.json").exists():
+        path = Path(json.loads((run / "best.json").read_text())["checkpoint"])
+        if path.exists():
+            return path
+        log.warning("best.json names checkpoint %s, which is not on this machine", path)
+    return None
+
+
+def _codebook_size(run: Path, module: VQVAEModule | None, codes: np.ndarray) -> int:
+    if module is not None:
+        return module.config.codebook_size
+    if (run / "best.json").exists():
+        return int(json.loads((run / "best.json").read_text())["config"]["codebook_size"])
+    return int(codes.max()) + 1
+
+
+def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[Path]:
+    """Draw every figure whose inputs `run_dir` holds into run_dir/plots/; returns the files written.
+
+    data_root: the MedMNIST files for the reconstructions (default: the data root the model was trained on).
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist")
+    histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
+    trials_path, checkpoint = run / "trials.csv", _checkpoint(run)
+    latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if (run / "latents").is_dir() else None
+    if latents is None and not histories and not trials_path.exists() and checkpoint is None:
+        raise UserError(f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
+                        "point --run at the --out folder of a sweep or a training run")
+    module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
+    codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
+    figures = [
+        ("latent_space.png", latents is not None, lambda p: draw_latent_space(latents, p)),
+        ("latent_by_class.png", latents is not None, lambda p: draw_latent_by_class(latents, p)),
+        ("codebook_usage.png", codes is not None,
+         lambda p: draw_codebook_usage(codes, _codebook_size(run, module, codes), p)),
+        ("curves.png", bool(histories), lambda p: draw_curves(read_history(histories[0]), p)),
+        ("sweep.png", trials_path.exists(), lambda p: draw_sweep(pd.read_csv(trials_path), p)),
+        ("reconstructions.png", module is not None,
+         lambda p: draw_reconstructions(module, data_root or module.config.data_root, p)),
+    ]
+    (run / "plots").mkdir(exist_ok=True)
+    written = []
+    for name, ready, draw in figures:
+        if not ready:
+            log.info("skipped %s: its input is not in %s", name, run)
+            continue
+        try:
+            draw(run / "plots" / name)
+        except UserError as error:
+            if data_root is not None:  # the files asked for are unusable: that is the user's to fix
+                raise
+            log.warning("skipped %s: %s", name, error)  # the training run's data root is not on this machine
+            continue
+        written.append(run / "plots" / name)
+    return written

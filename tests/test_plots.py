@@ -1,0 +1,168 @@
+"""Figures of a run folder: which PNGs a sweep or a training run gets, their fixed sizes, and the job's errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from medmnist import INFO
+from PIL import Image
+
+from medvq import plots
+from medvq.config import Config
+from medvq.errors import UserError
+from medvq.module import VQVAEModule
+from tests.conftest import REPO, SYNTHETIC_DATASETS
+
+EVERY_FIGURE = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "curves.png", "sweep.png",
+                "reconstructions.png")
+METRICS = ("loss", "mae", "psnr", "ssim")
+
+
+def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> None:
+    """The encoder's Parquet dataset: one row per image, in two part files."""
+    rng = np.random.default_rng(0)
+    cells = config.latent_side**2
+    frames = []
+    for name in config.datasets:
+        names = INFO[name]["label"]
+        labels = rng.integers(0, len(names), rows_per_dataset)
+        frames.append(pd.DataFrame({
+            "dataset": name,
+            "split": rng.choice(["train", "val", "test"], rows_per_dataset),
+            "index": np.arange(rows_per_dataset, dtype=np.int64),
+            "label": labels.astype(np.int64),
+            "label_name": [names[str(label)] for label in labels],
+            "codes": list(rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)),
+            "latent": list(rng.normal(size=(rows_per_dataset, config.embedding_dim)).astype(np.float32)),
+            **{score: rng.random(rows_per_dataset, dtype=np.float32) for score in ("mse", "mae", "psnr", "ssim")},
+            "umap_x": rng.normal(size=rows_per_dataset).astype(np.float32),
+            "umap_y": rng.normal(size=rows_per_dataset).astype(np.float32),
+        }))
+    folder.mkdir()
+    table = pd.concat(frames, ignore_index=True)
+    for part, rows in enumerate(np.array_split(np.arange(len(table)), 2)):
+        table.iloc[rows].to_parquet(folder / f"part-{part}.parquet", index=False)
+
+
+def history(epochs: int) -> pd.DataFrame:
+    falling = np.linspace(1.0, 0.5, epochs)
+    return pd.DataFrame({f"{stage}_{metric}": falling for stage in ("train", "val") for metric in METRICS})
+
+
+def save_checkpoint(config: Config, path: Path) -> None:
+    """What Lightning's checkpoint holds for `load_from_checkpoint`, without running a Trainer."""
+    module = VQVAEModule(config.to_dict())
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": lightning.__version__}, path)
+
+
+@pytest.fixture
+def train_run(tiny_config, tmp_path) -> Path:
+    """A jobs/train.py output folder with latents: model.ckpt and metrics.csv (0-based epochs)."""
+    run, config = tmp_path / "train", tiny_config()
+    run.mkdir()
+    write_latents(run / "latents", config)
+    history(3).assign(epoch=range(3)).to_csv(run / "metrics.csv", index=False)
+    save_checkpoint(config, run / "model.ckpt")
+    return run
+
+
+@pytest.fixture
+def sweep_run(tiny_config, tmp_path) -> Path:
+    """A jobs/sweep.py output folder with latents: trials.csv, best.json, best_metrics.csv (1-based epochs)."""
+    run, config = tmp_path / "sweep", tiny_config()
+    run.mkdir()
+    write_latents(run / "latents", config)
+    history(3).assign(training_iteration=range(1, 4)).to_csv(run / "best_metrics.csv", index=False)
+    checkpoint = tmp_path / "ray_results" / "checkpoint.ckpt"
+    checkpoint.parent.mkdir()
+    save_checkpoint(config, checkpoint)
+    (run / "best.json").write_text(json.dumps({"config": config.to_dict(), "checkpoint": str(checkpoint)}))
+    weights = [0.1, 0.3, 1.0]
+    pd.DataFrame({
+        "codebook_size": np.repeat([32, 64], 3),
+        "commitment_weight": weights * 2,
+        "epochs_run": [3, 1, 3, 3, 3, 1],
+        "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, 0.30],
+    }).to_csv(run / "trials.csv", index=False)
+    return run
+
+
+def expected_pixels(n_datasets: int) -> dict[str, tuple[int, int]]:
+    inches = {
+        "latent_space.png": plots.LATENT_SIZE,
+        "latent_by_class.png": plots.class_figure_size(n_datasets),
+        "codebook_usage.png": plots.USAGE_SIZE,
+        "curves.png": plots.CURVES_SIZE,
+        "sweep.png": plots.SWEEP_SIZE,
+        "reconstructions.png": plots.reconstruction_figure_size(n_datasets),
+    }
+    return {name: (round(width * plots.DPI), round(height * plots.DPI)) for name, (width, height) in inches.items()}
+
+
+def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
+    pixels = expected_pixels(len(SYNTHETIC_DATASETS))
+    assert [path.name for path in paths] == list(names)
+    assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(names)
+    for path in paths:
+        with Image.open(path) as image:
+            image.verify()
+        with Image.open(path) as image:
+            assert (image.format, image.size) == ("PNG", pixels[path.name]), path.name
+
+
+def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
+    paths = plots.draw_run(sweep_run)
+    assert all(path.parent == sweep_run / "plots" for path in paths)
+    assert_pngs(paths, EVERY_FIGURE)
+
+
+def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):
+    paths = plots.draw_run(train_run, data_root=synthetic_root)
+    assert_pngs(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
+
+
+def test_both_history_formats_count_epochs_from_one(tmp_path):
+    history(2).assign(epoch=[0, 1]).to_csv(tmp_path / "metrics.csv", index=False)
+    history(2).assign(training_iteration=[1, 2]).to_csv(tmp_path / "best_metrics.csv", index=False)
+    for name in ("metrics.csv", "best_metrics.csv"):
+        assert list(plots.read_history(tmp_path / name).index) == [1, 2]
+
+
+def test_perplexity_is_the_number_of_evenly_used_codes():
+    counts, perplexity = plots.code_usage(np.arange(8).repeat(5), codebook_size=16)
+    assert counts.shape == (16,) and perplexity == pytest.approx(8.0)
+    assert plots.code_usage(np.zeros(10, dtype=np.int16), 16)[1] == pytest.approx(1.0)
+
+
+def test_long_class_names_are_shortened():
+    assert plots.short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
+    assert plots.short_label("normal, benign") == "normal, benign"
+    assert len(plots.short_label(INFO["dermamnist"]["label"]["0"])) == plots.LABEL_CHARS
+
+
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir()], ids=["missing", "empty"])
+def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make):
+    make(tmp_path / "run")
+    with pytest.raises(UserError):
+        plots.draw_run(tmp_path / "run")
+
+
+def test_plot_job_writes_the_figures_or_stops_with_one_line(train_run, tmp_path):
+    job = lambda run: subprocess.run([sys.executable, "jobs/plot.py", "--run", str(run)], cwd=REPO,
+                                     capture_output=True, text=True, timeout=300)
+    (tmp_path / "empty").mkdir()
+    failed = job(tmp_path / "empty")
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr
+    assert [line for line in failed.stderr.splitlines() if line.startswith("error:")] == [failed.stderr.strip()]
+    done = job(train_run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 5 and (train_run / "plots" / "reconstructions.png").exists()
