@@ -11,6 +11,7 @@ import ray
 from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
 from medvq.data import check_data
 from medvq.errors import UserError
+from medvq.latent_space import write_summary
 from medvq.report import checkpoint_config, describe_checkpoint
 
 
@@ -42,7 +43,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
-    describe_checkpoint(str(checkpoint), config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
+    records, _ = describe_checkpoint(str(checkpoint), config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
+    write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
     print(f"wrote {out / 'latents'}/, summary.json and summary.md to {out}; read with pandas.read_parquet")
 
 

@@ -1,4 +1,6 @@
-"""The medvq job: search codebook size x commitment weight with Ray Tune over Ray Train runs.
+"""The medvq job: search codebook size x commitment weight, then encode, measure and draw the best model.
+
+Ray Tune runs one Ray Train run per trial; Ray Data encodes every image with the best model to Parquet.
 
     python jobs/sweep.py --smoke --data-root DATA --out runs/smoke                      # local Ray
     ray job submit --working-dir . -- python jobs/sweep.py --data-root DATA --out OUT   # a cluster
@@ -14,8 +16,12 @@ import ray
 
 from medvq.cli import add_training_flags, check_storage, common_parser, config_from_args, parse_list, run_job
 from medvq.config import SweepConfig, smoke_sweep
-from medvq.errors import UserError
 from medvq.data import check_data
+from medvq.errors import UserError
+from medvq.latent_space import summary_markdown, write_summary
+from medvq.plots import draw_run
+from medvq.report import describe_checkpoint
+from medvq.train import CHECKPOINT_NAME
 from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
 
 
@@ -64,6 +70,15 @@ def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: fl
     return replace(sweep, base=sweep.base.with_changes(gpus_per_worker=gpus_per_trial / workers))
 
 
+def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
+    metrics, config = best["metrics"], best["config"]
+    return (f"{best['trials']} trials; best {best['trial_id']}: codebook {config['codebook_size']}, commitment "
+            f"{config['commitment_weight']:.3g}, val_nmse {metrics['val_nmse']:.4f}, val PSNR {metrics['val_psnr']:.2f} dB, "
+            f"SSIM {metrics['val_ssim']:.3f}, codes used {metrics['val_codes_used']:.0%}\n"
+            f"checkpoint {best['checkpoint']} (copied to model.ckpt)\n"
+            f"seconds: " + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items()) + "\n")
+
+
 def main() -> None:
     args = parser().parse_args()
     sweep = sweep_from_args(args)
@@ -72,9 +87,11 @@ def main() -> None:
     out = Path(args.out).resolve()
     storage = args.storage or str(out / "ray_results")
     check_data(sweep.base)
+    seconds, started = {}, time.monotonic()
     # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
-    # stay in Ray's log files and dashboard: the terminal shows Tune's trial table.
+    # stay in Ray's log files and dashboard: the terminal shows Tune's trial table and Ray Data's progress.
     ray.init(log_to_driver=False)
+    seconds["ray_init"] = time.monotonic() - started
     cluster = ray.cluster_resources()
     sweep = with_gpus(sweep, args.gpus_per_trial, cluster.get("GPU", 0))
     fits = concurrent_trials(sweep.base, cluster)
@@ -83,15 +100,19 @@ def main() -> None:
           f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
     started = time.monotonic()
     results = run_sweep(sweep, storage)
+    seconds["search"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     best = write_sweep_outputs(results, sweep, out)
-    summary = (f"{best['trials']} trials in {time.monotonic() - started:.0f} s; best {best['trial_id']}: "
-               f"codebook {best['config']['codebook_size']}, commitment {best['config']['commitment_weight']:.3g}, "
-               f"val_nmse {best['metrics']['val_nmse']:.4f}, val PSNR {best['metrics']['val_psnr']:.2f} dB, "
-               f"SSIM {best['metrics']['val_ssim']:.3f}, codes used {best['metrics']['val_codes_used']:.0%}\n"
-               f"checkpoint {best['checkpoint']}\n")
-    (out / "summary.md").write_text(summary)
-    print(summary + f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, summary.md to {out}")
+    records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out)
+    seconds.update(described)
+    started = time.monotonic()
+    plots = draw_run(out)
+    seconds["plots"] = time.monotonic() - started
+    summary = sweep_summary(best, seconds)
+    write_summary(records, out, preface=summary)
+    print(summary + summary_markdown(records))
+    print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
+          f"summary.md and {len(plots)} plots in plots/ to {out}")
 
 
 if __name__ == "__main__":

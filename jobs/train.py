@@ -1,29 +1,73 @@
-"""Train the VQ-VAE locally, on the CPU or one GPU.
+"""Train one VQ-VAE: in this process (CPU or one GPU), or as a Ray Train run of DDP workers.
 
     python jobs/train.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist --epochs 1 --out runs/dev
+    python jobs/train.py --data-root DATA --workers --out runs/ddp      # Ray Train: one worker per GPU of the cluster
 """
 
+import argparse
 from pathlib import Path
 
-from medvq.cli import add_searched_flags, add_training_flags, common_parser, config_from_args, run_job
-from medvq.errors import UserError
+import ray
+
+from medvq.cli import add_searched_flags, add_training_flags, check_storage, common_parser, config_from_args, run_job
+from medvq.config import Config
 from medvq.data import check_data
-from medvq.train import resolve_accelerator, train_local
+from medvq.errors import UserError
+from medvq.train import resolve_accelerator, train_local, train_on_ray
+from medvq.tune import concurrent_trials
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.strip().splitlines()[0])
     add_searched_flags(parser)
     add_training_flags(parser)
-    args = parser.parse_args()
-    config = config_from_args(args)
-    resolve_accelerator(config.accelerator)
+    parser.add_argument("--workers", nargs="?", const="all",
+                        help="train under Ray Train with this many DDP workers; alone: one worker per GPU of the "
+                        "cluster (default: no Ray, this process)")
+    parser.add_argument("--cpus-per-worker", type=float, default=Config.cpus_per_worker)
+    parser.add_argument("--storage", help="Ray Train storage: a folder, shared mount or s3:// URI "
+                        "(default: OUT/ray_results); the same command resumes from it")
+    return parser
+
+
+def with_workers(config: Config, workers: str, cluster: dict[str, float]) -> Config:
+    """Resolve --workers against the cluster: GPU workers (one GPU each) whenever it has GPUs."""
+    gpus = cluster.get("GPU", 0)
+    if config.accelerator == "gpu" and gpus == 0:
+        raise UserError("--accelerator gpu was asked for, but the cluster has no GPUs")
+    use_gpu = gpus > 0 and config.accelerator != "cpu"
+    if workers == "all":
+        if not use_gpu:
+            raise UserError("--workers alone means one worker per GPU, and the cluster has none: give a number of CPU workers")
+        count = int(gpus)
+    elif workers.isdigit() and int(workers) > 0:
+        count = int(workers)
+    else:
+        raise UserError(f"--workers takes a positive number, got {workers!r}")
+    config = config.with_changes(workers=count, gpus_per_worker=1.0 if use_gpu else 0.0)
+    concurrent_trials(config, cluster)  # a clear error if the run does not fit
+    return config
+
+
+def main() -> None:
+    args = parser().parse_args()
+    config = config_from_args(args).with_changes(cpus_per_worker=args.cpus_per_worker)
     check_data(config)
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out {out} is not empty: choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
-    final = train_local(config, out)
+    if args.workers is None:
+        resolve_accelerator(config.accelerator)
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"--out {out} is not empty: choose a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        final = train_local(config, out)
+    else:
+        ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
+        config = with_workers(config, args.workers, ray.cluster_resources())
+        storage = args.storage or str(out.resolve() / "ray_results")
+        check_storage(storage)
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)
+        final = train_on_ray(config, out, storage)
     print(f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "
           f"codes used {final['val_codes_used']:.0%} of {config.codebook_size} (perplexity {final['val_perplexity']:.1f}), "
           f"val_nmse {final['val_nmse']:.4f}")

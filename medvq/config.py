@@ -96,6 +96,15 @@ class Config:
     def with_changes(self, **changes: Any) -> Config:
         return replace(self, **changes)
 
+    def run_name(self) -> str:
+        """Deterministic name of a Ray Train run of this config: the same command resumes the same run."""
+        return f"medvq-train-{_digest(self)}"
+
+
+def _digest(config: Any) -> str:
+    """A short hash of a config dataclass's values."""
+    return hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -131,8 +140,7 @@ class SweepConfig:
 
     def run_name(self) -> str:
         """Deterministic name from everything that shapes the results, so the same command resumes the same sweep."""
-        text = json.dumps(asdict(self), sort_keys=True)
-        return f"medvq-sweep-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
+        return f"medvq-sweep-{_digest(self)}"
 
 
 def smoke_sweep(base: Config) -> SweepConfig:

@@ -1,4 +1,4 @@
-"""After training, for any checkpoint: latents (Ray Data) -> UMAP -> the per-dataset table.
+"""After training, for any checkpoint: latents (Ray Data) -> UMAP -> the per-dataset measures.
 
 The latents are written to a staging folder and moved into place only once complete, so a failed
 or interrupted run never leaves a half-written `latents/` behind, and a re-run replaces the old one.
@@ -15,7 +15,7 @@ import torch
 
 from medvq.config import Config
 from medvq.encode import encode_to_parquet
-from medvq.latent_space import add_umap_, dataset_records, write_summary
+from medvq.latent_space import add_umap_, dataset_records
 
 LATENTS_DIR = "latents"
 
@@ -27,9 +27,9 @@ def checkpoint_config(checkpoint: str | Path) -> Config:
 
 
 def describe_checkpoint(checkpoint: str, config: Config, out: Path, *, actors: int | None = None,
-                        gpus_per_actor: float | None = None, preface: str = "") -> dict[str, float]:
-    """Encode every image of `config.datasets` to OUT/latents/, project it, and write OUT/summary.json
-    and OUT/summary.md (after `preface`). Returns the seconds each step took. Needs Ray initialised."""
+                        gpus_per_actor: float | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Encode every image of `config.datasets` to OUT/latents/ and project it; returns the per-dataset
+    records (see `dataset_records`) and the seconds each step took. Needs Ray initialised."""
     staging, latents = out / f"{LATENTS_DIR}.partial", out / LATENTS_DIR
     seconds, started = {}, time.monotonic()
     rows = encode_to_parquet(checkpoint, config, staging, actors=actors, gpus_per_actor=gpus_per_actor)
@@ -39,10 +39,9 @@ def describe_checkpoint(checkpoint: str, config: Config, out: Path, *, actors: i
         shutil.rmtree(latents)
     staging.rename(latents)
     started = time.monotonic()
-    table = pd.read_parquet(latents)
-    records = dataset_records(table, config.data_root, config.size, checkpoint_config(checkpoint).codebook_size)
-    write_summary(records, out, preface)
+    records = dataset_records(pd.read_parquet(latents), config.data_root, config.size,
+                              checkpoint_config(checkpoint).codebook_size)
     seconds["probes"] = time.monotonic() - started
     print(f"encoded {rows} images to {latents} in {seconds['encode']:.1f} s; UMAP {seconds['umap']:.1f} s; "
           f"probes {seconds['probes']:.1f} s", flush=True)
-    return seconds
+    return records, seconds

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -132,3 +133,13 @@ def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
     trainer = TorchTrainer(per_worker, train_loop_config=config.to_dict(), scaling_config=scaling, run_config=run,
                            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
     return trainer.fit()
+
+
+def train_on_ray(config: Config, out_dir: Path, storage: str) -> dict[str, float]:
+    """A Ray Train run named after its config: model.ckpt and metrics.csv land in out_dir as for a local
+    run. Running the same config again resumes it from its last checkpoint in `storage`."""
+    result = train_distributed(config, storage=storage, name=config.run_name())
+    with result.checkpoint.as_directory() as directory:
+        shutil.copyfile(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
+    result.metrics_dataframe.to_csv(out_dir / METRICS_NAME, index=False)
+    return result.metrics

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -17,7 +18,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from medvq.config import Config, SweepConfig
 from medvq.errors import UserError
-from medvq.train import train_distributed
+from medvq.train import CHECKPOINT_NAME, train_distributed
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight")
@@ -48,7 +49,7 @@ def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
     fits = [math.floor(cluster.get(kind, 0) / amount + 1e-9) for kind, amount in needs.items() if amount > 0]
     if min(fits) < 1:
         have = {kind: cluster.get(kind, 0) for kind in needs}
-        raise UserError(f"one trial needs {needs['CPU']:g} CPUs and {needs['GPU']:g} GPUs "
+        raise UserError(f"one run needs {needs['CPU']:g} CPUs and {needs['GPU']:g} GPUs "
                         f"({config.workers} workers), but the cluster has {have['CPU']:g} CPUs and {have['GPU']:g} GPUs")
     return min(fits)
 
@@ -94,7 +95,8 @@ def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
 
 
 def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path) -> dict:
-    """trials.csv / trials.parquet, best.json and best_metrics.csv in `out`; returns the best record."""
+    """trials.csv / trials.parquet, best.json, best_metrics.csv and the best checkpoint (model.ckpt) in `out`;
+    returns the best record."""
     table = trial_table(results)
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
@@ -112,4 +114,6 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path)
         "trials": len(table),
     }
     (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+    # A local copy beside the tables: storage may be s3://, and the output folder should stand alone.
+    pafs.copy_files(best["checkpoint"], str((out / CHECKPOINT_NAME).resolve()))
     return best

@@ -50,8 +50,9 @@ def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance,
     assert best["config"]["codebook_size"] == table["codebook_size"][0]
     history = pd.read_csv(tmp_path / "best_metrics.csv")
     assert len(history) == table["epochs_run"][0] and {"train_loss", "val_psnr"} <= set(history.columns)
-    restored = VQVAEModule.load_from_checkpoint(best["checkpoint"])
-    assert restored.config.codebook_size == best["config"]["codebook_size"]
+    for checkpoint in (best["checkpoint"], tmp_path / "model.ckpt"):  # in storage, and the copy beside the tables
+        restored = VQVAEModule.load_from_checkpoint(checkpoint)
+        assert restored.config.codebook_size == best["config"]["codebook_size"]
 
 
 def test_a_trial_larger_than_the_cluster_is_a_clear_error(tiny_config):

@@ -15,6 +15,7 @@ from medvq.config import Config
 from medvq.data import SPLITS, load_split
 from medvq.encode import encode_to_parquet, encoder_pool
 from medvq.errors import UserError
+from medvq.latent_space import write_summary
 from medvq.report import checkpoint_config, describe_checkpoint
 from medvq.train import train_local
 from tests.conftest import REPO, SYNTHETIC_DATASETS, TINY
@@ -80,7 +81,9 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
 def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
     config = checkpoint_config(checkpoint)
     for _ in range(2):  # a re-run replaces the latents rather than appending to them
-        describe_checkpoint(checkpoint, config, tmp_path, actors=2)
+        records, seconds = describe_checkpoint(checkpoint, config, tmp_path, actors=2)
+    write_summary(records, tmp_path)
+    assert set(seconds) == {"encode", "umap", "probes"}
     frame = pd.read_parquet(tmp_path / "latents")
     assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
     assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0

@@ -1,4 +1,5 @@
-"""The sweep job as users run it: a killed driver resumes, and `ray job submit` against `ray start --head`."""
+"""The jobs as users run them: a killed sweep driver resumes, `ray job submit` against `ray start --head`,
+and a Ray Train run of jobs/train.py that resumes instead of starting over."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,25 @@ def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)
     best = json.loads((out / "best.json").read_text())
-    assert Path(best["checkpoint"]).exists()
+    assert Path(best["checkpoint"]).exists() and (out / "model.ckpt").exists()
     assert len(pd.read_parquet(out / "trials.parquet")) == 2
     assert (out / "summary.md").read_text().startswith("2 trials")
+    latents = pd.read_parquet(out / "latents")
+    assert sorted(latents["dataset"].unique()) == sorted(SYNTHETIC_DATASETS)
+    assert [record["dataset"] for record in json.loads((out / "summary.json").read_text())] == list(SYNTHETIC_DATASETS)
+    assert {"latent_space.png", "curves.png", "sweep.png", "reconstructions.png"} <= {p.name for p in (out / "plots").iterdir()}
+
+
+def test_train_job_on_ray_train_workers_resumes_instead_of_starting_over(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "jobs/train.py", "--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS),
+               "--workers", "2", "--accelerator", "cpu", "--epochs", "2", "--limit-batches", "2", "--batch-size", "32",
+               "--out", str(out)]
+    checkpoints = []
+    for _ in range(2):
+        job = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stderr[-3000:]
+        checkpoints.append(sorted(p.name for p in out.glob("ray_results/medvq-train-*/checkpoint_*")))
+        assert pd.read_csv(out / "metrics.csv")["training_iteration"].tolist() == [1, 2]
+    assert len(checkpoints[0]) == 2 and checkpoints[1] == checkpoints[0]  # the second run trained nothing new
+    assert VQVAEModule.load_from_checkpoint(out / "model.ckpt").config.workers == 2
