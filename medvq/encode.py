@@ -1,8 +1,8 @@
 """The Ray Data batch encoder: every image of the chosen datasets, all splits -> one Parquet row each.
 
 The driver ships only (dataset, split) names; read tasks load the images from the data root inside the
-pipeline, and an actor pool (one GPU per actor, or a fraction, where there are GPUs; CPU actors
-otherwise) runs the trained model on large batches.
+pipeline, an actor pool (one GPU per actor, or a fraction, where there are GPUs; CPU actors otherwise)
+runs the trained model on large batches, and the driver writes the rows it streams back to Parquet.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from medvq.errors import UserError
 from medvq.module import VQVAEModule, image_scores
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
-ROWS_PER_FILE = 50_000  # a few Parquet files for the five sets at 28x28, not one per block
+PARQUET_FILE = "latents.parquet"
 
 
 def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[str, np.ndarray]:
@@ -90,9 +90,14 @@ def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
 def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: int | None = None,
                       gpus_per_actor: float | None = None) -> int:
     """Write the latents of every image of `config.datasets` (all splits) to a fresh Parquet folder;
-    returns the number of rows. Needs Ray initialised; `folder` must be reachable from every node."""
+    returns the number of rows. Needs Ray initialised.
+
+    The encoded rows (a few hundred bytes each) stream back to this driver, which writes the file: so
+    `folder` need only exist here (the head node), not on every node of the cluster.
+    """
     if folder.exists():
         shutil.rmtree(folder)
+    folder.mkdir(parents=True)
     actors, gpus_per_actor = encoder_pool(actors, gpus_per_actor)
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
     images = splits.map_batches(read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size})
@@ -105,5 +110,13 @@ def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: 
         num_cpus=1,
         num_gpus=gpus_per_actor,
     )
-    latents.write_parquet(str(folder), min_rows_per_file=ROWS_PER_FILE)
-    return sum(pq.ParquetFile(path).metadata.num_rows for path in folder.glob("*.parquet"))
+    rows, writer = 0, None
+    try:
+        for batch in latents.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer = writer or pq.ParquetWriter(folder / PARQUET_FILE, batch.schema)
+            writer.write_table(batch)
+            rows += batch.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows

@@ -49,6 +49,6 @@ def tiny_config(synthetic_root):
 @pytest.fixture(scope="module")
 def ray_instance():
     """A real local Ray instance; 4 logical CPUs so two workers (or actors) and their drivers fit on 2 cores."""
-    ray.init(num_cpus=4, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, log_to_driver=False)  # a fresh instance, even if a cluster runs here
     yield
     ray.shutdown()
