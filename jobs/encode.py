@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
+from medvq.cli import add_data_flags, dataset_names, output_folder, resolve_data_root, run_job
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
@@ -20,8 +20,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True,
                         help="a medvq checkpoint: model.ckpt of jobs/train.py, or the one named in a sweep's best.json")
     add_data_flags(parser, datasets_default=None)
-    parser.add_argument("--out", required=True, help="output folder: latents/, summary.json and summary.md "
-                        "land there (an older latents/ is replaced)")
+    parser.add_argument("--out", required=True, help="output folder (or s3:// URI): latents/, summary.json and "
+                        "summary.md land there (an older latents/ is replaced)")
     parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, else one per two CPUs)")
     parser.add_argument("--gpus-per-actor", type=float,
                         help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors")
@@ -40,12 +40,13 @@ def main() -> None:
     datasets = dataset_names(args.datasets) if args.datasets else trained.datasets
     config = trained.with_changes(data_root=resolve_data_root(args.data_root), datasets=datasets)
     check_data(config)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
-    records, _ = describe_checkpoint(str(checkpoint), config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
-    write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
-    print(f"wrote {out / 'latents'}/, summary.json and summary.md to {out}; read with pandas.read_parquet")
+    with output_folder(args.out) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        records, _ = describe_checkpoint(str(checkpoint), config, out, actors=args.actors,
+                                         gpus_per_actor=args.gpus_per_actor)
+        write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
+    print(f"wrote latents/, summary.json and summary.md to {args.out}; read the latents with pandas.read_parquet")
 
 
 if __name__ == "__main__":

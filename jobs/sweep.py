@@ -14,7 +14,8 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import add_training_flags, check_storage, common_parser, config_from_args, parse_list, run_job
+from medvq.cli import (add_training_flags, check_storage, common_parser, config_from_args, default_storage,
+                       output_folder, parse_list, run_job)
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -82,10 +83,7 @@ def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
 def main() -> None:
     args = parser().parse_args()
     sweep = sweep_from_args(args)
-    if "://" in args.out:
-        raise UserError("--out must be a local or mounted folder; put Ray's storage on a URI with --storage")
-    out = Path(args.out).resolve()
-    storage = args.storage or str(out / "ray_results")
+    storage = args.storage or default_storage(args.out)
     check_data(sweep.base)
     seconds, started = {}, time.monotonic()
     # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
@@ -96,8 +94,16 @@ def main() -> None:
     sweep = with_gpus(sweep, args.gpus_per_trial, cluster.get("GPU", 0))
     fits = concurrent_trials(sweep.base, cluster)
     check_storage(storage)
-    print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
-          f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
+    with output_folder(args.out) as out:
+        print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
+              f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
+        search_and_describe(sweep, storage, out, seconds)
+    print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
+          f"summary.md and plots/ to {args.out}")
+
+
+def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: dict[str, float]) -> None:
+    """Search, then encode, measure and draw the best model; `seconds` gathers each step's time."""
     started = time.monotonic()
     results = run_sweep(sweep, storage)
     seconds["search"] = time.monotonic() - started
@@ -106,13 +112,11 @@ def main() -> None:
     records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out)
     seconds.update(described)
     started = time.monotonic()
-    plots = draw_run(out)
+    draw_run(out)
     seconds["plots"] = time.monotonic() - started
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)
-    print(summary + summary_markdown(records))
-    print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
-          f"summary.md and {len(plots)} plots in plots/ to {out}")
+    print(summary + summary_markdown(records), flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import add_searched_flags, add_training_flags, check_storage, common_parser, config_from_args, run_job
+from medvq.cli import (add_searched_flags, add_training_flags, check_storage, common_parser, config_from_args,
+                       default_storage, output_folder, run_job)
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -53,25 +54,27 @@ def main() -> None:
     args = parser().parse_args()
     config = config_from_args(args).with_changes(cpus_per_worker=args.cpus_per_worker)
     check_data(config)
-    out = Path(args.out)
     if args.workers is None:
         resolve_accelerator(config.accelerator)
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"--out {out} is not empty: choose a new folder")
-        out.mkdir(parents=True, exist_ok=True)
-        final = train_local(config, out)
+        local = Path(args.out)
+        if "://" not in args.out and local.exists() and any(local.iterdir()):
+            raise UserError(f"--out {args.out} is not empty: choose a new folder")
     else:
         ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
         config = with_workers(config, args.workers, ray.cluster_resources())
-        storage = args.storage or str(out.resolve() / "ray_results")
+        storage = args.storage or default_storage(args.out)
         check_storage(storage)
+    with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)
-        print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)
-        final = train_on_ray(config, out, storage)
+        if args.workers is None:
+            final = train_local(config, out)
+        else:
+            print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)
+            final = train_on_ray(config, out, storage)
     print(f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "
           f"codes used {final['val_codes_used']:.0%} of {config.codebook_size} (perplexity {final['val_perplexity']:.1f}), "
           f"val_nmse {final['val_nmse']:.4f}")
-    print(f"wrote {out / 'model.ckpt'} and {out / 'metrics.csv'}")
+    print(f"wrote model.ckpt and metrics.csv to {args.out}")
 
 
 if __name__ == "__main__":

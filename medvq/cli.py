@@ -6,7 +6,10 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 from medmnist.info import DEFAULT_ROOT
@@ -27,7 +30,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags every training job takes."""
     parser = argparse.ArgumentParser(description=description)
     add_data_flags(parser)
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, or a URI (s3://...) to upload the outputs to")
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="default: %(default)s")
     return parser
 
@@ -67,6 +70,25 @@ def check_storage(storage: str) -> None:
         filesystem.delete_file(probe)
     except Exception as error:  # pyarrow raises a different type per filesystem
         raise UserError(f"storage {storage} is not writable: {error}".splitlines()[0]) from None
+
+
+def default_storage(out: str) -> str:
+    """Ray's storage when --storage is not given: OUT/ray_results, as an absolute path or under the URI."""
+    return f"{out.rstrip('/')}/ray_results" if "://" in out else str(Path(out).resolve() / "ray_results")
+
+
+@contextmanager
+def output_folder(out: str) -> Iterator[Path]:
+    """The local folder a job writes to: --out itself, or for a URI (s3://bucket/run) a temporary
+    folder whose contents are uploaded there once the job has succeeded."""
+    if "://" not in out:
+        yield Path(out).resolve()
+        return
+    check_storage(out)
+    with tempfile.TemporaryDirectory(prefix="medvq-out-") as local:
+        yield Path(local)
+        pafs.copy_files(local, out)
+        print(f"uploaded the outputs to {out}", flush=True)
 
 
 def resolve_data_root(flag: str | None) -> str:

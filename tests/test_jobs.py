@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 RAY = str(Path(sys.executable).parent / "ray")
 
 
-def smoke_command(data_root: Path, out: Path, *extra: str) -> list[str]:
+def smoke_command(data_root: Path, out: Path | str, *extra: str) -> list[str]:
     return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
             "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
 
@@ -67,6 +67,7 @@ def test_killed_sweep_resumes_without_rerunning_the_finished_trial(synthetic_roo
         (["--commitment-weights", "2:0.5"], "commitment range must satisfy"),
         (["--gpus-per-trial", "4"], "but the cluster has"),
         (["--storage", "/proc/medvq-cannot-write-here"], "storage /proc/medvq-cannot-write-here is not writable"),
+        (["--out", "file:///proc/medvq-cannot-write-here"], "medvq-cannot-write-here/ray_results is not writable"),
     ],
 )
 def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_path, flags, message):
@@ -93,9 +94,9 @@ def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root
                     "--num-cpus=4", "--include-dashboard=true"], env=env, check=True, capture_output=True)
     try:
         out = tmp_path / "out"
-        submit = subprocess.run(
+        submit = subprocess.run(  # --out as a URI: the outputs are uploaded there at the end
             [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
-             *smoke_command(synthetic_root, out)],
+             *smoke_command(synthetic_root, f"file://{out}")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
