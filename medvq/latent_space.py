@@ -59,11 +59,11 @@ def add_umap_(folder: Path, seed: int = 0) -> float:
     return time.monotonic() - started
 
 
-def _code_use(codes: np.ndarray, codebook_size: int) -> tuple[float, float]:
-    """Share of the codebook used and perplexity (exp of the entropy of code frequencies)."""
-    counts = np.bincount(codes.ravel(), minlength=codebook_size).astype(np.float64)
+def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float]:
+    """Uses per code (K,) and perplexity: exp(entropy) of the usage, K when every code is used evenly."""
+    counts = np.bincount(codes.ravel(), minlength=codebook_size)
     p = counts[counts > 0] / counts.sum()
-    return float((counts > 0).mean()), float(np.exp(-(p * np.log(p)).sum()))
+    return counts, float(np.exp(-(p * np.log(p)).sum()))
 
 
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
@@ -93,12 +93,12 @@ def dataset_records(latents: pd.DataFrame, data_root: str, size: int, codebook_s
         train, test = _split_rows(latents, name, "train"), _split_rows(latents, name, "test")
         train_y, test_y = train["label"].to_numpy(), test["label"].to_numpy()
         test_latents = vectors(test["latent"])
-        codes_used, perplexity = _code_use(vectors(test["codes"]), codebook_size)
+        counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
         records.append({
             "dataset": name,
             "test_images": len(test),
             **{score: float(test[score].mean()) for score in ("psnr", "ssim", "mae", "mse")},
-            "codes_used": codes_used,
+            "codes_used": float((counts > 0).mean()),
             "perplexity": perplexity,
             "knn_latent": knn_accuracy(vectors(train["latent"]), train_y, test_latents, test_y),
             "knn_pixels": knn_accuracy(_pixels(name, "train", data_root, size), train_y,

@@ -20,6 +20,7 @@ from matplotlib.ticker import MaxNLocator
 
 from medvq.data import load_split
 from medvq.errors import UserError
+from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
 
 log = logging.getLogger(__name__)
@@ -59,13 +60,6 @@ def short_label(name: str) -> str:
     """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
     name = name.split("(")[0].strip()
     return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
-
-
-def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float]:
-    """Uses per code (K,) and perplexity: exp(entropy) of the usage, K when every code is used evenly."""
-    counts = np.bincount(codes.ravel(), minlength=codebook_size)
-    p = counts[counts > 0] / counts.sum()
-    return counts, float(np.exp(-(p * np.log(p)).sum()))
 
 
 def _save(figure: Figure, path: Path) -> None:

@@ -18,6 +18,7 @@ from PIL import Image
 from medvq import plots
 from medvq.config import Config
 from medvq.errors import UserError
+from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -138,9 +139,9 @@ def test_both_history_formats_count_epochs_from_one(tmp_path):
 
 
 def test_perplexity_is_the_number_of_evenly_used_codes():
-    counts, perplexity = plots.code_usage(np.arange(8).repeat(5), codebook_size=16)
+    counts, perplexity = code_usage(np.arange(8).repeat(5), codebook_size=16)
     assert counts.shape == (16,) and perplexity == pytest.approx(8.0)
-    assert plots.code_usage(np.zeros(10, dtype=np.int16), 16)[1] == pytest.approx(1.0)
+    assert code_usage(np.zeros(10, dtype=np.int16), 16)[1] == pytest.approx(1.0)
 
 
 def test_long_class_names_are_shortened():
