@@ -10,7 +10,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 import pytest
@@ -86,23 +90,52 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@contextmanager
+def started_cluster(env: dict[str, str]) -> Iterator[str]:
+    """`ray start --head --block`, stopped by signalling it alone (`ray stop` would stop every Ray instance
+    on the machine); yields the job API's address once it answers."""
+    port, dashboard = free_port(), free_port()
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=4",
+         "--include-dashboard=true"],
+        # RAY_ADDRESS where the cluster starts: its workers then find it even if other instances run here.
+        env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        deadline = time.monotonic() + 120
+        while not answers(address):
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)
+
+
+def answers(address: str) -> bool:
+    try:
+        urllib.request.urlopen(f"{address}/api/version", timeout=5)
+    except urllib.error.HTTPError:
+        return True  # up, and asking for the token
+    except OSError:
+        return False
+    return True
+
+
 def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root, tmp_path):
     # Token auth, as Ray's local clusters default to; and this interpreter's `python` for the job's entrypoint.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    dashboard = free_port()
-    subprocess.run([RAY, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard}",
-                    "--num-cpus=4", "--include-dashboard=true"], env=env, check=True, capture_output=True)
-    try:
-        out = tmp_path / "out"
+    out = tmp_path / "out"
+    with started_cluster(env) as address:
         submit = subprocess.run(  # --out as a URI: the outputs are uploaded there at the end
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
              *smoke_command(synthetic_root, f"file://{out}")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
-        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-        assert "succeeded" in submit.stdout
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    assert "succeeded" in submit.stdout
     best = json.loads((out / "best.json").read_text())
     assert Path(best["checkpoint"]).exists() and (out / "model.ckpt").exists()
     assert len(pd.read_parquet(out / "trials.parquet")) == 2
