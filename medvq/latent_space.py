@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,11 @@ def add_umap_(folder: Path, seed: int = 0) -> float:
     log.info("UMAP of %d latent vectors of dimension %d", *points.shape)
     # Seeded, so a re-run draws the same picture. That makes UMAP single-threaded, which measured faster
     # here anyway (35k points: 21 s seeded vs 67 s on all cores, most of it numba compiling in parallel).
-    projection = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(points)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state")  # chosen above
+        projection = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(points)
+    _log_once(caught)
     projection = projection.astype(np.float32)
     start = 0
     for path, table in zip(files, tables):
@@ -57,6 +62,13 @@ def add_umap_(folder: Path, seed: int = 0) -> float:
         pq.write_table(table, partial)
         partial.replace(path)
     return time.monotonic() - started
+
+
+def _log_once(caught: list[warnings.WarningMessage]) -> None:
+    """UMAP repeats some warnings many times (a collapsed, barely trained codebook fails its spectral
+    start on every component): one log line each instead of a wall of them."""
+    for message in dict.fromkeys(" ".join(str(warning.message).split()) for warning in caught):
+        log.warning("UMAP: %s", message)
 
 
 def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float]:

@@ -18,7 +18,6 @@ from PIL import Image
 from medvq import plots
 from medvq.config import Config
 from medvq.errors import UserError
-from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -136,12 +135,6 @@ def test_both_history_formats_count_epochs_from_one(tmp_path):
     history(2).assign(training_iteration=[1, 2]).to_csv(tmp_path / "best_metrics.csv", index=False)
     for name in ("metrics.csv", "best_metrics.csv"):
         assert list(plots.read_history(tmp_path / name).index) == [1, 2]
-
-
-def test_perplexity_is_the_number_of_evenly_used_codes():
-    counts, perplexity = code_usage(np.arange(8).repeat(5), codebook_size=16)
-    assert counts.shape == (16,) and perplexity == pytest.approx(8.0)
-    assert code_usage(np.zeros(10, dtype=np.int16), 16)[1] == pytest.approx(1.0)
 
 
 def test_long_class_names_are_shortened():
