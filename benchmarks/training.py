@@ -1,0 +1,226 @@
+"""Training throughput (images/s after warm-up, over a fixed budget of training seconds) and the quality each
+model reaches in that budget:
+
+a. the seed pipeline (seed_model.py);
+b. medvq's model on the seed's data path and loop: separates the data path's gain from the model's;
+c. medvq as shipped: Lightning on whole-split tensors (`build_trainer`, `VQVAEModule`, `MedMNISTDataModule`);
+d. medvq under Ray Train (`train_distributed`), 1 worker and 2 CPU workers, timed per epoch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ray.train import UserCallback
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medvq.config import Config
+from medvq.data import MedMNISTDataModule, load_splits, to_float_images
+from medvq.model import VQVAE
+from medvq.module import VQVAEModule, image_scores
+from medvq.train import CHECKPOINT_NAME, METRICS_NAME, EpochMetrics, build_trainer, resolve_accelerator, train_distributed
+
+from common import Row, SteadyClock, ray_session
+from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit
+
+VAL_IMAGES = 256  # the fixed validation batch every model is scored on
+UNCAPPED_EPOCHS = 1_000_000  # the budget callback ends the Lightning run; the epoch cap must stay out of its way
+CHECKPOINT_DIR_FORMAT = "checkpoint_%Y-%m-%d_%H-%M-%S.%f"  # Ray Train's default checkpoint folder name
+CPU_EPOCHS = 3  # epochs of the CPU Ray runs when the Lightning run had a GPU: two steady epochs to time
+
+
+def val_rows(n: int) -> torch.Tensor:
+    """The same VAL_IMAGES rows of the concatenated validation split for every model."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:VAL_IMAGES]
+
+
+@torch.inference_mode()
+def score(model: nn.Module, x: torch.Tensor, unit: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+    """Mean val PSNR and SSIM of `model` on `x`, both mapped to [0, 1] by `unit`; leaves the model in train mode."""
+    model.eval()
+    recon, _ = model(x)
+    scores = image_scores(unit(recon).clamp(0, 1), unit(x))
+    model.train()
+    return {f"val_{name}": float(scores[name].mean()) for name in ("psnr", "ssim")}
+
+
+def throughput(clock: SteadyClock) -> dict[str, float]:
+    return {"images_per_second": clock.images_per_second, "timed_images": clock.images, "timed_seconds": clock.seconds}
+
+
+def _forever(loader: DataLoader) -> Iterator:
+    """Batches epoch after epoch, reshuffled each time, as a user's `for epoch ...` loop sees them."""
+    return itertools.chain.from_iterable(itertools.repeat(loader))
+
+
+def seed_loop(model: nn.Module, loader: DataLoader, seconds: float, warmup: int, device: torch.device) -> SteadyClock:
+    """The seed's training loop (SGD, MSE + commitment), until `seconds` of steady-state training have passed."""
+    optimizer, clock = seed_optimizer(model), SteadyClock(warmup, device)
+    model.train()
+    for images, _ in _forever(loader):
+        x = images.to(device)
+        recon, quantized = model(x)
+        loss = F.mse_loss(recon, x) + quantized.commitment_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        clock.tick(len(x))
+        if clock.seconds >= seconds:
+            clock.stop()
+            return clock
+
+
+def seed_pipeline(config: Config, seconds: float, warmup: int, device: torch.device) -> dict:
+    """(a) The seed's model and data path; scored at 64x64 after undoing its Normalize."""
+    model, transform = SeedVQVAE().to(device), seed_transform()
+    clock = seed_loop(model, seed_loader(seed_dataset(config.datasets, "train", config.data_root, transform)),
+                      seconds, warmup, device)
+    val = seed_dataset(config.datasets, "val", config.data_root, transform)
+    x = torch.stack([val[int(row)][0] for row in val_rows(len(val))]).to(device)
+    return {**throughput(clock), **score(model, x, to_unit)}
+
+
+def medvq_model_seed_data(config: Config, seconds: float, warmup: int, device: torch.device) -> dict:
+    """(b) medvq's model in the seed's loop and data path, at 28x28 in [0, 1] as that model expects."""
+    dataset = seed_dataset(config.datasets, "train", config.data_root, seed_transform(side=None, normalize=False))
+    return throughput(seed_loop(VQVAE(config).to(device), seed_loader(dataset), seconds, warmup, device))
+
+
+class Budget(L.Callback):
+    """Times the steady-state training batches of a Lightning run; when `seconds` of them have passed, scores the
+    fixed validation batch, then stops the run at the end of that epoch (after two, so one is past warm-up)."""
+
+    def __init__(self, clock: SteadyClock, seconds: float, val_images: torch.Tensor):
+        self.clock, self.seconds, self.val_images = clock, seconds, val_images
+        self.scores: dict[str, float] | None = None
+        self.epoch_ends: list[float] = []
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: VQVAEModule) -> None:
+        self.clock.resume()
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: VQVAEModule, outputs, batch, batch_idx: int) -> None:
+        if self.scores is not None:
+            return
+        self.clock.tick(len(batch["image"]))
+        if self.clock.seconds >= self.seconds:
+            self.clock.stop()
+            self.scores = score(module.model, to_float_images(self.val_images.to(module.device)))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: VQVAEModule) -> None:
+        self.epoch_ends.append(time.perf_counter())
+        trainer.should_stop = self.scores is not None and len(self.epoch_ends) >= 2
+
+
+def lightning_run(config: Config, seconds: float, warmup: int, device: torch.device, out: Path) -> dict:
+    """(c) medvq as shipped, in this process; leaves model.ckpt and metrics.csv in `out` for the later sections."""
+    L.seed_everything(config.seed, verbose=False)
+    val = load_splits(config.datasets, "val", config.data_root, config.size)
+    budget = Budget(SteadyClock(warmup, device), seconds, val[val_rows(len(val))]["image"])
+    trainer = build_trainer(config.with_changes(epochs=UNCAPPED_EPOCHS), progress_bar=False,
+                            callbacks=[budget, EpochMetrics(out / METRICS_NAME)])
+    trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config))
+    trainer.save_checkpoint(out / CHECKPOINT_NAME)
+    return {**throughput(budget.clock), **budget.scores, "accelerator": device.type.replace("cuda", "gpu"),
+            "batch_size": config.batch_size, "epochs": len(budget.epoch_ends),
+            "epoch_seconds": float(np.diff(budget.epoch_ends).mean())}
+
+
+class ReportTimes(UserCallback):
+    """Appends the time of every epoch's report to a file (Ray Train calls this in its controller process, so
+    the times cannot come back in memory). The time is the one in the checkpoint's folder name, taken on the
+    worker when it reported: the controller itself only sees reports when it polls, every 2 s."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        reported = datetime.strptime(Path(checkpoint.path).name, CHECKPOINT_DIR_FORMAT).timestamp()
+        with open(self.path, "a") as handle:
+            handle.write(f"{reported}\n")
+
+
+def ray_run(config: Config, workers: int, accelerator: str, epochs: int, work: Path) -> dict:
+    """(d) `train_distributed` as the sweep runs it; epoch time = the mean gap between epoch reports after the first."""
+    gpu = accelerator == "gpu"
+    # Every core for the run, as the Lightning run has: Ray caps a worker's threads at the CPUs it holds.
+    config = config.with_changes(workers=workers, epochs=epochs, cpus_per_worker=os.cpu_count() / workers,
+                                 gpus_per_worker=1.0 if gpu else 0.0)
+    name = f"bench-{workers}x{accelerator}-{uuid.uuid4().hex[:8]}"
+    times = work / f"{name}.times"
+    started = time.time()
+    train_distributed(config, storage=str(work / "ray_results"), name=name, callbacks=[ReportTimes(times)])
+    reports = np.loadtxt(times, ndmin=1)
+    return {"workers": workers, "accelerator": accelerator, "epochs": epochs,
+            "epoch_seconds": float(np.diff(reports).mean()), "total_seconds": time.time() - started}
+
+
+def ray_runs(config: Config, plain: dict, work: Path) -> dict[str, dict]:
+    """1 worker on the Lightning run's device, and 2 CPU workers against 1 CPU worker (the same run on a CPU
+    machine). As many epochs as the Lightning run, at most `config.epochs`: short GPU epochs would run for minutes."""
+    device = plain["accelerator"]
+    runs = {"ray_1_worker": (1, device)}
+    if device != "cpu":
+        runs["ray_1_cpu_worker"] = (1, "cpu")
+    runs["ray_2_cpu_workers"] = (2, "cpu")
+    with ray_session():
+        epochs = lambda kind: min(plain["epochs"] if kind == device else CPU_EPOCHS, config.epochs)
+        return {label: ray_run(config, workers, kind, epochs(kind), work) for label, (workers, kind) in runs.items()}
+
+
+def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path) -> dict:
+    device = torch.device("cuda" if resolve_accelerator(config.accelerator) == "gpu" else "cpu")
+    results = {"seconds": seconds, "warmup_batches": warmup}
+    for label, contender in (("seed_pipeline", seed_pipeline), ("medvq_model_seed_data", medvq_model_seed_data)):
+        print(f"training: {label} for {seconds:g} s", flush=True)
+        results[label] = contender(config, seconds, warmup, device)
+    print(f"training: medvq with Lightning for {seconds:g} s", flush=True)
+    results["lightning"] = lightning_run(config, seconds, warmup, device, out)
+    print("training: medvq under Ray Train", flush=True)
+    return {**results, **ray_runs(config, results["lightning"], work)}
+
+
+def _images_per_second(result: dict) -> str:
+    return f"{result['images_per_second']:,.0f} images/s"
+
+
+def _ray_result(result: dict) -> str:
+    return f"epoch {result['epoch_seconds']:.2f} s ({result['epochs']} epochs, {result['total_seconds']:.0f} s with start-up)"
+
+
+def rows(results: dict) -> list[Row]:
+    seed, model_only, plain = results["seed_pipeline"], results["medvq_model_seed_data"], results["lightning"]
+    one, two = results["ray_1_worker"], results["ray_2_cpu_workers"]
+    cpu_one = results.get("ray_1_cpu_worker", one)
+    versus_seed = lambda result: f"{result['images_per_second'] / seed['images_per_second']:.2f}x seed"
+    quality = f"quality after {results['seconds']:g} s of training"
+    table = [
+        ("training", "seed pipeline: ResNet-18 stem, medmnist Dataset + PIL transforms, 64x64, batch 16",
+         _images_per_second(seed), "1.00x (baseline)"),
+        ("training", "medvq model, seed data path and loop (28x28, batch 16)", _images_per_second(model_only),
+         versus_seed(model_only)),
+        ("training", f"medvq as shipped: Lightning, one process, batch {plain['batch_size']}",
+         f"{_images_per_second(plain)}; epoch {plain['epoch_seconds']:.2f} s", versus_seed(plain)),
+        ("training", f"medvq, Ray Train, 1 {one['accelerator'].upper()} worker", _ray_result(one),
+         f"{one['epoch_seconds'] / plain['epoch_seconds']:.2f}x Lightning's epoch time (goal <= 1.15x)"),
+    ]
+    if cpu_one is not one:
+        table.append(("training", "medvq, Ray Train, 1 CPU worker", _ray_result(cpu_one), "baseline for 2 CPU workers"))
+    table += [
+        ("training", "medvq, Ray Train, 2 CPU workers", _ray_result(two),
+         f"{cpu_one['epoch_seconds'] / two['epoch_seconds']:.2f}x faster than 1 CPU worker"),
+        (quality, "seed pipeline (64x64)", f"PSNR {seed['val_psnr']:.2f} dB, SSIM {seed['val_ssim']:.3f}", ""),
+        (quality, "medvq as shipped (28x28)", f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}",
+         f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed"),
+    ]
+    return table
