@@ -17,7 +17,7 @@ from medvq.config import Config
 from medvq.data import to_float_images
 from medvq.model import VQVAE
 
-IMAGE_SCORES = ("mae", "psnr", "ssim")
+IMAGE_SCORES = ("psnr", "ssim", "mae")
 
 
 def image_scores(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -98,7 +98,7 @@ class VQVAEModule(L.LightningModule):
         self.val_nmse = MeanNormalizedMSE(len(self.config.datasets))
 
     def _stage_metrics(self) -> nn.ModuleDict:
-        metrics = {name: MeanMetric() for name in ("loss", "recon_loss", "commitment_loss", *IMAGE_SCORES)}
+        metrics = {name: MeanMetric() for name in (*IMAGE_SCORES, "loss", "recon_loss", "commitment_loss")}
         return nn.ModuleDict(
             {**metrics, "perplexity": CodePerplexity(self.config.codebook_size), "codes_used": CodesUsed(self.config.codebook_size)}
         )
@@ -113,7 +113,10 @@ class VQVAEModule(L.LightningModule):
         recon_loss = F.mse_loss(recon.float(), x)
         loss = recon_loss + quantized.commitment_loss
         scores = image_scores(recon.detach(), x)
-        values = {"loss": loss, "recon_loss": recon_loss, "commitment_loss": quantized.commitment_loss, **scores}
+        if stage == "val":  # logged first: Tune's trial table shows the first few metrics reported
+            self.val_nmse.update(recon.detach().float(), x, batch["dataset_id"])
+            self.log("val_nmse", self.val_nmse, on_step=False, on_epoch=True, prog_bar=True)
+        values = {**scores, "loss": loss, "recon_loss": recon_loss, "commitment_loss": quantized.commitment_loss}
         metrics = self.train_metrics if stage == "train" else self.val_metrics
         for name, value in values.items():
             metrics[name].update(value.detach())
@@ -122,12 +125,10 @@ class VQVAEModule(L.LightningModule):
         for name, metric in metrics.items():
             self.log(f"{stage}_{name}", metric, on_step=False, on_epoch=True, prog_bar=name in ("loss", "psnr"))
         if stage == "val":
-            self._update_dataset_metrics(recon.detach(), x, batch["dataset_id"], scores)
+            self._update_dataset_metrics(batch["dataset_id"], scores)
         return loss
 
-    def _update_dataset_metrics(self, recon, x, dataset_ids, scores) -> None:
-        self.val_nmse.update(recon.float(), x, dataset_ids)
-        self.log("val_nmse", self.val_nmse, on_step=False, on_epoch=True, prog_bar=True)
+    def _update_dataset_metrics(self, dataset_ids: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
         # Log every dataset's metrics on every step, seen or not: under DDP each rank must log the same
         # keys, or the epoch-end synchronisation waits forever for a rank that never logged one.
         for dataset_id, name in enumerate(self.config.datasets):
