@@ -135,6 +135,11 @@ class SweepConfig:
                 raise UserError(message)
 
     @property
+    def grace_epochs(self) -> int:
+        """Epochs every trial runs before ASHA may stop it: the one epoch at which all trials compare fairly."""
+        return min(self.grace_period, self.base.epochs)
+
+    @property
     def trial_count(self) -> int:
         return self.num_samples * len(self.codebook_sizes) * max(1, len(self.commitment_grid))
 

@@ -22,13 +22,14 @@ from medvq.data import load_split
 from medvq.errors import UserError
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
+from medvq.tune import GRACE_OBJECTIVE
 
 log = logging.getLogger(__name__)
 
 DPI = 100
 LATENT_SIZE = (8.0, 7.0)  # inches; 800 x 700 px
 CURVES_SIZE = (10.0, 7.0)
-SWEEP_SIZE = (8.0, 5.0)
+SWEEP_SIZE = (12.0, 5.0)  # two panels: after the grace epochs, and at the end
 USAGE_SIZE = (9.0, 4.0)
 CLASS_PANEL = (5.5, 3.5)  # one dataset's panel, its legend to the right
 CLASS_COLUMNS = 3
@@ -129,21 +130,26 @@ def draw_curves(history: pd.DataFrame, path: Path) -> None:
 
 
 def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
-    """val_nmse against commitment weight, one line per codebook size; hollow markers: stopped by ASHA."""
+    """val_nmse against commitment weight, one line per codebook size: left, after the grace epochs every
+    trial ran (the fair comparison); right, at each trial's end, hollow where ASHA stopped it early."""
     figure = Figure(figsize=SWEEP_SIZE, layout="constrained")
-    ax = figure.subplots()
+    at_grace, final = figure.subplots(1, 2, sharey=True)
     stopped = trials["epochs_run"] < trials["epochs_run"].max()
     groups = trials.assign(stopped=stopped).sort_values("commitment_weight").groupby("codebook_size")
     for colour, (size, group) in zip(_colours(groups.ngroups), groups):
-        ax.plot(group["commitment_weight"], group["val_nmse"], color=colour, label=f"K = {size}")
+        at_grace.plot(group["commitment_weight"], group[GRACE_OBJECTIVE], color=colour, marker="o", label=f"K = {size}")
+        final.plot(group["commitment_weight"], group["val_nmse"], color=colour)
         for hollow, part in group.groupby("stopped"):
-            ax.scatter(part["commitment_weight"], part["val_nmse"], s=36, edgecolors=colour,
-                       facecolors="white" if hollow else colour, zorder=3)
+            final.scatter(part["commitment_weight"], part["val_nmse"], s=36, edgecolors=colour,
+                          facecolors="white" if hollow else colour, zorder=3)
+    at_grace.legend(title="codebook size")
     hollow_key = Line2D([], [], linestyle="", marker="o", color="grey", markerfacecolor="white",
                         label="stopped early by ASHA")
-    ax.legend(handles=[*ax.get_legend_handles_labels()[0], hollow_key], title="codebook size")
-    ax.set(xscale="log", xlabel="commitment weight", ylabel="val_nmse (lower is better)",
-           title=f"{len(trials)} trials; {int(stopped.sum())} stopped early (hollow)")
+    final.legend(handles=[hollow_key])
+    at_grace.set(xscale="log", xlabel="commitment weight", ylabel="val_nmse (lower is better)",
+                 title=f"after {int(trials['grace_epochs'].iloc[0])} epochs: all {len(trials)} trials")
+    final.set(xscale="log", xlabel="commitment weight",
+              title=f"at the end: {int(stopped.sum())} stopped early (hollow)")
     _save(figure, path)
 
 

@@ -22,6 +22,7 @@ from medvq.train import CHECKPOINT_NAME, train_distributed
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight")
+GRACE_OBJECTIVE = f"{OBJECTIVE}_at_grace"  # the objective after the grace epochs, which every trial ran
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
 
 
@@ -64,7 +65,7 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     limit = sweep.max_concurrent_trials or concurrent_trials(sweep.base, ray.cluster_resources())
-    scheduler = ASHAScheduler(max_t=sweep.base.epochs, grace_period=min(sweep.grace_period, sweep.base.epochs))
+    scheduler = ASHAScheduler(max_t=sweep.base.epochs, grace_period=sweep.grace_epochs)
     return tune.Tuner(
         trainable,
         param_space=search_space(sweep),
@@ -82,12 +83,16 @@ def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
     return results
 
 
-def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
-    """One row per trial: searched values, epochs run, final metrics and checkpoint path, best first."""
+def trial_table(results: tune.ResultGrid, grace_epochs: int) -> pd.DataFrame:
+    """One row per trial, best first: searched values, epochs run, the objective at the grace epoch (which
+    every trial reached, so trials stopped early compare fairly there), final metrics and checkpoint path."""
     rows = []
     for result in results:
         row = {"trial_id": result.metrics.get("trial_id"), **{name: result.config[name] for name in SEARCHED}}
         row["epochs_run"] = result.metrics.get("training_iteration")
+        history = result.metrics_dataframe
+        at_grace = history.loc[history["training_iteration"] == grace_epochs, OBJECTIVE]
+        row["grace_epochs"], row[GRACE_OBJECTIVE] = grace_epochs, float(at_grace.iloc[-1]) if len(at_grace) else math.nan
         row.update({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_"))})
         row["checkpoint_path"] = result.metrics.get("checkpoint_path")
         rows.append(row)
@@ -97,7 +102,7 @@ def trial_table(results: tune.ResultGrid) -> pd.DataFrame:
 def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path) -> dict:
     """trials.csv / trials.parquet, best.json, best_metrics.csv and the best checkpoint (model.ckpt) in `out`;
     returns the best record."""
-    table = trial_table(results)
+    table = trial_table(results, sweep.grace_epochs)
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
     best_result = results.get_best_result(metric=OBJECTIVE, mode=MODE, scope="last")

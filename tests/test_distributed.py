@@ -39,7 +39,8 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
 
 
 def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance, tiny_config, tmp_path):
-    sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16, 32), commitment_grid=(0.25,), num_samples=1)
+    sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16, 32), commitment_grid=(0.25,), num_samples=1,
+                        grace_period=1)
     results = run_sweep(sweep, str(tmp_path / "storage"))
     best = write_sweep_outputs(results, sweep, tmp_path)
     table = pd.read_csv(tmp_path / "trials.csv")
@@ -50,6 +51,9 @@ def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance,
     assert best["config"]["codebook_size"] == table["codebook_size"][0]
     history = pd.read_csv(tmp_path / "best_metrics.csv")
     assert len(history) == table["epochs_run"][0] and {"train_loss", "val_psnr"} <= set(history.columns)
+    # Every trial ran the grace epoch; the best trial's objective there is its history's first row.
+    assert (table["grace_epochs"] == 1).all() and table["val_nmse_at_grace"].notna().all()
+    assert table["val_nmse_at_grace"][0] == pytest.approx(history["val_nmse"][0])
     for checkpoint in (best["checkpoint"], tmp_path / "model.ckpt"):  # in storage, and the copy beside the tables
         restored = VQVAEModule.load_from_checkpoint(checkpoint)
         assert restored.config.codebook_size == best["config"]["codebook_size"]

@@ -92,6 +92,8 @@ def sweep_run(tiny_config, tmp_path) -> Path:
         "commitment_weight": weights * 2,
         "epochs_run": [3, 1, 3, 3, 3, 1],
         "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, 0.30],
+        "grace_epochs": 1,
+        "val_nmse_at_grace": [0.35, 0.40, 0.38, 0.33, 0.34, 0.30],
     }).to_csv(run / "trials.csv", index=False)
     return run
 
