@@ -92,7 +92,8 @@ def trial_table(results: tune.ResultGrid, grace_epochs: int) -> pd.DataFrame:
         row["epochs_run"] = result.metrics.get("training_iteration")
         history = result.metrics_dataframe
         at_grace = history.loc[history["training_iteration"] == grace_epochs, OBJECTIVE]
-        row["grace_epochs"], row[GRACE_OBJECTIVE] = grace_epochs, float(at_grace.iloc[-1]) if len(at_grace) else math.nan
+        row["grace_epochs"] = grace_epochs
+        row[GRACE_OBJECTIVE] = float(at_grace.iloc[-1]) if len(at_grace) else math.nan
         row.update({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_"))})
         row["checkpoint_path"] = result.metrics.get("checkpoint_path")
         rows.append(row)
