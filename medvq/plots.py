@@ -132,6 +132,9 @@ def draw_curves(history: pd.DataFrame, path: Path) -> None:
 def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
     """val_nmse against commitment weight, one line per codebook size: left, after the grace epochs every
     trial ran (the fair comparison); right, at each trial's end, hollow where ASHA stopped it early."""
+    if GRACE_OBJECTIVE not in trials:
+        raise UserError(f"trials.csv has no {GRACE_OBJECTIVE} column (an older medvq wrote it): run the sweep "
+                        "command again; it resumes the finished sweep and rewrites its outputs")
     figure = Figure(figsize=SWEEP_SIZE, layout="constrained")
     at_grace, final = figure.subplots(1, 2)  # own y ranges: the early differences are small
     stopped = trials["epochs_run"] < trials["epochs_run"].max()

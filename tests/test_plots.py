@@ -145,6 +145,13 @@ def test_long_class_names_are_shortened():
     assert len(plots.short_label(INFO["dermamnist"]["label"]["0"])) == plots.LABEL_CHARS
 
 
+def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
+    trials = pd.read_csv(sweep_run / "trials.csv")
+    trials.drop(columns=["grace_epochs", "val_nmse_at_grace"]).to_csv(sweep_run / "trials.csv", index=False)
+    assert "sweep.png" not in [path.name for path in plots.draw_run(sweep_run)]
+    assert any("run the sweep command again" in message for message in caplog.messages)
+
+
 @pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir()], ids=["missing", "empty"])
 def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make):
     make(tmp_path / "run")
