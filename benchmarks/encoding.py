@@ -46,10 +46,11 @@ def plain_loop(checkpoint: Path, config: Config, path: Path, gpu: bool) -> dict:
 def actor_start_up(checkpoint: Path, config: Config, gpus_per_actor: float | None) -> None:
     """What every Ray Data run pays before its first batch: start the encoder's actor pool, load the checkpoint
     in every actor, and push one image through."""
-    actors, gpus = encoder_pool(None, gpus_per_actor)
+    actors, gpus, cpu_threads = encoder_pool(None, gpus_per_actor)
     first = _split(config, config.datasets[0], "val")
     one = ray.data.from_items([{key: column[0] for key, column in first.items()}])
-    one.map_batches(ImageEncoder, fn_constructor_kwargs={"checkpoint": str(checkpoint), "use_gpu": gpus > 0},
+    one.map_batches(ImageEncoder,
+                    fn_constructor_kwargs={"checkpoint": str(checkpoint), "use_gpu": gpus > 0, "cpu_threads": cpu_threads},
                     batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                     num_cpus=1, num_gpus=gpus).materialize()
 

@@ -74,9 +74,9 @@ class ImageEncoder:
         return pa.table(columns)
 
 
-def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float]:
-    """Defaults from the cluster: one actor per GPU when there are GPUs, else one per two CPUs
-    (the other CPU reads and writes)."""
+def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
+    """(actors, GPUs per actor, torch threads per CPU actor), with defaults from the cluster: one actor per
+    GPU when there are GPUs, else one per two CPUs (the other CPU reads and writes), the CPUs shared."""
     cluster = ray.cluster_resources()
     gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
     if gpus_per_actor is None:
@@ -89,7 +89,7 @@ def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     if actors * gpus_per_actor > gpus + 1e-9 or actors > cpus:
         raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit "
                         f"on a cluster with {gpus:g} GPUs and {cpus:g} CPUs")
-    return actors, gpus_per_actor
+    return actors, gpus_per_actor, max(1, int(cpus) // actors)
 
 
 def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: int | None = None,
@@ -103,8 +103,7 @@ def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: 
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    actors, gpus_per_actor = encoder_pool(actors, gpus_per_actor)
-    cpu_threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)  # the pool shares the CPUs
+    actors, gpus_per_actor, cpu_threads = encoder_pool(actors, gpus_per_actor)
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
     images = splits.map_batches(read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size})
     latents = images.map_batches(
