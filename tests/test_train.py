@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from medvq.module import MeanNormalizedMSE, VQVAEModule
+from medvq.module import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, VQVAEModule
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
 from tests.conftest import REPO
 
@@ -23,6 +23,40 @@ def test_normalized_mse_is_mse_over_variance_averaged_over_datasets():
     expected = [((recon[ids == d] - target[ids == d]) ** 2).mean() / target[ids == d].var(unbiased=False)
                 for d in (0, 1)]
     assert metric.compute() == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+
+
+def test_dataset_means_are_per_dataset_and_overall_per_image_means():
+    scores = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
+    metric = DatasetMeans(n_datasets=3, n_scores=2)
+    metric.update(scores[:2], torch.tensor([0, 0]))
+    metric.update(scores[2:], torch.tensor([2]))
+    means = metric.compute()
+    assert means["per_dataset"][0].tolist() == [2.0, 20.0] and means["per_dataset"][2].tolist() == [5.0, 50.0]
+    assert means["per_dataset"][1].isnan().all()  # no image of dataset 1
+    assert means["all"].tolist() == [3.0, 30.0]
+
+
+def test_code_usage_counts_every_code_chosen_over_all_updates():
+    metric = CodeUsage(codebook_size=8)
+    metric.update(torch.tensor([[0, 1], [2, 3]]))
+    metric.update(torch.tensor([[0, 1, 2, 3]]))
+    usage = metric.compute()
+    assert usage["codes_used"] == 0.5 and usage["perplexity"] == pytest.approx(4.0)
+
+
+def test_stage_metrics_score_only_the_first_rows_when_asked(tiny_config):
+    config = tiny_config()
+    x = torch.rand(4, 3, 28, 28)
+    recon = torch.cat([x[:2], 1 - x[2:]])  # perfect first two, bad last two
+    losses = {name: torch.tensor(0.5) for name in ("loss", "recon_loss", "commitment_loss")}
+    values = {}
+    for scored in (2, None):
+        metrics = StageMetrics(config, scored_images=scored)
+        metrics.update(x, recon, torch.zeros(4, 7, 7, dtype=torch.long), losses, torch.tensor([0, 1, 0, 1]))
+        values[scored] = metrics.compute_and_reset(config.datasets)
+    assert values[2]["mae"] == 0 and values[None]["mae"] > 0.1
+    assert values[2]["nmse"] == values[None]["nmse"] > 0  # the objective always sees every image
+    assert values[None]["loss"] == 0.5 and values[None]["codes_used"] == 1 / config.codebook_size
 
 
 def test_codebook_is_not_trained_by_gradient(tiny_config):
@@ -39,7 +73,7 @@ def test_local_training_writes_metrics_and_a_checkpoint_that_rebuilds_its_model(
     history = pd.read_csv(tmp_path / METRICS_NAME)
     assert list(history["epoch"]) == [0, 1]
     for stage in ("train", "val"):
-        for name in ("loss", "mae", "psnr", "ssim", "perplexity", "codes_used"):
+        for name in ("nmse", "loss", "recon_loss", "mae", "psnr", "ssim", "perplexity", "codes_used"):
             assert history[f"{stage}_{name}"].notna().all(), f"{stage}_{name}"
     for name in config.datasets:
         assert history[f"val_psnr_{name}"].notna().all()
