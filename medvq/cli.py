@@ -49,6 +49,8 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit-batches", type=int, help="at most this many train and val batches per epoch")
     parser.add_argument("--accelerator", choices=("auto", "cpu", "gpu"), default=Config.accelerator)
     parser.add_argument("--seed", type=int, default=Config.seed)
+    parser.add_argument("--compile", dest="compile_model", action="store_true",
+                        help="torch.compile the encoder and decoder: about a minute of compiling per run first")
 
 
 def parse_list(text: str, kind: type, flag: str) -> tuple:
@@ -103,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     """Build the one Config from parsed flags; flags a job does not define keep their defaults."""
     names = dataset_names(args.datasets)
     flag_fields = ("size", "codebook_size", "commitment_weight", "batch_size", "learning_rate", "mixing",
-                   "limit_batches", "accelerator", "seed", "epochs")
+                   "limit_batches", "accelerator", "seed", "epochs", "compile_model")
     values = {name: getattr(args, name) for name in flag_fields if hasattr(args, name)}
     return Config(data_root=resolve_data_root(args.data_root), datasets=names, **values)
 

@@ -1,4 +1,5 @@
-"""MedMNIST files -> verified uint8 arrays with ids -> batches from whole-split tensors.
+"""MedMNIST files -> verified uint8 arrays with ids -> batches from whole-split tensors (on the GPU when
+training on one and they fit, so a batch is one gather on the device, with no copy from the host).
 
 Everything known about a dataset (channels, labels, split sizes, md5, file names) comes from
 `medmnist.INFO`; nothing is copied by hand, so any 2D MedMNIST set works the same way.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
+# The train and val splits move to the GPU when they take at most this share of its free memory (28x28:
+# ~70 MB for the five sets; 224x224: ~4.5 GB), leaving room for the model and for trials sharing the GPU.
+DEVICE_MEMORY_SHARE = 0.25
 
 
 def dataset_info(name: str) -> dict:
@@ -155,8 +159,15 @@ class SplitArrays:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, f.name).nbytes for f in fields(self))
+
+    def to(self, device: torch.device) -> SplitArrays:
+        return SplitArrays(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
     def __getitem__(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """A whole batch at once: `rows` is a tensor of row numbers."""
+        """A whole batch at once: `rows` is a tensor of row numbers (on the arrays' device)."""
         return {
             "image": self.images[rows],
             "label": self.labels[rows],
@@ -195,9 +206,11 @@ class IndexBatches(Sampler):
     """
 
     def __init__(self, dataset_ids: torch.Tensor, batch_size: int, order: str, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        self.dataset_ids, self.batch_size, self.order = dataset_ids, batch_size, order
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+        """device: where the row numbers go, the arrays' device (the order itself is drawn on the CPU)."""
+        self.dataset_ids, self.batch_size, self.order = dataset_ids.cpu(), batch_size, order
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.device = torch.device(device)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning each epoch, so a resumed run sees the same order as an unbroken one."""
@@ -218,7 +231,7 @@ class IndexBatches(Sampler):
         return rows[self.rank : usable : self.world_size]
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        return iter(self._epoch_rows().split(self.batch_size))
+        return iter(self._epoch_rows().to(self.device).split(self.batch_size))  # one copy per epoch
 
     def __len__(self) -> int:
         return -(-len(self._epoch_rows()) // self.batch_size)
@@ -237,11 +250,25 @@ class MedMNISTDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         load = lambda split: load_splits(self.config.datasets, split, self.config.data_root, self.config.size)
         self.train_arrays, self.val_arrays = load("train"), load("val")
+        device = self.trainer.strategy.root_device
+        if device.type == "cuda" and self._fit_on(device):
+            self.train_arrays, self.val_arrays = self.train_arrays.to(device), self.val_arrays.to(device)
+
+    def _fit_on(self, device: torch.device) -> bool:
+        needed, (free, _) = self.train_arrays.nbytes + self.val_arrays.nbytes, torch.cuda.mem_get_info(device)
+        if needed <= DEVICE_MEMORY_SHARE * free:
+            return True
+        log.info("the train and val splits (%.1f GB) stay in host memory: more than %.0f%% of the GPU's free "
+                 "%.1f GB", needed / 1e9, DEVICE_MEMORY_SHARE * 100, free / 1e9)
+        return False
 
     def _loader(self, arrays: SplitArrays, order: str) -> DataLoader:
+        device = arrays.images.device
         sampler = IndexBatches(arrays.dataset_ids, self.config.batch_size, order, self.config.seed,
-                               self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(arrays, sampler=sampler, batch_size=None, pin_memory=torch.cuda.is_available())
+                               self.trainer.global_rank, self.trainer.world_size, device)
+        # Host arrays: pinned batches copy to a GPU asynchronously. Arrays on the GPU: nothing to copy.
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        return DataLoader(arrays, sampler=sampler, batch_size=None, pin_memory=pin)
 
     def train_dataloader(self) -> DataLoader:
         order = "balanced" if self.config.mixing == "balanced" else "shuffle"

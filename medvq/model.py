@@ -86,18 +86,17 @@ class EMACodebook(nn.Module):
         ema_inplace_(self.embed_sum, sums, self.decay)
         self.embedding.copy_(self.embed_sum / laplace_smoothing(self.cluster_size).unsqueeze(1))
 
-    def reseed_dead_codes_(self, x: torch.Tensor) -> int:
-        """Move codes that have stopped winning onto random current encoder outputs; returns how many."""
+    def reseed_dead_codes_(self, x: torch.Tensor) -> None:
+        """Move codes that have stopped winning onto random current encoder outputs.
+
+        Without a branch on whether any code is dead: asking would make the CPU wait for the GPU every step.
+        """
         dead = self.cluster_size < self.dead_code_threshold  # identical on every rank: all-reduced counts
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
         picks = torch.randint(len(x), (len(self.embedding),), device=x.device)
         candidates = broadcast_from_rank_zero_(x[picks].contiguous())  # (K, D), rank 0's choice for all
-        self.embedding[dead] = candidates[dead]
-        self.cluster_size[dead] = self.dead_code_threshold
-        self.embed_sum[dead] = candidates[dead] * self.dead_code_threshold
-        return n_dead
+        self.embedding.copy_(torch.where(dead.unsqueeze(1), candidates, self.embedding))
+        self.embed_sum.copy_(torch.where(dead.unsqueeze(1), candidates * self.dead_code_threshold, self.embed_sum))
+        self.cluster_size.masked_fill_(dead, self.dead_code_threshold)
 
 
 # --- the quantizer ------------------------------------------------------------------------------

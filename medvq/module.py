@@ -149,6 +149,11 @@ class VQVAEModule(L.LightningModule):
         # Channels-last weights match the channels-last activations (faster convolutions on GPU, and DDP's
         # gradient buckets then have the same layout as the gradients).
         self.model = VQVAE(self.config).to(memory_format=torch.channels_last)
+        if self.config.compile_model:
+            # In place: the state dict keeps its keys, so a checkpoint loads with or without compiling. The
+            # quantizer stays eager: its codebook update is a handful of small ops and collectives.
+            self.model.encoder.compile()
+            self.model.decoder.compile()
         self.train_metrics = StageMetrics(self.config, scored_images=TRAIN_SCORED_IMAGES)
         self.val_metrics = StageMetrics(self.config)
 

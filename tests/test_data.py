@@ -287,3 +287,8 @@ def test_fixed_is_the_same_every_epoch_and_ranks_partition_rows():
     rows = [epoch_rows(sampler, 0) for sampler in ranks]
     assert all(torch.equal(epoch_rows(sampler, 7), r) for sampler, r in zip(ranks, rows))
     assert torch.equal(torch.cat(rows).sort().values, torch.arange(len(ids)))
+
+
+def test_batches_of_rows_go_to_the_arrays_device():
+    sampler = IndexBatches(two_datasets(30, 5), batch_size=8, order="shuffle", device="meta")
+    assert all(batch.device.type == "meta" for batch in sampler)

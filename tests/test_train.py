@@ -86,6 +86,14 @@ def test_local_training_writes_metrics_and_a_checkpoint_that_rebuilds_its_model(
     assert recon.shape == (2, 3, 28, 28) and quantized.indices.shape == (2, 7, 7)
 
 
+def test_a_compiled_model_trains_and_its_checkpoint_loads_into_an_eager_one(tiny_config, tmp_path):
+    config = tiny_config(compile_model=True, limit_batches=2)
+    final = train_local(config, tmp_path)
+    assert torch.isfinite(torch.tensor(final["val_nmse"]))
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["state_dict"]
+    VQVAEModule(config.with_changes(compile_model=False).to_dict()).load_state_dict(state)  # strict: same keys
+
+
 def run_train_job(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "jobs/train.py", *args], cwd=REPO, capture_output=True, text=True)
 
