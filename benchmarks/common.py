@@ -1,14 +1,19 @@
-"""What the benchmark sections share: a steady-state clock, a Ray session, and the table's row type."""
+"""What the benchmark scripts share: a steady-state clock, a Ray session, the data flags, the table's row type."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import ray
 import torch
+
+from medvq.cli import add_data_flags, dataset_names, resolve_data_root
+from medvq.synthetic import write_synthetic_npz
 
 Row = tuple[str, str, str, str]  # one line of the results table: step, contender, result, compared
 
@@ -73,3 +78,20 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - started, result
+
+
+def add_data_source_flags(parser: argparse.ArgumentParser) -> None:
+    """--data-root and --datasets as in every medvq job, and --synthetic."""
+    add_data_flags(parser)
+    parser.add_argument("--synthetic", action="store_true",
+                        help="time on synthetic files of the official shapes and split sizes, written to a temporary "
+                        "folder (for a machine the real files cannot reach): speeds hold, quality figures mean nothing")
+
+
+def data_root(args: argparse.Namespace, work: Path) -> str:
+    """The data root the flags ask for; with --synthetic, a folder under `work` with a synthetic file per dataset."""
+    if not args.synthetic:
+        return resolve_data_root(args.data_root)
+    for seed, name in enumerate(dataset_names(args.datasets)):
+        write_synthetic_npz(work / "synthetic", name, seed=seed)
+    return str(work / "synthetic")

@@ -3,6 +3,7 @@ table and writes the raw numbers, with the hardware, as JSON.
 
     python benchmarks/run.py --data-root DATA --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist
     python benchmarks/run.py --smoke --data-root DATA --datasets breastmnist,retinamnist   # keeps the scripts working
+    python benchmarks/run.py --synthetic --batch-sizes 1024,4096 --compile --no-sweep      # a GPU without the files
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
+from medvq.cli import dataset_names, parse_list, run_job
 from medvq.config import ACCELERATORS, Config
 from medvq.data import check_data
 from medvq.report import LATENTS_DIR
@@ -21,9 +22,9 @@ from medvq.train import CHECKPOINT_NAME
 # The sections, beside this script (Ray puts this folder on its workers' path too).
 import encoding
 import projection
-import sweep_smoke
+import sweep_job
 import training
-from common import Row
+from common import Row, add_data_source_flags, data_root
 from hardware import caption, describe
 
 SECONDS = 60.0  # of steady-state training per contender: long past warm-up, and epochs enough to time
@@ -35,7 +36,7 @@ SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    add_data_flags(parser)
+    add_data_source_flags(parser)
     parser.add_argument("--seconds", type=float,
                         help=f"steady-state training seconds per contender (default: {SECONDS:g}; {SMOKE_SECONDS:g} with --smoke)")
     parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
@@ -44,6 +45,9 @@ def parser() -> argparse.ArgumentParser:
                         help="a tiny medvq model and a few seconds per contender: checks the scripts, measures nothing")
     parser.add_argument("--no-sweep", action="store_true",
                         help="leave out the whole-job row (jobs/sweep.py --smoke: minutes on a laptop CPU)")
+    parser.add_argument("--batch-sizes", default="",
+                        help="comma-separated: medvq as shipped again at each of these batch sizes (for a GPU: 1024,4096)")
+    parser.add_argument("--compile", action="store_true", help="and each --batch-sizes run again with torch.compile")
     parser.add_argument("--out", default="benchmark.json", help="raw numbers as JSON (default: %(default)s)")
     return parser
 
@@ -53,39 +57,42 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def measure_all(config: Config, seconds: float, warmup: int, sweep: bool, work: Path) -> dict:
+def measure_all(config: Config, args: argparse.Namespace, seconds: float, warmup: int, work: Path) -> dict:
     """Every section in turn; each leaves what the next needs in `work/run` (checkpoint, metrics, latents)."""
     run = work / "run"
     run.mkdir()
-    results = {"training": training.measure(config, seconds, warmup, run, work)}
+    batch_sizes = parse_list(args.batch_sizes, int, "--batch-sizes")
+    results = {"training": training.measure(config, seconds, warmup, run, work, batch_sizes, args.compile)}
     results["encoding"] = encoding.measure(run / CHECKPOINT_NAME, config, run / LATENTS_DIR, work)
     results["projection"] = projection.measure(run, config)
-    if sweep:
-        results["sweep"] = sweep_smoke.measure(config, work / "sweep")
+    if not args.no_sweep:
+        results["sweep"] = sweep_job.measure(config, work / "sweep")
     return results
 
 
 def table_rows(results: dict) -> list[Row]:
     return [*training.rows(results["training"]), *encoding.rows(results["encoding"]),
             *projection.rows(results["projection"], results["encoding"]["ray_data"]["images"]),
-            *(sweep_smoke.rows(results["sweep"]) if "sweep" in results else [])]
+            *(sweep_job.rows(results["sweep"]) if "sweep" in results else [])]
 
 
 def main() -> None:
     args = parser().parse_args()
-    config = Config(data_root=resolve_data_root(args.data_root), datasets=dataset_names(args.datasets),
-                    accelerator=args.accelerator, **(SMOKE_CONFIG if args.smoke else {}))
     seconds = args.seconds or (SMOKE_SECONDS if args.smoke else SECONDS)
     warmup = SMOKE_WARMUP_BATCHES if args.smoke else WARMUP_BATCHES
-    check_data(config)
     hardware = describe()
     with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
-        results = measure_all(config, seconds, warmup, not args.no_sweep, Path(work))
+        config = Config(data_root=data_root(args, Path(work)), datasets=dataset_names(args.datasets),
+                        accelerator=args.accelerator, **(SMOKE_CONFIG if args.smoke else {}))
+        check_data(config)
+        results = measure_all(config, args, seconds, warmup, Path(work))
     table = markdown_table(table_rows(results))
-    settings = {"smoke": args.smoke, "seconds": seconds, "warmup_batches": warmup, "config": config.to_dict()}
+    settings = {"smoke": args.smoke, "synthetic": args.synthetic, "seconds": seconds, "warmup_batches": warmup,
+                "config": config.to_dict()}
     Path(args.out).write_text(json.dumps({"hardware": hardware, "settings": settings, **results, "table": table},
                                          indent=2) + "\n")
-    print(f"\n{caption(hardware)}\n\n{table}\nraw numbers: {args.out}")
+    data = "synthetic files (speeds only: the quality rows mean nothing)" if args.synthetic else config.data_root
+    print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ model reaches in that budget:
 a. the seed pipeline (seed_model.py);
 b. medvq's model on the seed's data path and loop: separates the data path's gain from the model's;
 c. medvq as shipped: Lightning on whole-split tensors (`build_trainer`, `VQVAEModule`, `MedMNISTDataModule`);
-d. medvq under Ray Train (`train_distributed`), 1 worker and 2 CPU workers, timed per epoch.
+d. medvq under Ray Train (`train_distributed`), 1 worker and 2 CPU workers, timed per epoch;
+e. optionally, (c) at larger batches and with torch.compile (`--batch-sizes`, `--compile`): the GPU goals.
 """
 
 from __future__ import annotations
@@ -178,7 +179,8 @@ def ray_runs(config: Config, plain: dict, work: Path) -> dict[str, dict]:
         return {label: ray_run(config, workers, kind, epochs(kind), work) for label, (workers, kind) in runs.items()}
 
 
-def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path) -> dict:
+def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path, batch_sizes: tuple[int, ...] = (),
+            compile_model: bool = False) -> dict:
     device = torch.device("cuda" if resolve_accelerator(config.accelerator) == "gpu" else "cpu")
     results = {"seconds": seconds, "warmup_batches": warmup}
     for label, contender in (("seed_pipeline", seed_pipeline), ("medvq_model_seed_data", medvq_model_seed_data)):
@@ -186,8 +188,24 @@ def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path) 
         results[label] = contender(config, seconds, warmup, device)
     print(f"training: medvq with Lightning for {seconds:g} s", flush=True)
     results["lightning"] = lightning_run(config, seconds, warmup, device, out)
+    results["batches"] = batch_runs(config, seconds, warmup, device, batch_sizes, compile_model, work)
     print("training: medvq under Ray Train", flush=True)
     return {**results, **ray_runs(config, results["lightning"], work)}
+
+
+def batch_runs(config: Config, seconds: float, warmup: int, device: torch.device, batch_sizes: tuple[int, ...],
+               compile_model: bool, work: Path) -> dict[str, dict]:
+    """(e) medvq as shipped at larger batches, and compiled: how far one GPU goes (the learning rate stays)."""
+    variants = [(size, False) for size in batch_sizes] + [(size, True) for size in batch_sizes if compile_model]
+    results = {}
+    for size, compiled in variants:
+        label = f"batch_{size}" + ("_compiled" if compiled else "")
+        print(f"training: medvq, {label.replace('_', ' ')}, for {seconds:g} s", flush=True)
+        (work / label).mkdir()
+        started = time.perf_counter()
+        run = lightning_run(config.with_changes(batch_size=size, compile_model=compiled), seconds, warmup, device, work / label)
+        results[label] = {**run, "compiled": compiled, "wall_seconds": time.perf_counter() - started}
+    return results
 
 
 def _images_per_second(result: dict) -> str:
@@ -219,6 +237,10 @@ def rows(results: dict) -> list[Row]:
     table += [
         ("training", "medvq, Ray Train, 2 CPU workers", _ray_result(two),
          f"{cpu_one['epoch_seconds'] / two['epoch_seconds']:.2f}x faster than 1 CPU worker"),
+        *[("training", f"medvq as shipped, batch {run['batch_size']}" + (", torch.compile" if run["compiled"] else ""),
+           f"{_images_per_second(run)}; PSNR {run['val_psnr']:.2f} dB after {results['seconds']:g} s",
+           f"{versus_seed(run)} (goal on a GPU: >= 100,000 images/s, >= 20x seed)")
+          for run in results["batches"].values()],
         (quality, "seed pipeline (64x64)", f"PSNR {seed['val_psnr']:.2f} dB, SSIM {seed['val_ssim']:.3f}", ""),
         (quality, "medvq as shipped (28x28)", f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}",
          f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed"),

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
 # The train and val splits move to the GPU when they take at most this share of its free memory (28x28:
-# ~70 MB for the five sets; 224x224: ~4.5 GB), leaving room for the model and for trials sharing the GPU.
+# ~68 MB for the five sets; 224x224: ~4.3 GB), leaving room for the model and for trials sharing the GPU.
 DEVICE_MEMORY_SHARE = 0.25
 
 

@@ -46,6 +46,13 @@ def laplace_smoothing(counts: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (counts + eps) / (total + len(counts) * eps) * total
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """How often each code index occurs: (N,) -> (K,). A scatter-add, not torch.bincount, which on a GPU
+    reads the largest index back to the CPU and so waits for every queued kernel."""
+    return torch.zeros(codebook_size, dtype=dtype, device=indices.device).index_add_(
+        0, indices.flatten(), torch.ones(indices.numel(), dtype=dtype, device=indices.device))
+
+
 def squared_distances(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """||x - c||^2 as X^2 + C^2 - 2XC in one matmul: (N, D), (K, D) -> (N, K)."""
     return torch.addmm(x.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1), x, codes.t(), alpha=-2.0)
@@ -80,7 +87,7 @@ class EMACodebook(nn.Module):
         """One K-means-style EMA step from this batch's assignments (all ranks together)."""
         # Scatter-adds, not a one-hot (N, K) matrix and a matmul: 40x faster on a CPU (measured), and no
         # N x K buffer on a GPU.
-        counts = all_reduce_sum_(torch.bincount(indices, minlength=len(self.embedding)).type_as(x))  # (K,)
+        counts = all_reduce_sum_(code_counts(indices, len(self.embedding), x.dtype))  # (K,)
         sums = all_reduce_sum_(torch.zeros_like(self.embed_sum).index_add_(0, indices, x))  # (K, D)
         ema_inplace_(self.cluster_size, counts, self.decay)
         ema_inplace_(self.embed_sum, sums, self.decay)

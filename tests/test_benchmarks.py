@@ -17,18 +17,18 @@ pytestmark = pytest.mark.integration
 CONTENDERS = (
     "seed pipeline", "medvq model, seed data path", "medvq as shipped", "Ray Train, 1 CPU worker",
     "Ray Train, 2 CPU workers", "plain torch loop", "Ray Data, end to end", "Ray Data, Ray already running",
-    "Ray Data, steady", "UMAP", "draw_run",
+    "Ray Data, steady", "UMAP", "draw_run", "medvq as shipped, batch 32", "medvq as shipped, batch 32, torch.compile",
 )
 TRAINING = ("seed_pipeline", "medvq_model_seed_data", "lightning")
 
 
 @pytest.fixture(scope="module")
-def smoke(synthetic_root, tmp_path_factory) -> tuple[str, dict]:
+def smoke(tmp_path_factory) -> tuple[str, dict]:
     """(stdout, the JSON) of one smoke run on the CPU; the whole-job row is left out (tests/test_jobs.py runs
     that job, and the line it is read from is tested below)."""
     out = tmp_path_factory.mktemp("benchmark") / "benchmark.json"
-    command = [sys.executable, "benchmarks/run.py", "--smoke", "--no-sweep", "--accelerator", "cpu",
-               "--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out)]
+    command = [sys.executable, "benchmarks/run.py", "--smoke", "--no-sweep", "--accelerator", "cpu", "--synthetic",
+               "--datasets", ",".join(SYNTHETIC_DATASETS), "--batch-sizes", "32", "--compile", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
@@ -47,6 +47,8 @@ def test_every_contender_has_positive_figures(smoke):
     training, encoding = results["training"], results["encoding"]
     for contender in TRAINING:
         assert training[contender]["images_per_second"] > 0
+    assert [run["compiled"] for run in training["batches"].values()] == [False, True]
+    assert all(run["batch_size"] == 32 and run["images_per_second"] > 0 for run in training["batches"].values())
     for run in ("ray_1_worker", "ray_2_cpu_workers"):
         assert training[run]["epoch_seconds"] > 0
     assert encoding["plain_loop"]["images"] == encoding["ray_data"]["images"] > 0
@@ -59,7 +61,7 @@ def test_every_contender_has_positive_figures(smoke):
 
 def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from sweep_smoke import step_seconds
+    from sweep_job import step_seconds
 
     best = {"trials": 2, "trial_id": "a", "checkpoint": "model.ckpt", "config": {"codebook_size": 32, "commitment_weight": 0.25},
             "metrics": {"val_nmse": 0.5, "val_psnr": 20.0, "val_ssim": 0.5, "val_codes_used": 0.5}}

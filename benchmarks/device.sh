@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU checks and figures, prepared for a lent GPU machine (the `device` tool), which has torch, lightning,
+# torchmetrics, pyarrow, pandas and matplotlib but neither Ray, medmnist nor umap-learn, and no internet.
+#
+# Here, once (builds .devbundle/: Ray, medmnist, umap-learn ~38 MB, and pytest, pure Python):
+#   bash ../shared/device/bundle.sh
+#   python3 -m pip install -q --no-deps --target .devbundle/pytest pytest pluggy iniconfig packaging pygments
+# There, one step per call, carrying [".devbundle"]; figures land in $OUT:
+#   bash benchmarks/device.sh tests          # tests/test_gpu.py and tests/test_model.py on the GPU   (~1 min)
+#   bash benchmarks/device.sh benchmark      # benchmarks/run.py with the GPU rows                     (~8 min)
+#   bash benchmarks/device.sh packed-sweep   # 16 trials x 20 epochs, 4 per GPU: the 15-minute goal
+# The data are synthetic files of the official shapes and split sizes for all five sets (the real ones and the
+# bundle together exceed what a call can carry): speeds as on the real files; quality figures mean nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step=${1:?usage: bash benchmarks/device.sh tests|benchmark|packed-sweep}
+out=${OUT:-/tmp/medvq-device}
+mkdir -p "$out" /tmp/site
+[ -d /tmp/site/ray ] || tar -xJf .devbundle/site.tar.xz -C /tmp/site
+export PYTHONPATH="/tmp/site:$PWD/.devbundle/pytest:$PWD:${PYTHONPATH:-}"  # Ray's workers inherit it
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+case "$step" in
+  tests) python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py 2>&1 | tee "$out/tests.log" ;;
+  benchmark) python benchmarks/run.py --synthetic --seconds 15 --batch-sizes 1024,4096 --compile --no-sweep \
+               --out "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log" ;;
+  packed-sweep) python benchmarks/sweep_job.py --synthetic --gpus-per-trial 0.25 \
+                  --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
+  *) echo "unknown step $step: tests, benchmark or packed-sweep" >&2; exit 2 ;;
+esac
