@@ -20,6 +20,7 @@ from medvq.model import VQVAE, code_counts
 
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
+PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 
 
@@ -187,12 +188,12 @@ class VQVAEModule(L.LightningModule):
         self._log_epoch("val", self.val_metrics.compute_and_reset(self.config.datasets))
 
     def _log_epoch(self, stage: str, values: dict[str, torch.Tensor]) -> None:
-        """Log one epoch's values, once: a Lightning log call costs ~0.25 ms of Python (measured), which per
-        step would bound a GPU's images per second. The values are the same on every rank already; sync_dist
-        (a mean of equal values) tells Lightning so. Tune's trial table shows the first few, val_nmse first."""
+        """Log one epoch's values, once: a Lightning log call costs ~0.25 ms of Python (measured on a CPU), which
+        every step would bound a GPU's images per second. The values are the same on every rank already;
+        sync_dist (a mean of equal values) tells Lightning so. Tune's trial table shows the first few."""
         for name, value in values.items():
             self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, batch_size=1, sync_dist=True,
-                     prog_bar=name in ("nmse", "psnr") if stage == "val" else name == "loss")
+                     prog_bar=name in PROGRESS_BAR[stage])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Fused: one kernel for the whole update on a GPU, instead of several per parameter group.
