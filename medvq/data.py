@@ -202,7 +202,9 @@ class IndexBatches(Sampler):
     order="shuffle": a fresh permutation each epoch; "balanced": rows drawn with replacement so every
     dataset is seen equally often; "fixed": one permutation for every epoch (evaluation: the same
     images each time, and a capped number of batches still covers every dataset). Training orders give
-    every rank the same number of batches, so DDP never waits on a rank that ran out.
+    every rank the same number of batches, so DDP never waits on a rank that ran out, and only full
+    batches (the few rows left over differ each epoch; fewer rows than a batch make one short batch):
+    one shape, which a compiled model then compiles once.
     """
 
     def __init__(self, dataset_ids: torch.Tensor, batch_size: int, order: str, seed: int = 0,
@@ -228,7 +230,9 @@ class IndexBatches(Sampler):
         else:
             rows = torch.randperm(n, generator=generator)
         usable = n - n % self.world_size
-        return rows[self.rank : usable : self.world_size]
+        rows = rows[self.rank : usable : self.world_size]
+        full_batches = len(rows) // self.batch_size * self.batch_size
+        return rows[:full_batches] if full_batches else rows
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter(self._epoch_rows().to(self.device).split(self.batch_size))  # one copy per epoch
