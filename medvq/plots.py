@@ -218,7 +218,8 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[P
         raise UserError(f"run folder {run} does not exist")
     histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
     trials_path, checkpoint = run / "trials.csv", _checkpoint(run)
-    latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if (run / "latents").is_dir() else None
+    has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
+    latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if has_latents else None
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:
         raise UserError(f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
                         "point --run at the --out folder of a sweep or a training run")

@@ -152,7 +152,9 @@ def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(
     assert any("run the sweep command again" in message for message in caplog.messages)
 
 
-@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir()], ids=["missing", "empty"])
+@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir(),
+                                  lambda path: (path / "latents").mkdir(parents=True)],
+                         ids=["missing", "empty", "empty-latents"])
 def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make):
     make(tmp_path / "run")
     with pytest.raises(UserError):
