@@ -5,7 +5,7 @@
 # Here, once (builds .devbundle/: Ray, medmnist, umap-learn ~38 MB, and pytest, pure Python):
 #   bash ../shared/device/bundle.sh
 #   python3 -m pip install -q --no-deps --target .devbundle/pytest pytest pluggy iniconfig packaging pygments
-# There, one step per call, carrying [".devbundle"]; figures land in $OUT:
+# There, one step per call, carrying [".devbundle"]; figures land in $OUT (times are estimates, never run yet):
 #   bash benchmarks/device.sh tests          # tests/test_gpu.py and tests/test_model.py on the GPU   (~1 min)
 #   bash benchmarks/device.sh benchmark      # benchmarks/run.py with the GPU rows                     (~8 min)
 #   bash benchmarks/device.sh packed-sweep   # 16 trials x 20 epochs, 4 per GPU: the 15-minute goal
@@ -13,7 +13,8 @@
 # bundle together exceed what a call can carry): speeds as on the real files; quality figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-step=${1:?usage: bash benchmarks/device.sh tests|benchmark|packed-sweep}
+step=${1:-}
+case "$step" in tests|benchmark|packed-sweep) ;; *) echo "usage: bash benchmarks/device.sh tests|benchmark|packed-sweep" >&2; exit 2 ;; esac
 out=${OUT:-/tmp/medvq-device}
 mkdir -p "$out" /tmp/site
 [ -d /tmp/site/ray ] || tar -xJf .devbundle/site.tar.xz -C /tmp/site
@@ -25,5 +26,4 @@ case "$step" in
                --out "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log" ;;
   packed-sweep) python benchmarks/sweep_job.py --synthetic --gpus-per-trial 0.25 \
                   --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
-  *) echo "unknown step $step: tests, benchmark or packed-sweep" >&2; exit 2 ;;
 esac
