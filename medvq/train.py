@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -22,6 +23,11 @@ from medvq.module import VQVAEModule
 
 CHECKPOINT_NAME = "model.ckpt"
 METRICS_NAME = "metrics.csv"
+# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
+# epochs shorter than that (a GPU's, a smoke run's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
+# epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
+# from the process that calls fit() to its controller; a value set by the user is kept.
+CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 def resolve_accelerator(requested: str) -> str:
@@ -120,6 +126,7 @@ def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
 
     The run lives at storage/name; calling again with the same name resumes it from its last checkpoint.
     """
+    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
     use_gpu = config.gpus_per_worker > 0
     # Explicit, never guessed: a CPU worker may still see the node's GPUs.
     config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
