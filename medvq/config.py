@@ -42,7 +42,7 @@ class Config:
     limit_batches: int | None = None  # cap on train and val batches per epoch (smoke runs)
     seed: int = 0
     accelerator: str = "auto"  # "auto": the GPU when there is one, else the CPU
-    compile_model: bool = False  # torch.compile the encoder and decoder (a minute of compiling first)
+    compile_model: bool = False  # torch.compile the encoder and decoder (~20 s of compiling first on a CPU)
     # --- Ray Train workers (ignored by local training) ---
     workers: int = 1  # DDP workers, one per GPU
     cpus_per_worker: float = 1.0

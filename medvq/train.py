@@ -24,7 +24,7 @@ from medvq.module import VQVAEModule
 CHECKPOINT_NAME = "model.ckpt"
 METRICS_NAME = "metrics.csv"
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
-# epochs shorter than that (a GPU's, a smoke run's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
+# epochs shorter than that (a smoke run's; likely a GPU's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
 # epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
