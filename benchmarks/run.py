@@ -57,11 +57,11 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def measure_all(config: Config, args: argparse.Namespace, seconds: float, warmup: int, work: Path) -> dict:
+def measure_all(config: Config, args: argparse.Namespace, batch_sizes: tuple[int, ...], seconds: float, warmup: int,
+                work: Path) -> dict:
     """Every section in turn; each leaves what the next needs in `work/run` (checkpoint, metrics, latents)."""
     run = work / "run"
     run.mkdir()
-    batch_sizes = parse_list(args.batch_sizes, int, "--batch-sizes")
     results = {"training": training.measure(config, seconds, warmup, run, work, batch_sizes, args.compile)}
     results["encoding"] = encoding.measure(run / CHECKPOINT_NAME, config, run / LATENTS_DIR, work)
     results["projection"] = projection.measure(run, config)
@@ -78,6 +78,7 @@ def table_rows(results: dict) -> list[Row]:
 
 def main() -> None:
     args = parser().parse_args()
+    batch_sizes = parse_list(args.batch_sizes, int, "--batch-sizes")  # a bad list stops before any work
     seconds = args.seconds or (SMOKE_SECONDS if args.smoke else SECONDS)
     warmup = SMOKE_WARMUP_BATCHES if args.smoke else WARMUP_BATCHES
     hardware = describe()
@@ -85,7 +86,7 @@ def main() -> None:
         config = Config(data_root=data_root(args, Path(work)), datasets=dataset_names(args.datasets),
                         accelerator=args.accelerator, **(SMOKE_CONFIG if args.smoke else {}))
         check_data(config)
-        results = measure_all(config, args, seconds, warmup, Path(work))
+        results = measure_all(config, args, batch_sizes, seconds, warmup, Path(work))
     table = markdown_table(table_rows(results))
     settings = {"smoke": args.smoke, "synthetic": args.synthetic, "seconds": seconds, "warmup_batches": warmup,
                 "config": config.to_dict()}
