@@ -22,6 +22,7 @@ from medvq.train import CHECKPOINT_NAME
 # The sections, beside this script (Ray puts this folder on its workers' path too).
 import encoding
 import projection
+import ray_overhead
 import sweep_job
 import training
 from common import Row, add_data_source_flags, data_root
@@ -30,6 +31,7 @@ from hardware import caption, describe
 SECONDS = 60.0  # of steady-state training per contender: long past warm-up, and epochs enough to time
 WARMUP_BATCHES = 5  # first-batch costs (allocator, cuDNN autotuning, lazy imports) are not throughput
 SMOKE_SECONDS, SMOKE_WARMUP_BATCHES = 2.0, 1
+STEPS, SMOKE_STEPS = 60, 3  # training steps timed per thread count for Ray Train's overhead
 # The tests' tiny model; Ray Train runs of two short epochs.
 SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64, limit_batches=8, epochs=2)
 
@@ -63,6 +65,7 @@ def measure_all(config: Config, args: argparse.Namespace, batch_sizes: tuple[int
     run = work / "run"
     run.mkdir()
     results = {"training": training.measure(config, seconds, warmup, run, work, batch_sizes, args.compile)}
+    results["ray_overhead"] = ray_overhead.measure(config, SMOKE_STEPS if args.smoke else STEPS, work)
     results["encoding"] = encoding.measure(run / CHECKPOINT_NAME, config, run / LATENTS_DIR, work)
     results["projection"] = projection.measure(run, config)
     if not args.no_sweep:
@@ -71,7 +74,8 @@ def measure_all(config: Config, args: argparse.Namespace, batch_sizes: tuple[int
 
 
 def table_rows(results: dict) -> list[Row]:
-    return [*training.rows(results["training"]), *encoding.rows(results["encoding"]),
+    return [*training.rows(results["training"]), *ray_overhead.rows(results["ray_overhead"]),
+            *encoding.rows(results["encoding"]),
             *projection.rows(results["projection"], results["encoding"]["ray_data"]["images"]),
             *(sweep_job.rows(results["sweep"]) if "sweep" in results else [])]
 

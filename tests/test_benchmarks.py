@@ -4,6 +4,7 @@ assertions: the figures of a smoke run on a shared CI machine mean nothing."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ CONTENDERS = (
     "seed pipeline", "medvq model, seed data path", "medvq as shipped", "Ray Train, 1 CPU worker",
     "Ray Train, 2 CPU workers", "plain torch loop", "Ray Data, end to end", "Ray Data, Ray already running",
     "Ray Data, steady", "UMAP", "draw_run", "medvq as shipped, batch 32", "medvq as shipped, batch 32, torch.compile",
+    "this process / a Ray Train worker",
 )
 TRAINING = ("seed_pipeline", "medvq_model_seed_data", "lightning")
 
@@ -56,6 +58,9 @@ def test_every_contender_has_positive_figures(smoke):
     # Ray Data's steady figure is a difference of two timings, which noise may leave undefined: not asserted.
     assert encoding["ray_data"]["end_to_end_seconds"] > 0 and encoding["ray_data"]["warm_seconds"] > 0
     assert results["projection"]["umap_seconds"] > 0
+    for result in results["ray_overhead"].values():
+        assert result["plain"]["step_seconds"] > 0 and result["ray_worker"]["step_seconds"] > 0
+    assert sorted(result["threads"] for result in results["ray_overhead"].values()) == sorted({os.cpu_count(), 1})
     assert {"cpu", "cpus", "torch", "ray", "lightning", "commit"} <= set(results["hardware"])
 
 
