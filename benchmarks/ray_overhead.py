@@ -56,9 +56,18 @@ def wakeups_per_second(before: dict[str, int] | None, after: dict[str, int] | No
 
 def time_steps(config_dict: dict, threads: int, steps: int) -> dict[str, float]:
     """The median seconds of medvq's training step (its model, Adam, one fixed random batch; no data loading, no
-    Lightning) on `threads` torch threads, and the other processes' wake-ups per second while it ran."""
+    Lightning) on `threads` torch threads, and the other processes' wake-ups per second while it ran. The
+    process's torch thread count is restored afterwards, for the benchmark's later sections."""
     config = Config.from_dict(config_dict)
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _time_steps(config, steps)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _time_steps(config: Config, steps: int) -> dict[str, float]:
     torch.manual_seed(config.seed)
     model = VQVAE(config).to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)

@@ -73,3 +73,15 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}
+
+
+def test_timing_steps_on_one_thread_leaves_the_process_thread_count(monkeypatch, tiny_config):
+    """The benchmark's later sections (the plain encoding loop) run in the same process on every core."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import torch
+    from ray_overhead import time_steps
+
+    threads = torch.get_num_threads()
+    result = time_steps(tiny_config().to_dict(), threads=1 if threads > 1 else 2, steps=2)
+    assert torch.get_num_threads() == threads
+    assert result["step_seconds"] > 0
