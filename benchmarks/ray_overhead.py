@@ -109,7 +109,6 @@ def in_ray_worker(config: Config, threads: int, steps: int, work: Path) -> dict[
 
 def measure(config: Config, steps: int, work: Path) -> dict[str, dict]:
     """For every core and for one thread: the step in this process (before Ray starts), then in a Ray worker."""
-    config = config.with_changes(accelerator="cpu")
     counts = sorted({os.cpu_count() or 1, 1}, reverse=True)
     print(f"Ray Train's overhead: {steps} CPU training steps on {' and '.join(map(str, counts))} threads", flush=True)
     results = {f"{n}_threads": {"threads": n, "plain": time_steps(config.to_dict(), n, steps)} for n in counts}

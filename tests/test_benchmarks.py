@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from jobs.sweep import sweep_summary
 from tests.conftest import REPO, SYNTHETIC_DATASETS
@@ -78,7 +79,6 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
 def test_timing_steps_on_one_thread_leaves_the_process_thread_count(monkeypatch, tiny_config):
     """The benchmark's later sections (the plain encoding loop) run in the same process on every core."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import torch
     from ray_overhead import time_steps
 
     threads = torch.get_num_threads()
