@@ -16,7 +16,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from medvq.config import Config
 from medvq.data import to_float_images
-from medvq.model import VQVAE, code_counts
+from medvq.model import VQVAE, index_counts
 
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
@@ -45,7 +45,7 @@ class CodeUsage(Metric):
         self.add_state("counts", torch.zeros(codebook_size, dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, indices: torch.Tensor) -> None:
-        self.counts += code_counts(indices, len(self.counts), self.counts.dtype)
+        self.counts += index_counts(indices, len(self.counts), self.counts.dtype)
 
     def compute(self) -> dict[str, torch.Tensor]:
         p = self.counts / self.counts.sum()
@@ -66,7 +66,7 @@ class DatasetMeans(Metric):
     def update(self, scores: torch.Tensor, dataset_ids: torch.Tensor) -> None:
         """scores (B, S) of B images from datasets dataset_ids (B,)."""
         self.sums.index_add_(0, dataset_ids, scores.double())
-        self.counts.index_add_(0, dataset_ids, torch.ones_like(dataset_ids, dtype=torch.float64))
+        self.counts += index_counts(dataset_ids, len(self.counts), self.counts.dtype)
 
     def compute(self) -> dict[str, torch.Tensor]:
         """{"per_dataset": (n_datasets, S), NaN for a dataset without images; "all": (S,)}."""
