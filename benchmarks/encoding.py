@@ -28,7 +28,7 @@ def _split(config: Config, name: str, split: str) -> dict[str, np.ndarray]:
 def plain_loop(checkpoint: Path, config: Config, path: Path, gpu: bool) -> dict:
     """Read, encode and write in one process. Steady state: the encoder's batches after the first."""
     started = time.perf_counter()
-    encoder = ImageEncoder(str(checkpoint), use_gpu=gpu)
+    encoder = ImageEncoder(checkpoint.read_bytes(), use_gpu=gpu)
     batch_size = max(1, PIXELS_PER_BATCH // config.size**2)  # the Ray pipeline's batch size
     clock, tables = SteadyClock(warmup=1, device=encoder.device), []
     for name in config.datasets:
@@ -50,7 +50,7 @@ def actor_start_up(checkpoint: Path, config: Config, gpus_per_actor: float | Non
     first = _split(config, config.datasets[0], "val")
     one = ray.data.from_items([{key: column[0] for key, column in first.items()}])
     one.map_batches(ImageEncoder,
-                    fn_constructor_kwargs={"checkpoint": str(checkpoint), "use_gpu": gpus > 0, "cpu_threads": cpu_threads},
+                    fn_constructor_kwargs={"checkpoint": ray.put(checkpoint.read_bytes()), "use_gpu": gpus > 0, "cpu_threads": cpu_threads},
                     batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=actors),
                     num_cpus=1, num_gpus=gpus).materialize()
 

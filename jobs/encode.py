@@ -4,21 +4,23 @@
 """
 
 import argparse
-from pathlib import Path
 
 import ray
 
-from medvq.cli import add_data_flags, dataset_names, output_folder, resolve_data_root, run_job
+from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
+from medvq.nodes import check_nodes_see
 from medvq.report import checkpoint_config, describe_checkpoint
+from medvq.storage import absolute, is_file, output_folder
 
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="a medvq checkpoint: model.ckpt of jobs/train.py, or the one named in a sweep's best.json")
+                        help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's "
+                        "best.json names")
     add_data_flags(parser, datasets_default=None)
     parser.add_argument("--out", required=True, help="output folder (or s3:// URI): latents/, summary.json and "
                         "summary.md land there (an older latents/ is replaced)")
@@ -30,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
-    checkpoint = Path(args.checkpoint).resolve()
-    if not checkpoint.is_file():
+    checkpoint = absolute(args.checkpoint)  # a path or a URI: the encoder actors get the model's bytes from here
+    if not is_file(checkpoint):
         raise UserError(f"--checkpoint {args.checkpoint} is not a file")
     try:
         trained = checkpoint_config(checkpoint)
@@ -41,9 +43,10 @@ def main() -> None:
     config = trained.with_changes(data_root=resolve_data_root(args.data_root), datasets=datasets)
     check_data(config)
     ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
+    check_nodes_see(config)
     with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)
-        records, _ = describe_checkpoint(str(checkpoint), config, out, actors=args.actors,
+        records, _ = describe_checkpoint(checkpoint, config, out, actors=args.actors,
                                          gpus_per_actor=args.gpus_per_actor)
         write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
     print(f"wrote latents/, summary.json and summary.md to {args.out}; read the latents with pandas.read_parquet")

@@ -14,16 +14,17 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import (add_training_flags, check_storage, common_parser, config_from_args, default_storage,
-                       output_folder, parse_list, run_job)
+from medvq.cli import add_training_flags, common_parser, config_from_args, parse_list, run_job, storage_from_args
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
+from medvq.nodes import capacity, check_nodes_see
 from medvq.plots import draw_run
 from medvq.report import describe_checkpoint
+from medvq.storage import check_writable, output_folder
 from medvq.train import CHECKPOINT_NAME
-from medvq.tune import concurrent_trials, run_sweep, write_sweep_outputs
+from medvq.tune import run_sweep, write_sweep_outputs
 
 
 def parser():
@@ -83,20 +84,21 @@ def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
 def main() -> None:
     args = parser().parse_args()
     sweep = sweep_from_args(args)
-    storage = args.storage or default_storage(args.out)
+    storage, storage_flag = storage_from_args(args)
     check_data(sweep.base)
     seconds, started = {}, time.monotonic()
     # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
     # stay in Ray's log files and dashboard: the terminal shows Tune's trial table and Ray Data's progress.
     ray.init(log_to_driver=False)
     seconds["ray_init"] = time.monotonic() - started
-    cluster = ray.cluster_resources()
-    sweep = with_gpus(sweep, args.gpus_per_trial, cluster.get("GPU", 0))
-    fits = concurrent_trials(sweep.base, cluster)
-    check_storage(storage)
+    most = capacity()  # with an autoscaler: what the cluster can grow to, not only the nodes up now
+    sweep = with_gpus(sweep, args.gpus_per_trial, most.totals.get("GPU", 0))
+    fits = most.runs_at_once(sweep.base)
+    check_nodes_see(sweep.base, storage, storage_flag)
+    check_writable(storage)
     with output_folder(args.out) as out:
         print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
-              f"{min(fits, sweep.max_concurrent_trials or fits)} at once, storage {storage}", flush=True)
+              f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}", flush=True)
         search_and_describe(sweep, storage, out, seconds)
     print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
           f"summary.md and plots/ to {args.out}")
@@ -108,7 +110,7 @@ def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: di
     results = run_sweep(sweep, storage)
     seconds["search"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
-    best = write_sweep_outputs(results, sweep, out)
+    best = write_sweep_outputs(results, sweep, storage, out)
     records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out)
     seconds.update(described)
     started = time.monotonic()

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import (add_searched_flags, add_training_flags, check_storage, common_parser, config_from_args,
-                       default_storage, output_folder, run_job)
+from medvq.cli import (add_searched_flags, add_training_flags, common_parser, config_from_args, run_job,
+                       storage_from_args)
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.errors import UserError
+from medvq.nodes import Capacity, capacity, check_nodes_see
+from medvq.storage import check_writable, is_uri, output_folder
 from medvq.train import resolve_accelerator, train_local, train_on_ray
-from medvq.tune import concurrent_trials
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,9 +32,9 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def with_workers(config: Config, workers: str, cluster: dict[str, float]) -> Config:
-    """Resolve --workers against the cluster: GPU workers (one GPU each) whenever it has GPUs."""
-    gpus = cluster.get("GPU", 0)
+def with_workers(config: Config, workers: str, cluster: Capacity) -> Config:
+    """Resolve --workers against the cluster: GPU workers (one GPU each) whenever it has (or can add) GPUs."""
+    gpus = cluster.totals.get("GPU", 0)
     if config.accelerator == "gpu" and gpus == 0:
         raise UserError("--accelerator gpu was asked for, but the cluster has no GPUs")
     use_gpu = gpus > 0 and config.accelerator != "cpu"
@@ -46,7 +47,7 @@ def with_workers(config: Config, workers: str, cluster: dict[str, float]) -> Con
     else:
         raise UserError(f"--workers takes a positive number, got {workers!r}")
     config = config.with_changes(workers=count, gpus_per_worker=1.0 if use_gpu else 0.0)
-    concurrent_trials(config, cluster)  # a clear error if the run does not fit
+    cluster.runs_at_once(config)  # a clear error if the run does not fit
     return config
 
 
@@ -57,13 +58,14 @@ def main() -> None:
     if args.workers is None:
         resolve_accelerator(config.accelerator)
         local = Path(args.out)
-        if "://" not in args.out and local.exists() and any(local.iterdir()):
+        if not is_uri(args.out) and local.exists() and any(local.iterdir()):
             raise UserError(f"--out {args.out} is not empty: choose a new folder")
     else:
         ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
-        config = with_workers(config, args.workers, ray.cluster_resources())
-        storage = args.storage or default_storage(args.out)
-        check_storage(storage)
+        config = with_workers(config, args.workers, capacity())
+        storage, storage_flag = storage_from_args(args)
+        check_nodes_see(config, storage, storage_flag)
+        check_writable(storage)
     with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)
         if args.workers is None:

@@ -6,21 +6,18 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
-from contextlib import contextmanager
-from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
-import pyarrow.fs as pafs
 from medmnist.info import DEFAULT_ROOT
 
 from medvq.config import Config
 from medvq.errors import UserError
+from medvq.storage import absolute, join
 
 
 def add_data_flags(parser: argparse.ArgumentParser, datasets_default: str | None = ",".join(Config.datasets)) -> None:
     """--data-root and --datasets, with the same names and meanings in every job."""
-    parser.add_argument("--data-root", help="folder with the MedMNIST .npz files "
+    parser.add_argument("--data-root", help="folder (every node's, e.g. a shared volume) or URI (s3://...) of the MedMNIST .npz files "
                         "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
     parser.add_argument("--datasets", default=datasets_default,
                         help="comma-separated MedMNIST names (default: %(default)s)")
@@ -61,40 +58,21 @@ def parse_list(text: str, kind: type, flag: str) -> tuple:
         raise UserError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
-def check_storage(storage: str) -> None:
-    """Fail before any worker starts if the storage path (a folder or a URI such as s3://...) is not writable."""
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(storage) if "://" in storage else (pafs.LocalFileSystem(), storage)
-        filesystem.create_dir(path, recursive=True)
-        probe = f"{path.rstrip('/')}/.medvq-write-check"
-        with filesystem.open_output_stream(probe) as stream:
-            stream.write(b"ok")
-        filesystem.delete_file(probe)
-    except Exception as error:  # pyarrow raises a different type per filesystem
-        raise UserError(f"storage {storage} is not writable: {error}".splitlines()[0]) from None
-
-
 def default_storage(out: str) -> str:
-    """Ray's storage when --storage is not given: OUT/ray_results, as an absolute path or under the URI."""
-    return f"{out.rstrip('/')}/ray_results" if "://" in out else str(Path(out).resolve() / "ray_results")
+    """Ray's storage when --storage is not given: OUT/ray_results (an absolute path, or under the URI)."""
+    return join(absolute(out), "ray_results")
 
 
-@contextmanager
-def output_folder(out: str) -> Iterator[Path]:
-    """The local folder a job writes to: --out itself, or for a URI (s3://bucket/run) a temporary
-    folder whose contents are uploaded there once the job has succeeded."""
-    if "://" not in out:
-        yield Path(out).resolve()
-        return
-    check_storage(out)
-    with tempfile.TemporaryDirectory(prefix="medvq-out-") as local:
-        yield Path(local)
-        pafs.copy_files(local, out)
-        print(f"uploaded the outputs to {out}", flush=True)
+def storage_from_args(args: argparse.Namespace) -> tuple[str, str]:
+    """(Ray's storage, how to name it in an error): --storage, else OUT/ray_results."""
+    if args.storage:
+        return absolute(args.storage), f"--storage {args.storage}"
+    return default_storage(args.out), f"--out {args.out} (Ray's storage defaults to OUT/ray_results; or give --storage)"
 
 
 def resolve_data_root(flag: str | None) -> str:
-    return os.path.abspath(os.path.expanduser(flag or os.environ.get("MEDVQ_DATA_ROOT") or DEFAULT_ROOT))
+    """--data-root, else $MEDVQ_DATA_ROOT, else medmnist's own ~/.medmnist: an absolute path or a URI."""
+    return absolute(flag or os.environ.get("MEDVQ_DATA_ROOT") or DEFAULT_ROOT)
 
 
 def dataset_names(flag: str) -> tuple[str, ...]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 import zipfile
 from dataclasses import dataclass, fields
 from functools import lru_cache
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from medvq.config import Config
 from medvq.errors import UserError
+from medvq.storage import cached_copy, is_file, is_uri, join
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +60,35 @@ def _size_key(size: int) -> str:
 
 
 def ensure_file(name: str, root: str | Path | None, size: int = 28) -> Path:
-    """Path of the dataset's file under `root` (None: medmnist's ~/.medmnist), downloaded if missing."""
-    info = dataset_info(name)
-    path = Path(DEFAULT_ROOT if root is None else root) / file_name(name, size)
-    if path.exists():
-        return path
+    """A local path of the dataset's file under `root` (None: medmnist's ~/.medmnist): the file itself, a
+    node-local copy of it when `root` is a URI (s3://bucket/medmnist), or downloaded when it is missing."""
+    info, stored_as = dataset_info(name), file_name(name, size)
+    url = info[f"url{_size_key(size)}"]
+    if is_uri(root):
+        location = join(str(root), stored_as)
+        if not is_file(location):
+            raise UserError(f"{location} does not exist: upload {url} there, or point --data-root elsewhere")
+        return cached_copy(location)
+    path = Path(DEFAULT_ROOT if root is None else root) / stored_as
+    if not path.exists():
+        _download(info, path, size, url)
+    return path
+
+
+def _download(info: dict, path: Path, size: int, url: str) -> None:
+    """Download through medmnist into a folder beside `path`, then move the file into place: processes that
+    find the file missing at once never read (or write) a half-written one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        dataset_class = getattr(medmnist, info["python_class"])
-        dataset_class(split="train", root=str(path.parent), size=size, download=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".medvq-download-") as folder:
+            dataset_class = getattr(medmnist, info["python_class"])
+            dataset_class(split="train", root=folder, size=size, download=True)
+            os.replace(Path(folder) / path.name, path)
     except Exception as error:  # medmnist raises a bare RuntimeError for any network failure
-        url = info[f"url{_size_key(size)}"]
         raise UserError(
             f"{path.name} is not in {path.parent} and the download failed ({type(error).__name__}): "
             f"fetch {url} into that folder, or point --data-root / MEDVQ_DATA_ROOT at a folder that has it"
         ) from None
-    return path
 
 
 def _md5(path: Path) -> str:

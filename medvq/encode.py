@@ -7,6 +7,7 @@ runs the trained model on large batches, and the driver writes the rows it strea
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from medvq.config import Config
 from medvq.data import SPLITS, dataset_info, load_split, to_float_images
 from medvq.errors import UserError
 from medvq.module import VQVAEModule, image_scores
+from medvq.nodes import capacity
+from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
 PARQUET_FILE = "latents.parquet"
@@ -48,15 +51,19 @@ def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
 
 
 class ImageEncoder:
-    """Ray Data actor: loads the checkpoint once, then encodes batches on its GPU (or the CPU)."""
+    """Ray Data actor: loads the model once, then encodes batches on its GPU (or the CPU)."""
 
-    def __init__(self, checkpoint: str, use_gpu: bool, cpu_threads: int | None = None):
-        """cpu_threads: torch threads of a CPU actor. Ray limits an actor to as many threads as the CPUs it
+    def __init__(self, checkpoint: bytes | ray.ObjectRef, use_gpu: bool, cpu_threads: int | None = None):
+        """checkpoint: the checkpoint file's bytes, or their reference in Ray's object store, so an actor on any
+        node gets the model without a path only the driver's node has.
+        cpu_threads: torch threads of a CPU actor. Ray limits an actor to as many threads as the CPUs it
         holds (one), which would leave the other core of its pair idle: measured, half the plain loop's speed."""
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu and cpu_threads:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
-        self.model = VQVAEModule.load_from_checkpoint(checkpoint, map_location=self.device).model.eval()
+        if isinstance(checkpoint, ray.ObjectRef):
+            checkpoint = ray.get(checkpoint)
+        self.model = VQVAEModule.load_from_checkpoint(io.BytesIO(checkpoint), map_location=self.device).model.eval()
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -75,21 +82,21 @@ class ImageEncoder:
 
 
 def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:
-    """(actors, GPUs per actor, torch threads per CPU actor), with defaults from the cluster: one actor per
-    GPU when there are GPUs, else one per two CPUs (the other CPU reads and writes), the CPUs shared."""
-    cluster = ray.cluster_resources()
-    gpus, cpus = cluster.get("GPU", 0), cluster.get("CPU", 0)
+    """(actors, GPUs per actor, torch threads per CPU actor), with defaults from the nodes up now: one actor
+    per GPU when the cluster has (or can add) GPUs, else one per two CPUs (the other CPU reads and writes),
+    the CPUs shared; at least one, for which an autoscaler adds a node if none is up."""
+    up, most = ray.cluster_resources(), capacity()
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if gpus > 0 else 0.0
+        gpus_per_actor = 1.0 if most.totals.get("GPU", 0) > 0 else 0.0
     if actors is None:
-        actors = int(gpus / gpus_per_actor) if gpus_per_actor > 0 else max(1, int(cpus) // 2)
+        actors = int(up.get("GPU", 0) / gpus_per_actor) if gpus_per_actor > 0 else int(up.get("CPU", 0)) // 2
+        actors = max(1, actors)
     # A pool the cluster cannot hold would wait forever for its actors: say so instead.
     if actors < 1 or gpus_per_actor < 0:
         raise UserError(f"encoder actors must be >= 1 and GPUs per actor >= 0, got {actors} and {gpus_per_actor}")
-    if actors * gpus_per_actor > gpus + 1e-9 or actors > cpus:
-        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit "
-                        f"on a cluster with {gpus:g} GPUs and {cpus:g} CPUs")
-    return actors, gpus_per_actor, max(1, int(cpus) // actors)
+    if not most.holds({"CPU": actors, "GPU": actors * gpus_per_actor}, {"CPU": 1, "GPU": gpus_per_actor}):
+        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit: {most.describe()}")
+    return actors, gpus_per_actor, max(1, int(up.get("CPU", 0)) // actors)
 
 
 def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: int | None = None,
@@ -104,11 +111,12 @@ def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: 
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     actors, gpus_per_actor, cpu_threads = encoder_pool(actors, gpus_per_actor)
+    model = ray.put(read_bytes(checkpoint))
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
     images = splits.map_batches(read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size})
     latents = images.map_batches(
         ImageEncoder,
-        fn_constructor_kwargs={"checkpoint": checkpoint, "use_gpu": gpus_per_actor > 0, "cpu_threads": cpu_threads},
+        fn_constructor_kwargs={"checkpoint": model, "use_gpu": gpus_per_actor > 0, "cpu_threads": cpu_threads},
         batch_size=max(1, PIXELS_PER_BATCH // config.size**2),
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),

@@ -7,6 +7,10 @@ images per second. Image scores are per-image means.
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+from typing import IO
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -17,6 +21,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from medvq.config import Config
 from medvq.data import to_float_images
 from medvq.model import VQVAE, index_counts
+from medvq.storage import read_bytes
 
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
@@ -158,6 +163,14 @@ class VQVAEModule(L.LightningModule):
             self.model.decoder.compile()
         self.train_metrics = StageMetrics(self.config, scored_images=TRAIN_SCORED_IMAGES)
         self.val_metrics = StageMetrics(self.config)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path | IO[bytes], **kwargs) -> VQVAEModule:
+        """Lightning's, from a local path, any URI pyarrow opens (s3://bucket/.../checkpoint.ckpt) or a file
+        object; with torch's safe unpickler (plain tensors and data), not one that can run code."""
+        if isinstance(checkpoint_path, (str, Path)):
+            checkpoint_path = io.BytesIO(read_bytes(checkpoint_path))
+        return super().load_from_checkpoint(checkpoint_path, **{"weights_only": True, **kwargs})
 
     def forward(self, images: torch.Tensor):
         """uint8 images (B, H, W, 3) -> reconstruction (B, 3, H, W) in [0, 1] and the quantizer output."""

@@ -22,6 +22,7 @@ from medvq.data import load_split
 from medvq.errors import UserError
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
+from medvq.storage import is_file, is_uri, join, local_folder
 from medvq.tune import GRACE_OBJECTIVE
 
 log = logging.getLogger(__name__)
@@ -188,15 +189,15 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> No
     _save(figure, path)
 
 
-def _checkpoint(run: Path) -> Path | None:
+def _checkpoint(run: Path) -> str | None:
     """The run's model.ckpt (jobs/train.py, or the sweep's copy of its best), else the one best.json names."""
     if (run / "model.ckpt").exists():
-        return run / "model.ckpt"
+        return str(run / "model.ckpt")
     if (run / "best.json").exists():
-        path = Path(json.loads((run / "best.json").read_text())["checkpoint"])
-        if path.exists():
-            return path
-        log.warning("best.json names checkpoint %s, which is not on this machine", path)
+        location = json.loads((run / "best.json").read_text())["checkpoint"]
+        if is_file(location):
+            return location
+        log.warning("best.json names checkpoint %s, which cannot be read from here", location)
     return None
 
 
@@ -208,14 +209,19 @@ def _codebook_size(run: Path, module: VQVAEModule | None, codes: np.ndarray) -> 
     return int(codes.max()) + 1
 
 
-def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[Path]:
-    """Draw every figure whose inputs `run_dir` holds into run_dir/plots/; returns the files written.
+def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[str]:
+    """Draw every figure whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
+    files written. data_root: the MedMNIST files for the reconstructions (default: the model's own)."""
+    if not is_uri(run_dir) and not Path(run_dir).is_dir():
+        raise UserError(f"run folder {run_dir} does not exist")
+    # Ray's storage under the run holds every trial's checkpoints: none of it is drawn.
+    with local_folder(str(run_dir), skip=("ray_results",)) as run:
+        written = _draw_folder(run, data_root)
+    return [join(str(run_dir), "plots", name) for name in written]
 
-    data_root: the MedMNIST files for the reconstructions (default: the data root the model was trained on).
-    """
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise UserError(f"run folder {run} does not exist")
+
+def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
+    """draw_run on a local folder; returns the names of the figures written."""
     histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
     trials_path, checkpoint = run / "trials.csv", _checkpoint(run)
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
@@ -248,5 +254,5 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[P
                 raise
             log.warning("skipped %s: %s", name, error)  # the training run's data root is not on this machine
             continue
-        written.append(run / "plots" / name)
+        written.append(name)
     return written

@@ -6,6 +6,7 @@ or interrupted run never leaves a half-written `latents/` behind, and a re-run r
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from pathlib import Path
@@ -16,13 +17,15 @@ import torch
 from medvq.config import Config
 from medvq.encode import encode_to_parquet
 from medvq.latent_space import add_umap_, dataset_records
+from medvq.storage import read_bytes
 
 LATENTS_DIR = "latents"
 
 
 def checkpoint_config(checkpoint: str | Path) -> Config:
-    """The Config a Lightning checkpoint of `VQVAEModule` was trained with (its saved hyperparameters)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    """The Config a Lightning checkpoint of `VQVAEModule` (a path or a URI) was trained with (its saved
+    hyperparameters)."""
+    saved = torch.load(io.BytesIO(read_bytes(checkpoint)), map_location="cpu", weights_only=True)
     return Config.from_dict(saved["hyper_parameters"]["config"])
 
 

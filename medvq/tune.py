@@ -9,15 +9,14 @@ import math
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.fs as pafs
-import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.train.lightning import RayTrainReportCallback
+from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from medvq.config import Config, SweepConfig
-from medvq.errors import UserError
+from medvq.nodes import capacity
+from medvq.storage import join, read_bytes, uri_on
 from medvq.train import CHECKPOINT_NAME, train_distributed
 
 OBJECTIVE, MODE = "val_nmse", "min"
@@ -44,17 +43,6 @@ def run_trial(params: dict, base: dict, storage: str) -> None:
                       callbacks=[TuneReportCallback()])
 
 
-def concurrent_trials(config: Config, cluster: dict[str, float]) -> int:
-    """How many trials fit on the cluster at once; a clear error if not even one does."""
-    needs = {"CPU": config.workers * config.cpus_per_worker, "GPU": config.workers * config.gpus_per_worker}
-    fits = [math.floor(cluster.get(kind, 0) / amount + 1e-9) for kind, amount in needs.items() if amount > 0]
-    if min(fits) < 1:
-        have = {kind: cluster.get(kind, 0) for kind in needs}
-        raise UserError(f"one run needs {needs['CPU']:g} CPUs and {needs['GPU']:g} GPUs "
-                        f"({config.workers} workers), but the cluster has {have['CPU']:g} CPUs and {have['GPU']:g} GPUs")
-    return min(fits)
-
-
 def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     """A new Tuner, or the stored one when this sweep already ran here: finished trials are not run again."""
     trainable = tune.with_parameters(run_trial, base=sweep.base.to_dict(), storage=storage)
@@ -64,7 +52,7 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     path = f"{storage.rstrip('/')}/{sweep.run_name()}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    limit = sweep.max_concurrent_trials or concurrent_trials(sweep.base, ray.cluster_resources())
+    limit = sweep.max_concurrent_trials or capacity().runs_at_once(sweep.base)
     scheduler = ASHAScheduler(max_t=sweep.base.epochs, grace_period=sweep.grace_epochs)
     return tune.Tuner(
         trainable,
@@ -83,9 +71,10 @@ def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
     return results
 
 
-def trial_table(results: tune.ResultGrid, grace_epochs: int) -> pd.DataFrame:
+def trial_table(results: tune.ResultGrid, grace_epochs: int, storage: str) -> pd.DataFrame:
     """One row per trial, best first: searched values, epochs run, the objective at the grace epoch (which
-    every trial reached, so trials stopped early compare fairly there), final metrics and checkpoint path."""
+    every trial reached, so trials stopped early compare fairly there), final metrics and the checkpoint's
+    full location (s3://... when `storage` is a URI: Ray reports paths without their scheme)."""
     rows = []
     for result in results:
         row = {"trial_id": result.metrics.get("trial_id"), **{name: result.config[name] for name in SEARCHED}}
@@ -95,15 +84,15 @@ def trial_table(results: tune.ResultGrid, grace_epochs: int) -> pd.DataFrame:
         row["grace_epochs"] = grace_epochs
         row[GRACE_OBJECTIVE] = float(at_grace.iloc[-1]) if len(at_grace) else math.nan
         row.update({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_"))})
-        row["checkpoint_path"] = result.metrics.get("checkpoint_path")
+        row["checkpoint_path"] = uri_on(storage, result.metrics["checkpoint_path"])
         rows.append(row)
     return pd.DataFrame(rows).sort_values(OBJECTIVE).reset_index(drop=True)
 
 
-def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path) -> dict:
+def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: str, out: Path) -> dict:
     """trials.csv / trials.parquet, best.json, best_metrics.csv and the best checkpoint (model.ckpt) in `out`;
     returns the best record."""
-    table = trial_table(results, sweep.grace_epochs)
+    table = trial_table(results, sweep.grace_epochs, storage)
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
     best_result = results.get_best_result(metric=OBJECTIVE, mode=MODE, scope="last")
@@ -116,10 +105,10 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, out: Path)
         "trial_id": best_row["trial_id"],
         "config": config.to_dict(),
         "metrics": {k: float(v) for k, v in best_row.items() if k.startswith(("val_", "train_"))},
-        "checkpoint": f"{best_row['checkpoint_path']}/{RayTrainReportCallback.CHECKPOINT_NAME}",
+        "checkpoint": join(best_row["checkpoint_path"], RayTrainReportCallback.CHECKPOINT_NAME),
         "trials": len(table),
     }
     (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     # A local copy beside the tables: storage may be s3://, and the output folder should stand alone.
-    pafs.copy_files(best["checkpoint"], str((out / CHECKPOINT_NAME).resolve()))
+    (out / CHECKPOINT_NAME).write_bytes(read_bytes(best["checkpoint"]))
     return best

@@ -122,13 +122,13 @@ def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
 
 
 def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
-    paths = plots.draw_run(sweep_run)
+    paths = [Path(path) for path in plots.draw_run(sweep_run)]
     assert all(path.parent == sweep_run / "plots" for path in paths)
     assert_pngs(paths, EVERY_FIGURE)
 
 
 def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):
-    paths = plots.draw_run(train_run, data_root=synthetic_root)
+    paths = [Path(path) for path in plots.draw_run(train_run, data_root=synthetic_root)]
     assert_pngs(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
 
 
@@ -148,7 +148,7 @@ def test_long_class_names_are_shortened():
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
     trials = pd.read_csv(sweep_run / "trials.csv")
     trials.drop(columns=["grace_epochs", "val_nmse_at_grace"]).to_csv(sweep_run / "trials.csv", index=False)
-    assert "sweep.png" not in [path.name for path in plots.draw_run(sweep_run)]
+    assert "sweep.png" not in [Path(path).name for path in plots.draw_run(sweep_run)]
     assert any("run the sweep command again" in message for message in caplog.messages)
 
 

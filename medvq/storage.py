@@ -1,0 +1,134 @@
+"""Where medvq reads and writes: a local folder, or any URI pyarrow's filesystems take (s3://, gs://, ...).
+
+Endpoints and credentials come from the environment as every AWS SDK reads them (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...); pyarrow reads them itself, so medvq has no flags of its own for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow.fs as pafs
+
+from medvq.errors import UserError
+
+
+def is_uri(location: str | Path | None) -> bool:
+    return location is not None and "://" in str(location)
+
+
+def absolute(location: str) -> str:
+    """A local path made absolute (as every table and JSON records it); a URI as it is."""
+    return location if is_uri(location) else os.path.abspath(os.path.expanduser(location))
+
+
+def join(location: str, *parts: str) -> str:
+    return "/".join([str(location).rstrip("/"), *parts])
+
+
+def resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it) for a local path or a URI; a URI pyarrow cannot open is the user's to fix."""
+    if not is_uri(location):
+        return pafs.LocalFileSystem(), absolute(str(location))
+    try:
+        return pafs.FileSystem.from_uri(str(location))
+    except Exception as error:  # pyarrow raises ArrowInvalid, or a filesystem's own error type
+        raise UserError(f"cannot open {location}: {error}".splitlines()[0]) from None
+
+
+def uri_on(storage: str, path: str) -> str:
+    """The full location of `path`, a path on `storage`'s filesystem as Ray reports it (no scheme):
+    under s3://bucket/storage, "bucket/storage/x" -> "s3://bucket/storage/x"; local paths stay paths."""
+    if not is_uri(storage) or is_uri(path):
+        return path
+    return f"{storage.split('://', 1)[0]}://{path}"
+
+
+def info(location: str | Path) -> pafs.FileInfo:
+    filesystem, path = resolve(location)
+    return filesystem.get_file_info(path)
+
+
+def is_file(location: str | Path) -> bool:
+    return info(location).type == pafs.FileType.File
+
+
+def read_bytes(location: str | Path) -> bytes:
+    filesystem, path = resolve(location)
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def check_writable(location: str) -> None:
+    """Fail before any worker starts if `location` (a folder or a URI) cannot be created and written to."""
+    try:
+        filesystem, path = resolve(location)
+        filesystem.create_dir(path, recursive=True)
+        probe = join(path, ".medvq-write-check")
+        with filesystem.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        filesystem.delete_file(probe)
+    except Exception as error:  # pyarrow raises a different type per filesystem
+        raise UserError(f"storage {location} is not writable: {error}".splitlines()[0]) from None
+
+
+@contextmanager
+def output_folder(out: str) -> Iterator[Path]:
+    """The local folder a job writes to: --out itself, or for a URI (s3://bucket/run) a temporary
+    folder whose contents are uploaded there once the job has succeeded."""
+    if not is_uri(out):
+        yield Path(absolute(out))
+        return
+    check_writable(out)
+    with tempfile.TemporaryDirectory(prefix="medvq-out-") as local:
+        yield Path(local)
+        pafs.copy_files(local, out)
+        print(f"uploaded the outputs to {out}", flush=True)
+
+
+@contextmanager
+def local_folder(location: str, skip: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A folder to read and add files to: a local one as it is; a URI's files (but the top-level entries
+    named in `skip`) downloaded to a temporary folder, and what was added there uploaded back after."""
+    if not is_uri(location):
+        yield Path(absolute(location))
+        return
+    filesystem, root = resolve(location)
+    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+        raise UserError(f"{location} is not a folder")
+    selector = pafs.FileSelector(root, recursive=True)
+    with tempfile.TemporaryDirectory(prefix="medvq-run-") as local:
+        for entry in filesystem.get_file_info(selector):
+            relative = entry.path[len(root.rstrip("/")) + 1:]
+            if entry.type == pafs.FileType.File and relative.split("/")[0] not in skip:
+                (Path(local) / relative).parent.mkdir(parents=True, exist_ok=True)
+                pafs.copy_files(entry.path, str(Path(local) / relative), source_filesystem=filesystem)
+        before = {path for path in Path(local).rglob("*") if path.is_file()}
+        yield Path(local)
+        for path in sorted(set(Path(local).rglob("*")) - before):
+            if path.is_file():
+                target = join(root, str(path.relative_to(local)))
+                filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                pafs.copy_files(str(path), target, destination_filesystem=filesystem)
+
+
+def cached_copy(location: str) -> Path:
+    """A node-local copy of a remote file, fetched once per version of it (size and modification time) and
+    moved into place only when complete, so processes reading it at once never see half a file."""
+    found = info(location)
+    if found.type != pafs.FileType.File:
+        raise UserError(f"{location} does not exist")
+    key = hashlib.sha1(f"{location} {found.size} {found.mtime_ns}".encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / "medvq-cache" / key / location.rsplit("/", 1)[-1]
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkstemp(dir=path.parent, prefix=".partial-")[1])
+        filesystem, remote = resolve(location)
+        pafs.copy_files(remote, str(partial), source_filesystem=filesystem)
+        os.replace(partial, path)
+    return path
