@@ -1,0 +1,138 @@
+"""The job on a real multi-node Ray cluster: a 0-CPU head (every trial, Train worker and encoder actor runs
+elsewhere) and two worker nodes that cannot see the head's /tmp, storage on an S3-compatible server reached
+through AWS_ENDPOINT_URL, as `cluster/` sets it up. The cluster is shared by every test here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.fs as pafs
+import pytest
+from medmnist import INFO
+
+from medvq.module import VQVAEModule
+from medvq.storage import read_bytes
+from medvq.synthetic import write_synthetic_npz
+from tests.clusters import Cluster, Processes, client_env, s3_filesystem, start_head, start_private_node, start_s3
+from tests.conftest import REPO, SYNTHETIC_DATASETS
+
+pytestmark = pytest.mark.integration
+BUCKET = "medvq-test"
+SHARED_VOLUME = "/var/tmp"  # seen by every node (only /tmp is private to each): a shared volume's stand-in
+
+
+@dataclass
+class MultiNode:
+    cluster: Cluster
+    s3_data: str  # the synthetic files in the bucket
+    shared_data: Path  # ... and on the "shared volume"
+
+
+@pytest.fixture(scope="module")
+def multinode(synthetic_root):
+    processes = Processes()
+    try:
+        s3 = start_s3(processes, BUCKET)
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in s3.items():  # this process reads the outputs back through pyarrow too
+                patch.setenv(name, value)
+            cluster = start_head(processes, client_env(**s3), "--num-cpus=0")
+            for _ in range(2):
+                start_private_node(processes, cluster, cpus=2)
+            shared = Path(processes.folder("medvq-shared-", SHARED_VOLUME))
+            for seed, name in enumerate(SYNTHETIC_DATASETS):
+                write_synthetic_npz(shared, name, seed=seed)
+            pafs.copy_files(str(shared), f"s3://{BUCKET}/medmnist")
+            yield MultiNode(cluster, f"s3://{BUCKET}/medmnist", shared)
+    finally:
+        processes.stop()
+
+
+def smoke(data_root: str | Path, out: str | Path, *extra: str) -> list[str]:
+    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
+            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
+
+
+def driver(cluster: Cluster, *command: str) -> subprocess.CompletedProcess:
+    """A job's driver started here (the head's node), joining the cluster by RAY_ADDRESS."""
+    return subprocess.run([sys.executable, *command], cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address},
+                          capture_output=True, text=True, timeout=600)
+
+
+def s3_path(uri: str) -> str:
+    return uri.removeprefix("s3://")
+
+
+def read_latents(location: str | Path) -> pd.DataFrame:
+    """The Parquet latents with pandas, sorted by image: from S3 through pyarrow's filesystem, or a folder."""
+    if str(location).startswith("s3://"):
+        latents = pd.read_parquet(s3_path(str(location)), filesystem=s3_filesystem())
+    else:
+        latents = pd.read_parquet(location)
+    return latents.sort_values(["dataset", "split", "index"]).reset_index(drop=True)
+
+
+def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
+    out = f"s3://{BUCKET}/runs/all-on-s3"
+    job = multinode.cluster.submit(*smoke(multinode.s3_data, out))
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+
+    best = json.loads(read_bytes(f"{out}/best.json"))
+    assert best["checkpoint"].startswith(f"{out}/ray_results/")  # the full URI, scheme and all
+    trials = pd.read_parquet(s3_path(f"{out}/trials.parquet"), filesystem=s3_filesystem())
+    assert len(trials) == 2 and trials["checkpoint_path"].str.startswith(f"{out}/ray_results/").all()
+    restored = VQVAEModule.load_from_checkpoint(best["checkpoint"])  # as best.json names it
+    assert restored.config.codebook_size == best["config"]["codebook_size"]
+    latents = read_latents(f"{out}/latents")
+    assert sorted(latents["dataset"].unique()) == sorted(SYNTHETIC_DATASETS)
+
+    # Another process re-encodes from the checkpoint's URI: the same codes for every image.
+    encode = driver(multinode.cluster, "jobs/encode.py", "--checkpoint", best["checkpoint"],
+                    "--data-root", multinode.s3_data, "--out", str(tmp_path / "again"))
+    assert encode.returncode == 0, encode.stderr[-3000:]
+    again = read_latents(tmp_path / "again" / "latents")
+    assert again[["dataset", "split", "index"]].equals(latents[["dataset", "split", "index"]])
+    assert all((a == b).all() for a, b in zip(again["codes"], latents["codes"]))
+
+    # The figures are redrawn from the run's URI, no Ray needed.
+    s3_filesystem().delete_file(s3_path(f"{out}/plots/latent_space.png"))
+    plot = subprocess.run([sys.executable, "jobs/plot.py", "--run", out], cwd=REPO, env=multinode.cluster.env,
+                          capture_output=True, text=True, timeout=300)
+    assert plot.returncode == 0 and f"wrote {out}/plots/latent_space.png" in plot.stdout, plot.stderr[-3000:]
+    assert s3_filesystem().get_file_info(s3_path(f"{out}/plots/latent_space.png")).size > 0
+
+
+def test_the_sweep_with_outputs_on_the_head_and_ray_storage_on_s3(multinode, tmp_path):
+    out, storage = tmp_path / "out", f"s3://{BUCKET}/storage/head-out"
+    job = multinode.cluster.submit(*smoke(multinode.shared_data, out, "--storage", storage))
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    best = json.loads((out / "best.json").read_text())
+    assert best["checkpoint"].startswith(f"{storage}/") and (out / "model.ckpt").stat().st_size > 0
+    assert pd.read_csv(out / "trials.csv")["checkpoint_path"].str.startswith(f"{storage}/").all()
+    images = sum(sum(INFO[name]["n_samples"].values()) for name in SYNTHETIC_DATASETS)
+    assert len(read_latents(out / "latents")) == images
+    assert {"latent_space.png", "curves.png", "sweep.png", "reconstructions.png"} <= {p.name for p in (out / "plots").iterdir()}
+    assert not (out / "ray_results").exists()
+
+
+@pytest.mark.parametrize("what", ["out", "data-root"])
+def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(multinode, synthetic_root, tmp_path,
+                                                                                what):
+    if what == "out":  # head-local --out and no --storage: Ray's storage would be OUT/ray_results, here only
+        out, flags, expected = tmp_path / "out", smoke(multinode.shared_data, tmp_path / "out"), "is a folder only this node has"
+    else:  # the data in this node's /tmp only
+        out = f"s3://{BUCKET}/runs/refused"
+        flags, expected = smoke(synthetic_root, out), f"--data-root {synthetic_root} is not on every node"
+    job = driver(multinode.cluster, *flags[1:])
+    assert job.returncode == 2, job.stderr[-3000:]
+    error_lines = [line for line in job.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and expected in error_lines[0] and "Traceback" not in job.stderr
+    if what == "out":
+        assert not out.exists()
+    else:
+        assert s3_filesystem().get_file_info(s3_path(out)).type == pafs.FileType.NotFound
