@@ -111,7 +111,9 @@ def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: di
     seconds["search"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     best = write_sweep_outputs(results, sweep, storage, out)
-    records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out)
+    # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
+    gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
+    records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out, gpus_per_actor=gpus_per_actor)
     seconds.update(described)
     started = time.monotonic()
     draw_run(out)

@@ -87,7 +87,7 @@ def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     the CPUs shared; at least one, for which an autoscaler adds a node if none is up."""
     up, most = ray.cluster_resources(), capacity()
     if gpus_per_actor is None:
-        gpus_per_actor = 1.0 if most.totals.get("GPU", 0) > 0 else 0.0
+        gpus_per_actor = 1.0 if max(up.get("GPU", 0), most.totals.get("GPU", 0)) > 0 else 0.0
     if actors is None:
         actors = int(up.get("GPU", 0) / gpus_per_actor) if gpus_per_actor > 0 else int(up.get("CPU", 0)) // 2
         actors = max(1, actors)

@@ -7,12 +7,17 @@ import logging
 import math
 import os
 import shutil
+import sys
 import uuid
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import yaml
+from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
 from ray._private.state import state as ray_state
+from ray.experimental.internal_kv import _internal_kv_get
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from medvq.config import Config
@@ -26,20 +31,26 @@ NODE_CHECK_SECONDS = 120  # a worker process per node, and the job's working_dir
 PROBE_PREFIX = ".medvq-visible-"
 
 
+NodeType = tuple[dict[str, float], int]  # the resources of one node, and how many such nodes at most (-1: any)
+
+
 @dataclass(frozen=True)
 class Capacity:
     """The most the cluster can hold: the nodes up now, and the node types its autoscaler can add up to
-    their limits (Ray Train checks a run against the same limits before it waits for the nodes)."""
+    their limits (Ray Train checks a run against the same limits before it waits for the nodes).
+    `known` is False when an autoscaler runs whose node types cannot be read from here: then anything fits."""
 
     node_shapes: tuple[dict[str, float], ...]  # the resources of each node up now and of each node type
     totals: dict[str, float]  # of the nodes up now, or of the whole cluster grown to the autoscaler's limits
-    autoscaling: bool
+    autoscaling: bool = False
+    known: bool = True
 
     def holds(self, total: dict[str, float], each: dict[str, float]) -> bool:
         """Whether the cluster can hold `total`, made of pieces of `each` that must each fit on one node."""
         on_one_node = any(all(shape.get(kind, 0) + 1e-9 >= amount for kind, amount in each.items())
                           for shape in self.node_shapes)
-        return on_one_node and all(self.totals.get(kind, 0) + 1e-9 >= amount for kind, amount in total.items())
+        fits = on_one_node and all(self.totals.get(kind, 0) + 1e-9 >= amount for kind, amount in total.items())
+        return fits or not self.known
 
     def runs_at_once(self, config: Config) -> int:
         """How many runs of `config` (Ray Train workers) fit at once; a clear error if not even one does."""
@@ -48,6 +59,8 @@ class Capacity:
         if not self.holds(run, worker):
             raise UserError(f"one run needs {run['CPU']:g} CPUs and {run['GPU']:g} GPUs ({config.workers} workers of "
                             f"{worker['CPU']:g} CPUs and {worker['GPU']:g} GPUs), but {self.describe()}")
+        if not self.known:
+            return sys.maxsize
         return min(math.floor(self.totals.get(kind, 0) / amount + 1e-9) for kind, amount in run.items() if amount > 0)
 
     def describe(self) -> str:
@@ -58,16 +71,49 @@ class Capacity:
 
 
 def capacity() -> Capacity:
-    """The cluster's capacity; with an autoscaler, what it can grow to, else the nodes up now."""
-    alive = [dict(node["Resources"]) for node in ray.nodes() if node["Alive"]]
+    """The cluster's capacity: with an autoscaler, what it can grow to; without, the nodes up now."""
+    alive = tuple(dict(node["Resources"]) for node in ray.nodes() if node["Alive"])
     totals = dict(ray.cluster_resources())
-    autoscaler = ray_state.get_cluster_config()  # the autoscaler's node types and limits; None without one
-    if autoscaler is None or not autoscaler.node_group_configs:
-        return Capacity(tuple(alive), totals, autoscaling=False)
-    node_types = [dict(group.resources) for group in autoscaler.node_group_configs if group.max_count != 0]
-    grown = ray_state.get_max_resources_from_cluster_config() or {}
-    totals = {kind: max(totals.get(kind, 0), grown.get(kind, 0)) for kind in {*totals, *grown}}
-    return Capacity(tuple(alive + node_types), totals, autoscaling=True)
+    node_types = autoscaler_node_types()
+    if node_types is None:
+        return Capacity(alive, totals)
+    if not node_types:
+        log.warning("an autoscaler runs, but its node types cannot be read from here: trials are not checked "
+                    "against them and wait for the nodes it adds (give --gpus-per-trial for GPU trials)")
+        return Capacity(alive, totals, autoscaling=True, known=False)
+    for resources, most in node_types:
+        for kind, amount in resources.items():
+            totals[kind] = totals.get(kind, 0) + amount * (sys.maxsize if most < 0 else most)
+    return Capacity(alive + tuple(resources for resources, most in node_types if most != 0), totals, autoscaling=True)
+
+
+def autoscaler_node_types() -> list[NodeType] | None:
+    """The worker node types an autoscaler can add, with their limits: as it publishes them in Ray's GCS
+    (where Ray Train reads them), else from the config file of the autoscaler that runs on this node (Ray's
+    cluster launcher, `ray start --head --autoscaling-config`). [] when an autoscaler runs whose node types
+    cannot be read from here (KubeRay's runs in a container of its own); None without an autoscaler."""
+    published = ray_state.get_cluster_config()
+    if published is not None and published.node_group_configs:
+        return [(dict(group.resources), group.max_count) for group in published.node_group_configs
+                if "node:__internal_head__" not in group.resources]
+    path = _autoscaler_config_file()
+    if path is not None:
+        config = yaml.safe_load(path.read_text())
+        return [(dict(node_type.get("resources", {})), int(node_type.get("max_workers", config.get("max_workers", 0))))
+                for name, node_type in config["available_node_types"].items() if name != config["head_node_type"]]
+    reported = any(_internal_kv_get(key) for key in (DEBUG_AUTOSCALING_STATUS, "AutoscalerMetricsAddress"))
+    return [] if reported else None
+
+
+def _autoscaler_config_file() -> Path | None:
+    """The --autoscaling-config of the autoscaler monitor of this cluster, if it runs on this node."""
+    gcs = ray.get_runtime_context().gcs_address
+    for command_line in Path("/proc").glob("[0-9]*/cmdline"):
+        with suppress(OSError):  # processes come and go while this reads
+            words = command_line.read_bytes().decode(errors="replace").replace("\0", " ").replace("=", " ").split()
+            if any(word.endswith("monitor.py") for word in words) and gcs in words and "--autoscaling-config" in words:
+                return Path(words[words.index("--autoscaling-config") + 1])
+    return None
 
 
 def _unseen(probes: list[str], files: dict[str, int]) -> list[str]:

@@ -120,18 +120,25 @@ class Cluster:
         nodes = json.loads(listed.stdout) if listed.stdout.lstrip().startswith("[") else []  # else "No resource"
         return [node for node in nodes if node["state"] == "ALIVE"]
 
-    def submit(self, *command: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir .` of `command`, from the repository root, to the end."""
-        return subprocess.run([RAY, "job", "submit", "--address", self.dashboard, "--working-dir", ".", "--", *command],
-                              cwd=Path(__file__).resolve().parents[1], env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
+    def submit(self, *command: str, timeout: float = 600, working_dir: bool = True,
+               wait: bool = True) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir .` of `command`, from the repository root, to the end (or, not `wait`ing,
+        until it is submitted). Without `working_dir` the job runs in this checkout, for clusters whose
+        nodes all share this machine's files (Ray's fake autoscaler: there, the job's unpacked working_dir
+        vanished under its driver once the trials ended)."""
+        repo = Path(__file__).resolve().parents[1]
+        shipped = ["--working-dir", "."] if working_dir else []
+        command = command if working_dir else ("sh", "-c", f"cd {shlex.quote(str(repo))} && {shlex.join(command)}")
+        return subprocess.run([RAY, "job", "submit", "--address", self.dashboard, *shipped,
+                               *([] if wait else ["--no-wait"]), "--", *command],
+                              cwd=repo, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
-def start_head(processes: Processes, env: dict[str, str], *flags: str) -> Cluster:
+def start_head(processes: Processes, env: dict[str, str], *flags: str, port: int | None = None) -> Cluster:
     """`ray start --head --block` on 127.0.0.1 with its own temp dir (`ray start` records its address there,
     which only `ray stop` removes: in the shared /tmp/ray later jobs here would wait for a dead cluster).
     Short, in /tmp: Ray's socket paths inside it must stay under 108 characters."""
-    port, dashboard = free_port(), free_port()
+    port, dashboard = port or free_port(), free_port()
     temp_dir = processes.folder("ray-")
     # RAY_ADDRESS where the cluster starts: its processes then find it even if other instances run here.
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
@@ -142,6 +149,7 @@ def start_head(processes: Processes, env: dict[str, str], *flags: str) -> Cluste
          *flags], env, temp_dir / "head.log")
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, temp_dir)
     wait_for(lambda: answers(f"{cluster.dashboard}/api/version"), "ray start --head", process=head)
+    wait_for(cluster.nodes, "the head node listed", process=head)
     return cluster
 
 

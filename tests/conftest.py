@@ -19,6 +19,12 @@ TINY = dict(datasets=SYNTHETIC_DATASETS, hidden_channels=16, embedding_dim=8, co
             epochs=1, limit_batches=3, accelerator="cpu")
 
 
+def smoke_command(data_root: Path | str, out: Path | str, *extra: str) -> list[str]:
+    """The smoke sweep on the synthetic sets, as a user types it."""
+    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
+            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("medmnist")

@@ -205,8 +205,8 @@ def test_aws_has_a_cpu_head_and_gpu_workers_with_token_auth():
     assert "-e RAY_AUTH_MODE=token" in AWS["docker"]["run_options"]
 
 
-def test_aws_setup_commands_import_what_exists():
-    imports = re.findall(r"from ([\w.]+) import (\w+)", " ".join(AWS["setup_commands"]))
+def test_the_data_upload_command_imports_what_exists():
+    imports = re.findall(r"from ([\w.]+) import (\w+)", next(line for line in README.splitlines() if "verified_file" in line))
     assert imports
     for module, name in imports:
         assert hasattr(importlib.import_module(module), name), f"aws.yaml imports {module}.{name}"
@@ -259,12 +259,19 @@ def test_rayjob_entrypoint_uses_the_shared_volume_and_is_in_the_readme():
     assert RAYJOB["spec"]["entrypoint"] in README
 
 
+def test_the_aws_command_keeps_everything_on_s3_as_the_multinode_test_runs_it():
+    (aws,) = [flags(argv) for argv in sweep_commands().values() if flags(argv)["--data-root"].startswith("s3://")]
+    assert aws["--out"].startswith("s3://") and "--storage" not in aws  # storage: OUT/ray_results, on S3
+
+
 @pytest.mark.parametrize("source, argv", sweep_commands().items())
 def test_every_sweep_command_fills_the_cluster_it_is_written_for(source, argv):
     flag = flags(argv)
+    storage = flag.get("--storage") or f"{flag['--out']}/ray_results"
     capacities = ([kuberay_capacity(spec) for spec in KUBERAY_CLUSTERS.values()]
-                  if flag["--storage"].startswith(SHARED) else [aws_capacity()])
-    assert flag["--storage"].startswith((SHARED, "s3://")), "cluster storage must be shared by every node"
+                  if storage.startswith(SHARED) else [aws_capacity()])
+    assert storage.startswith((SHARED, "s3://")), "cluster storage must be shared by every node"
+    assert flag["--data-root"].startswith((SHARED, "s3://")), "every node reads the data"
     total, per_worker, cpus = gpu_demand(flag)
     for gpus, gpus_per_node, cpus_per_node in capacities:
         assert total == gpus, f"{source}: asks for {total:g} GPUs at once, the cluster has {gpus:g}"

@@ -1,36 +1,23 @@
-"""The jobs as users run them: a killed sweep driver resumes, `ray job submit` against `ray start --head`,
-and a Ray Train run of jobs/train.py that resumes instead of starting over."""
+"""The jobs as users run them: a killed sweep driver resumes, and a Ray Train run of jobs/train.py that
+resumes instead of starting over. (`ray job submit` against `ray start` clusters: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import pytest
 
 from medvq.module import VQVAEModule
-from tests.conftest import REPO, SYNTHETIC_DATASETS
+from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
 
 pytestmark = pytest.mark.integration
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def smoke_command(data_root: Path, out: Path | str, *extra: str) -> list[str]:
-    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
-            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
 
 
 def finished_trial_results(storage: Path) -> dict[str, int]:
@@ -84,75 +71,6 @@ def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_pa
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def started_cluster(env: dict[str, str]) -> Iterator[str]:
-    """`ray start --head --block`, stopped by signalling it alone (`ray stop` would stop every Ray instance
-    on the machine); yields the job API's address once it answers.
-
-    Its own temp dir: `ray start` records its address there for later `ray.init()` calls, and only `ray stop`
-    removes the record, so in the shared /tmp/ray every later job on this machine would wait for the dead
-    cluster. (Short, in /tmp: Ray's socket paths inside it must stay under 108 characters.)
-    """
-    port, dashboard = free_port(), free_port()
-    temp_dir = tempfile.mkdtemp(prefix="ray-")
-    head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dashboard}", "--num-cpus=4",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-        # RAY_ADDRESS where the cluster starts: its workers then find it even if other instances run here.
-        env={**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        deadline = time.monotonic() + 120
-        while not answers(address):
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(1)
-        yield address
-    finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def answers(address: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{address}/api/version", timeout=5)
-    except urllib.error.HTTPError:
-        return True  # up, and asking for the token
-    except OSError:
-        return False
-    return True
-
-
-def test_ray_job_submit_runs_the_smoke_sweep_on_a_started_cluster(synthetic_root, tmp_path):
-    # Token auth, as Ray's local clusters default to; and this interpreter's `python` for the job's entrypoint.
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    out = tmp_path / "out"
-    with started_cluster(env) as address:
-        submit = subprocess.run(  # --out as a URI: the outputs are uploaded there at the end
-            [RAY, "job", "submit", "--address", address, "--working-dir", ".", "--",
-             *smoke_command(synthetic_root, f"file://{out}")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-        )
-    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
-    assert "succeeded" in submit.stdout
-    best = json.loads((out / "best.json").read_text())
-    assert Path(best["checkpoint"]).exists() and (out / "model.ckpt").exists()
-    assert len(pd.read_parquet(out / "trials.parquet")) == 2
-    assert (out / "summary.md").read_text().startswith("2 trials")
-    latents = pd.read_parquet(out / "latents")
-    assert sorted(latents["dataset"].unique()) == sorted(SYNTHETIC_DATASETS)
-    assert [record["dataset"] for record in json.loads((out / "summary.json").read_text())] == list(SYNTHETIC_DATASETS)
-    assert {"latent_space.png", "curves.png", "sweep.png", "reconstructions.png"} <= {p.name for p in (out / "plots").iterdir()}
 
 
 def test_train_job_on_ray_train_workers_resumes_instead_of_starting_over(synthetic_root, tmp_path):

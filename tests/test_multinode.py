@@ -19,7 +19,7 @@ from medvq.module import VQVAEModule
 from medvq.storage import read_bytes
 from medvq.synthetic import write_synthetic_npz
 from tests.clusters import Cluster, Processes, client_env, s3_filesystem, start_head, start_private_node, start_s3
-from tests.conftest import REPO, SYNTHETIC_DATASETS
+from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
 
 pytestmark = pytest.mark.integration
 BUCKET = "medvq-test"
@@ -53,11 +53,6 @@ def multinode(synthetic_root):
         processes.stop()
 
 
-def smoke(data_root: str | Path, out: str | Path, *extra: str) -> list[str]:
-    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
-            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
-
-
 def driver(cluster: Cluster, *command: str) -> subprocess.CompletedProcess:
     """A job's driver started here (the head's node), joining the cluster by RAY_ADDRESS."""
     return subprocess.run([sys.executable, *command], cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address},
@@ -79,7 +74,7 @@ def read_latents(location: str | Path) -> pd.DataFrame:
 
 def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
     out = f"s3://{BUCKET}/runs/all-on-s3"
-    job = multinode.cluster.submit(*smoke(multinode.s3_data, out))
+    job = multinode.cluster.submit(*smoke_command(multinode.s3_data, out))
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
 
     best = json.loads(read_bytes(f"{out}/best.json"))
@@ -109,7 +104,7 @@ def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
 
 def test_the_sweep_with_outputs_on_the_head_and_ray_storage_on_s3(multinode, tmp_path):
     out, storage = tmp_path / "out", f"s3://{BUCKET}/storage/head-out"
-    job = multinode.cluster.submit(*smoke(multinode.shared_data, out, "--storage", storage))
+    job = multinode.cluster.submit(*smoke_command(multinode.shared_data, out, "--storage", storage))
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     best = json.loads((out / "best.json").read_text())
     assert best["checkpoint"].startswith(f"{storage}/") and (out / "model.ckpt").stat().st_size > 0
@@ -120,14 +115,24 @@ def test_the_sweep_with_outputs_on_the_head_and_ray_storage_on_s3(multinode, tmp
     assert not (out / "ray_results").exists()
 
 
+def test_the_sweep_with_everything_on_a_shared_volume(multinode):
+    """cluster/kuberay's form: data, outputs and Ray's storage (OUT/ray_results by default) on one volume."""
+    out = multinode.shared_data / "runs" / "sweep"  # removed with the volume's folder
+    job = multinode.cluster.submit(*smoke_command(multinode.shared_data, out))
+    assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    best = json.loads((out / "best.json").read_text())
+    assert best["checkpoint"].startswith(f"{out}/ray_results/") and Path(best["checkpoint"]).is_file()
+    assert (out / "model.ckpt").is_file() and len(read_latents(out / "latents")) > 0
+
+
 @pytest.mark.parametrize("what", ["out", "data-root"])
 def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(multinode, synthetic_root, tmp_path,
                                                                                 what):
     if what == "out":  # head-local --out and no --storage: Ray's storage would be OUT/ray_results, here only
-        out, flags, expected = tmp_path / "out", smoke(multinode.shared_data, tmp_path / "out"), "is a folder only this node has"
+        out, flags, expected = tmp_path / "out", smoke_command(multinode.shared_data, tmp_path / "out"), "is a folder only this node has"
     else:  # the data in this node's /tmp only
         out = f"s3://{BUCKET}/runs/refused"
-        flags, expected = smoke(synthetic_root, out), f"--data-root {synthetic_root} is not on every node"
+        flags, expected = smoke_command(synthetic_root, out), f"--data-root {synthetic_root} is not on every node"
     job = driver(multinode.cluster, *flags[1:])
     assert job.returncode == 2, job.stderr[-3000:]
     error_lines = [line for line in job.stderr.splitlines() if line.startswith("error:")]
