@@ -19,7 +19,7 @@ def measure(run: Path, config: Config) -> dict:
     umap_seconds, fit_seconds = timed(add_umap_, run / LATENTS_DIR, seed=config.seed)
     plots_seconds, written = timed(draw_run, run, config.data_root)
     return {"umap_seconds": umap_seconds, "umap_fit_seconds": fit_seconds, "plots_seconds": plots_seconds,
-            "figures": [path.name for path in written]}
+            "figures": [Path(path).name for path in written]}
 
 
 def rows(results: dict, images: int) -> list[Row]:

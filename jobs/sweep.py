@@ -98,7 +98,8 @@ def main() -> None:
     check_writable(storage)
     with output_folder(args.out) as out:
         print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
-              f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}", flush=True)
+              f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
+              flush=True)
         search_and_describe(sweep, storage, out, seconds)
     print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
           f"summary.md and plots/ to {args.out}")

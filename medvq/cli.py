@@ -17,8 +17,8 @@ from medvq.storage import absolute, join
 
 def add_data_flags(parser: argparse.ArgumentParser, datasets_default: str | None = ",".join(Config.datasets)) -> None:
     """--data-root and --datasets, with the same names and meanings in every job."""
-    parser.add_argument("--data-root", help="folder (every node's, e.g. a shared volume) or URI (s3://...) of the MedMNIST .npz files "
-                        "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
+    parser.add_argument("--data-root", help="folder (on a cluster, every node's: a shared volume) or URI "
+                        "(s3://...) of the MedMNIST .npz files (default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
     parser.add_argument("--datasets", default=datasets_default,
                         help="comma-separated MedMNIST names (default: %(default)s)")
 

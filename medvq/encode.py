@@ -95,7 +95,8 @@ def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     if actors < 1 or gpus_per_actor < 0:
         raise UserError(f"encoder actors must be >= 1 and GPUs per actor >= 0, got {actors} and {gpus_per_actor}")
     if not most.holds({"CPU": actors, "GPU": actors * gpus_per_actor}, {"CPU": 1, "GPU": gpus_per_actor}):
-        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit: {most.describe()}")
+        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit: "
+                        f"{most.describe()}")
     return actors, gpus_per_actor, max(1, int(up.get("CPU", 0)) // actors)
 
 

@@ -89,30 +89,32 @@ def capacity() -> Capacity:
 
 def autoscaler_node_types() -> list[NodeType] | None:
     """The worker node types an autoscaler can add, with their limits: as it publishes them in Ray's GCS
-    (where Ray Train reads them), else from the config file of the autoscaler that runs on this node (Ray's
-    cluster launcher, `ray start --head --autoscaling-config`). [] when an autoscaler runs whose node types
-    cannot be read from here (KubeRay's runs in a container of its own); None without an autoscaler."""
+    (where Ray Train reads them), else from the config file of the autoscaler monitor on this node (Ray's
+    cluster launcher, `ray start --head --autoscaling-config`). [] when an autoscaler runs elsewhere, whose
+    node types cannot be read from here (KubeRay's, in a container of its own); None without an autoscaler
+    (a monitor without a config file only reports the nodes there are)."""
     published = ray_state.get_cluster_config()
     if published is not None and published.node_group_configs:
         return [(dict(group.resources), group.max_count) for group in published.node_group_configs
                 if "node:__internal_head__" not in group.resources]
-    path = _autoscaler_config_file()
-    if path is not None:
-        config = yaml.safe_load(path.read_text())
-        return [(dict(node_type.get("resources", {})), int(node_type.get("max_workers", config.get("max_workers", 0))))
-                for name, node_type in config["available_node_types"].items() if name != config["head_node_type"]]
-    reported = any(_internal_kv_get(key) for key in (DEBUG_AUTOSCALING_STATUS, "AutoscalerMetricsAddress"))
-    return [] if reported else None
+    monitor = _local_monitor_command()
+    if monitor is None:
+        return [] if _internal_kv_get(DEBUG_AUTOSCALING_STATUS) else None
+    if "--autoscaling-config" not in monitor:
+        return None
+    config = yaml.safe_load(Path(monitor[monitor.index("--autoscaling-config") + 1]).read_text())
+    return [(dict(node_type.get("resources", {})), int(node_type.get("max_workers", config.get("max_workers", 0))))
+            for name, node_type in config["available_node_types"].items() if name != config["head_node_type"]]
 
 
-def _autoscaler_config_file() -> Path | None:
-    """The --autoscaling-config of the autoscaler monitor of this cluster, if it runs on this node."""
+def _local_monitor_command() -> list[str] | None:
+    """The command line, split at spaces and "=", of this cluster's autoscaler monitor if it runs on this node."""
     gcs = ray.get_runtime_context().gcs_address
     for command_line in Path("/proc").glob("[0-9]*/cmdline"):
         with suppress(OSError):  # processes come and go while this reads
             words = command_line.read_bytes().decode(errors="replace").replace("\0", " ").replace("=", " ").split()
-            if any(word.endswith("monitor.py") for word in words) and gcs in words and "--autoscaling-config" in words:
-                return Path(words[words.index("--autoscaling-config") + 1])
+            if any(word.endswith("monitor.py") for word in words) and gcs in words:
+                return words
     return None
 
 

@@ -51,7 +51,10 @@ def uri_on(storage: str, path: str) -> str:
 
 def info(location: str | Path) -> pafs.FileInfo:
     filesystem, path = resolve(location)
-    return filesystem.get_file_info(path)
+    try:
+        return filesystem.get_file_info(path)
+    except OSError as error:  # a bucket that does not exist, credentials refused, an endpoint down
+        raise UserError(f"cannot reach {location}: {error}".splitlines()[0]) from None
 
 
 def is_file(location: str | Path) -> bool:
@@ -60,8 +63,11 @@ def is_file(location: str | Path) -> bool:
 
 def read_bytes(location: str | Path) -> bytes:
     filesystem, path = resolve(location)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+    try:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+    except OSError as error:
+        raise UserError(f"cannot read {location}: {error}".splitlines()[0]) from None
 
 
 def check_writable(location: str) -> None:

@@ -10,8 +10,6 @@ import torch
 from medvq.config import SweepConfig
 from medvq.module import VQVAEModule
 from medvq.train import fit_worker, train_distributed
-from medvq.errors import UserError
-from medvq.nodes import Capacity
 from medvq.tune import run_sweep, write_sweep_outputs
 
 pytestmark = pytest.mark.integration
@@ -58,21 +56,3 @@ def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance,
     for checkpoint in (best["checkpoint"], tmp_path / "model.ckpt"):  # in storage, and the copy beside the tables
         restored = VQVAEModule.load_from_checkpoint(checkpoint)
         assert restored.config.codebook_size == best["config"]["codebook_size"]
-
-
-def test_a_trial_larger_than_the_cluster_is_a_clear_error(tiny_config):
-    one_node = lambda resources: Capacity((resources,), resources, autoscaling=False)
-    with pytest.raises(UserError, match="needs 2 CPUs and 4 GPUs .* the cluster has 8 CPUs and 1 GPUs"):
-        one_node({"CPU": 8, "GPU": 1}).runs_at_once(tiny_config(workers=2, gpus_per_worker=2))
-    assert one_node({"CPU": 16, "GPU": 1}).runs_at_once(tiny_config(gpus_per_worker=0.25)) == 4
-    assert one_node({"CPU": 5}).runs_at_once(tiny_config(workers=2)) == 2
-
-
-def test_an_autoscaling_cluster_is_measured_by_what_it_can_grow_to(tiny_config):
-    # A 0-CPU head up, node types of 2 CPUs (up to 2 nodes) and of 1 CPU + 1 GPU (1 node) to be added.
-    cluster = Capacity(({"CPU": 0}, {"CPU": 2}, {"CPU": 1, "GPU": 1}), {"CPU": 5, "GPU": 1}, autoscaling=True)
-    assert cluster.runs_at_once(tiny_config(gpus_per_worker=1)) == 1
-    assert cluster.runs_at_once(tiny_config(cpus_per_worker=2)) == 2
-    # Five CPUs in all, but no node type has three for one worker.
-    with pytest.raises(UserError, match="can grow to 5 CPUs and 1 GPUs, at most 2 CPUs and 1 GPUs on one node"):
-        cluster.runs_at_once(tiny_config(cpus_per_worker=3))

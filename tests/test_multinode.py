@@ -111,7 +111,8 @@ def test_the_sweep_with_outputs_on_the_head_and_ray_storage_on_s3(multinode, tmp
     assert pd.read_csv(out / "trials.csv")["checkpoint_path"].str.startswith(f"{storage}/").all()
     images = sum(sum(INFO[name]["n_samples"].values()) for name in SYNTHETIC_DATASETS)
     assert len(read_latents(out / "latents")) == images
-    assert {"latent_space.png", "curves.png", "sweep.png", "reconstructions.png"} <= {p.name for p in (out / "plots").iterdir()}
+    figures = {path.name for path in (out / "plots").iterdir()}
+    assert {"latent_space.png", "curves.png", "sweep.png", "reconstructions.png"} <= figures
     assert not (out / "ray_results").exists()
 
 
@@ -129,7 +130,8 @@ def test_the_sweep_with_everything_on_a_shared_volume(multinode):
 def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(multinode, synthetic_root, tmp_path,
                                                                                 what):
     if what == "out":  # head-local --out and no --storage: Ray's storage would be OUT/ray_results, here only
-        out, flags, expected = tmp_path / "out", smoke_command(multinode.shared_data, tmp_path / "out"), "is a folder only this node has"
+        out, expected = tmp_path / "out", "is a folder only this node has"
+        flags = smoke_command(multinode.shared_data, out)
     else:  # the data in this node's /tmp only
         out = f"s3://{BUCKET}/runs/refused"
         flags, expected = smoke_command(synthetic_root, out), f"--data-root {synthetic_root} is not on every node"
