@@ -27,6 +27,7 @@ from pathlib import Path
 import boto3
 import pyarrow.fs as pafs
 
+REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PORTS_PER_NODE = 200  # each node's worker processes get their own range: all nodes share 127.0.0.1
@@ -126,12 +127,11 @@ class Cluster:
         until it is submitted). Without `working_dir` the job runs in this checkout, for clusters whose
         nodes all share this machine's files (Ray's fake autoscaler: there, the job's unpacked working_dir
         vanished under its driver once the trials ended)."""
-        repo = Path(__file__).resolve().parents[1]
         shipped = ["--working-dir", "."] if working_dir else []
-        command = command if working_dir else ("sh", "-c", f"cd {shlex.quote(str(repo))} && {shlex.join(command)}")
+        command = command if working_dir else ("sh", "-c", f"cd {shlex.quote(str(REPO))} && {shlex.join(command)}")
         return subprocess.run([RAY, "job", "submit", "--address", self.dashboard, *shipped,
                                *([] if wait else ["--no-wait"]), "--", *command],
-                              cwd=repo, env=self.env, capture_output=True, text=True, timeout=timeout)
+                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
 
 def start_head(processes: Processes, env: dict[str, str], *flags: str, port: int | None = None) -> Cluster:
@@ -160,9 +160,11 @@ def start_private_node(processes: Processes, cluster: Cluster, cpus: int) -> Non
     start = shlex.join([RAY, "start", "--block", f"--address={cluster.address}", "--node-ip-address=127.0.0.1",
                         f"--num-cpus={cpus}", "--object-store-memory=400000000", *_node_ports()])
     log = cluster.logs / f"node-{known}.log"
-    node = processes.start(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs tmpfs /tmp && exec {start}"],
-        cluster.env, log)
+    private_tmp = "mount -t tmpfs tmpfs /tmp"
+    if REPO.is_relative_to("/tmp"):  # a checkout (and its .venv) in /tmp: every node still runs its code
+        private_tmp = f"mount --bind {REPO} /mnt && {private_tmp} && mkdir -p {REPO} && mount --bind /mnt {REPO}"
+    node = processes.start(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{private_tmp} && exec {start}"],
+                           cluster.env, log)
     wait_for(lambda: len(cluster.nodes()) > known, f"worker node {known} (log {log})", process=node)
 
 
