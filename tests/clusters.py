@@ -163,8 +163,8 @@ def start_private_node(processes: Processes, cluster: Cluster, cpus: int) -> Non
     private_tmp = "mount -t tmpfs tmpfs /tmp"
     if REPO.is_relative_to("/tmp"):  # a checkout (and its .venv) in /tmp: every node still runs its code
         private_tmp = f"mount --bind {REPO} /mnt && {private_tmp} && mkdir -p {REPO} && mount --bind /mnt {REPO}"
-    node = processes.start(["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{private_tmp} && exec {start}"],
-                           cluster.env, log)
+    isolated = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"{private_tmp} && exec {start}"]
+    node = processes.start(isolated, cluster.env, log)
     wait_for(lambda: len(cluster.nodes()) > known, f"worker node {known} (log {log})", process=node)
 
 
