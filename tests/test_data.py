@@ -300,3 +300,17 @@ def test_fixed_is_the_same_every_epoch_and_ranks_partition_rows():
 def test_batches_of_rows_go_to_the_arrays_device():
     sampler = IndexBatches(two_datasets(30, 5), batch_size=8, order="shuffle", device="meta")
     assert all(batch.device.type == "meta" for batch in sampler)
+
+
+# --- a data root that is a URI (file:// here; s3:// in tests/test_multinode.py) -------------------------
+
+def test_a_uri_data_root_is_read_through_a_local_copy_with_the_same_checks(tmp_path):
+    remote = tmp_path / "bucket"
+    write_synthetic_npz(remote, "breastmnist")
+    images, labels = load_split("breastmnist", "test", f"file://{remote}")
+    assert images.shape == (INFO["breastmnist"]["n_samples"]["test"], 28, 28, 1) and len(labels) == len(images)
+    (remote / "breastmnist.npz").write_bytes(b"not an npz archive")
+    with pytest.raises(UserError, match="is not a valid breastmnist file"):
+        load_split("breastmnist", "test", f"file://{remote}")
+    with pytest.raises(UserError, match="retinamnist.npz does not exist: upload"):
+        load_split("retinamnist", "test", f"file://{remote}")
