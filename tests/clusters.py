@@ -8,6 +8,7 @@ the machine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -31,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PORTS_PER_NODE = 200  # each node's worker processes get their own range: all nodes share 127.0.0.1
+_WORKER_RANGES = itertools.count(random.randrange(48))
 
 
 def free_port() -> int:
@@ -98,8 +100,9 @@ class Processes:
 
 
 def _node_ports() -> list[str]:
-    """Every port a Ray node opens, chosen free, and a worker port range of its own."""
-    first = random.randrange(20000, 60000 - PORTS_PER_NODE, PORTS_PER_NODE)
+    """Every port a Ray node opens, chosen free, and a worker port range of its own. The ranges lie below the
+    kernel's ephemeral ports, which free_port() hands out, and above Ray's client port 10001: no overlap."""
+    first = 10200 + PORTS_PER_NODE * (next(_WORKER_RANGES) % 48)
     names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
              "metrics-export-port", "runtime-env-agent-port")
     return [*(f"--{name}={free_port()}" for name in names),
