@@ -7,7 +7,7 @@ import argparse
 
 import ray
 
-from medvq.cli import add_data_flags, dataset_names, resolve_data_root, run_job
+from medvq.cli import add_data_flags, dataset_names, job_parser, resolve_data_root, run_job
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
@@ -17,7 +17,7 @@ from medvq.storage import absolute, is_file, output_folder
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's "
                         "best.json names")

@@ -3,14 +3,12 @@
     python jobs/plot.py --run runs/sweep --data-root ../shared/medmnist
 """
 
-import argparse
-
-from medvq.cli import run_job
+from medvq.cli import job_parser, run_job
 from medvq.plots import draw_run
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = job_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--run", required=True, help="the --out folder of jobs/sweep.py or jobs/train.py")
     parser.add_argument("--data-root", help="MedMNIST files for the reconstructions "
                         "(default: the data root the model was trained on)")

@@ -8,13 +8,15 @@ Ray Tune runs one Ray Train run per trial; Ray Data encodes every image with the
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import ray
 
-from medvq.cli import add_training_flags, common_parser, config_from_args, parse_list, run_job, storage_from_args
+from medvq.cli import (add_training_flags, common_parser, config_from_args, parse_list, parse_range, run_job,
+                       storage_from_args)
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -47,13 +49,19 @@ def parser():
     return parser
 
 
-def sweep_from_args(args) -> SweepConfig:
+SEARCH_FLAGS = ("codebook_sizes", "commitment_weights", "num_samples")  # what --smoke sets itself
+
+
+def sweep_from_args(args: argparse.Namespace, defaults: argparse.ArgumentParser) -> SweepConfig:
     base = config_from_args(args).with_changes(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker)
     if args.smoke:
+        given = [f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS
+                 if getattr(args, name) != defaults.get_default(name)]
+        if given:
+            raise UserError(f"--smoke runs its own two trials: drop {', '.join(given)}, or drop --smoke")
         return replace(smoke_sweep(base), max_concurrent_trials=args.max_concurrent_trials)
     if ":" in args.commitment_weights:
-        low, high = parse_list(args.commitment_weights.replace(":", ","), float, "--commitment-weights")
-        commitment = dict(commitment_range=(low, high))
+        commitment = dict(commitment_range=parse_range(args.commitment_weights, "--commitment-weights"))
     else:
         commitment = dict(commitment_grid=parse_list(args.commitment_weights, float, "--commitment-weights"))
     return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, int, "--codebook-sizes"),
@@ -82,8 +90,9 @@ def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
 
 
 def main() -> None:
-    args = parser().parse_args()
-    sweep = sweep_from_args(args)
+    flags = parser()
+    args = flags.parse_args()
+    sweep = sweep_from_args(args, flags)
     storage, storage_flag = storage_from_args(args)
     check_data(sweep.base)
     seconds, started = {}, time.monotonic()

@@ -17,15 +17,20 @@ from medvq.storage import absolute, join
 
 def add_data_flags(parser: argparse.ArgumentParser, datasets_default: str | None = ",".join(Config.datasets)) -> None:
     """--data-root and --datasets, with the same names and meanings in every job."""
-    parser.add_argument("--data-root", help="folder (on a cluster, every node's: a shared volume) or URI "
-                        "(s3://...) of the MedMNIST .npz files (default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
+    parser.add_argument("--data-root", help="folder (on a cluster, every node's: a shared volume) or URI (s3://...) "
+                        "of the MedMNIST .npz files (default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
     parser.add_argument("--datasets", default=datasets_default,
                         help="comma-separated MedMNIST names (default: %(default)s)")
 
 
+def job_parser(description: str) -> argparse.ArgumentParser:
+    """A job's parser; no prefix matching, so a misspelt --codebook-size never silently means --codebook-sizes."""
+    return argparse.ArgumentParser(description=description, allow_abbrev=False)
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags every training job takes."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = job_parser(description)
     add_data_flags(parser)
     parser.add_argument("--out", required=True, help="output folder, or a URI (s3://...) to upload the outputs to")
     parser.add_argument("--epochs", type=int, default=Config.epochs, help="default: %(default)s")
@@ -68,6 +73,18 @@ def storage_from_args(args: argparse.Namespace) -> tuple[str, str]:
     if args.storage:
         return absolute(args.storage), f"--storage {args.storage}"
     return default_storage(args.out), f"--out {args.out} (Ray's storage defaults to OUT/ray_results; or give --storage)"
+
+
+def parse_range(text: str, flag: str) -> tuple[float, float]:
+    """"0.05:2" -> (0.05, 2.0), with a one-line error naming the flag."""
+    parts = text.split(":")
+    try:
+        low, high = (float(part) for part in parts) if len(parts) == 2 else (None, None)
+    except ValueError:
+        low = None
+    if low is None:
+        raise UserError(f"{flag} takes LOW:HIGH (two numbers) or a comma-separated list of numbers, got {text!r}")
+    return low, high
 
 
 def resolve_data_root(flag: str | None) -> str:

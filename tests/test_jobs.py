@@ -58,6 +58,10 @@ def test_killed_sweep_resumes_without_rerunning_the_finished_trial(synthetic_roo
         (["--datasets", "breastmnist,nosuchmnist"], "unknown dataset 'nosuchmnist'"),
         (["--codebook-sizes", ","], "the search space is empty"),
         (["--commitment-weights", "2:0.5"], "commitment range must satisfy"),
+        (["--commitment-weights", "1:2:3"], "--commitment-weights takes LOW:HIGH (two numbers)"),
+        (["--commitment-weights", ":2"], "--commitment-weights takes LOW:HIGH (two numbers)"),
+        (["--codebook-size", "256"], "unrecognized arguments: --codebook-size 256"),  # not --codebook-sizes
+        (["--smoke", "--codebook-sizes", "16", "--num-samples", "0"], "drop --codebook-sizes, --num-samples"),
         (["--gpus-per-trial", "4"], "but the cluster has"),
         (["--storage", "/proc/medvq-cannot-write-here"], "storage /proc/medvq-cannot-write-here is not writable"),
         (["--out", "file:///proc/medvq-cannot-write-here"], "medvq-cannot-write-here/ray_results is not writable"),
