@@ -99,14 +99,14 @@ def output_folder(out: str) -> Iterator[Path]:
 
 @contextmanager
 def local_folder(location: str, skip: tuple[str, ...] = ()) -> Iterator[Path]:
-    """A folder to read and add files to: a local one as it is; a URI's files (but the top-level entries
-    named in `skip`) downloaded to a temporary folder, and what was added there uploaded back after."""
+    """A folder to read and write files in: a local one as it is; a URI's files (but the top-level entries
+    named in `skip`) downloaded to a temporary folder, and what was written there uploaded back after."""
     if not is_uri(location):
         yield Path(absolute(location))
         return
-    filesystem, root = resolve(location)
-    if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+    if info(location).type != pafs.FileType.Directory:
         raise UserError(f"{location} is not a folder")
+    filesystem, root = resolve(location)
     selector = pafs.FileSelector(root, recursive=True)
     with tempfile.TemporaryDirectory(prefix="medvq-run-") as local:
         for entry in filesystem.get_file_info(selector):
@@ -114,10 +114,10 @@ def local_folder(location: str, skip: tuple[str, ...] = ()) -> Iterator[Path]:
             if entry.type == pafs.FileType.File and relative.split("/")[0] not in skip:
                 (Path(local) / relative).parent.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(entry.path, str(Path(local) / relative), source_filesystem=filesystem)
-        before = {path for path in Path(local).rglob("*") if path.is_file()}
+        before = {path: path.stat().st_mtime_ns for path in Path(local).rglob("*") if path.is_file()}
         yield Path(local)
-        for path in sorted(set(Path(local).rglob("*")) - before):
-            if path.is_file():
+        for path in sorted(Path(local).rglob("*")):
+            if path.is_file() and before.get(path) != path.stat().st_mtime_ns:  # new, or written again
                 target = join(root, str(path.relative_to(local)))
                 filesystem.create_dir(target.rsplit("/", 1)[0], recursive=True)
                 pafs.copy_files(str(path), target, destination_filesystem=filesystem)
@@ -133,8 +133,12 @@ def cached_copy(location: str) -> Path:
     path = Path(tempfile.gettempdir()) / "medvq-cache" / key / location.rsplit("/", 1)[-1]
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkstemp(dir=path.parent, prefix=".partial-")[1])
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-")
+        os.close(handle)
         filesystem, remote = resolve(location)
-        pafs.copy_files(remote, str(partial), source_filesystem=filesystem)
-        os.replace(partial, path)
+        try:
+            pafs.copy_files(remote, partial, source_filesystem=filesystem)
+            os.replace(partial, path)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return path

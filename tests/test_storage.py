@@ -51,12 +51,15 @@ def test_a_remote_run_folder_is_read_without_the_skipped_entries_and_additions_g
     (remote / "ray_results" / "trial" / "big.ckpt").write_bytes(b"x" * 100)
     (remote / "latents").mkdir()
     (remote / "latents" / "part.parquet").write_bytes(b"rows")
+    (remote / "plots").mkdir()
+    (remote / "plots" / "old.png").write_bytes(b"old")
     with local_folder(f"file://{remote}", skip=("ray_results",)) as local:
         assert (local / "latents" / "part.parquet").read_bytes() == b"rows"
         assert not (local / "ray_results").exists()
-        (local / "plots").mkdir()
         (local / "plots" / "a.png").write_bytes(b"png")
+        (local / "plots" / "old.png").write_bytes(b"redrawn")
     assert (remote / "plots" / "a.png").read_bytes() == b"png"
+    assert (remote / "plots" / "old.png").read_bytes() == b"redrawn"  # a figure drawn again goes back too
     assert (remote / "ray_results" / "trial" / "big.ckpt").stat().st_size == 100  # untouched
 
 
