@@ -94,11 +94,13 @@ def _split_rows(latents: pd.DataFrame, name: str, split: str) -> pd.DataFrame:
     return rows.sort_values("index")  # the order of the .npz file, to line up with its pixels
 
 
-def dataset_records(latents: pd.DataFrame, data_root: str, size: int, codebook_size: int) -> list[dict]:
-    """One record per dataset, on its test split: reconstruction scores, codebook use, a k-NN class probe on
-    the latent vectors (fit on train) beside the same probe on raw pixels, the majority-class share for
-    scale, and the share of test images whose dataset a k-NN on latents recovers among all datasets."""
-    names = list(dict.fromkeys(latents["dataset"]))
+def dataset_records(latents: pd.DataFrame, datasets: tuple[str, ...], data_root: str, size: int,
+                    codebook_size: int) -> list[dict]:
+    """One record per dataset, in the order of `datasets` (not the rows' order, which Ray Data does not fix), on
+    its test split: reconstruction scores, codebook use, a k-NN class probe on the latent vectors (fit on
+    train) beside the same probe on raw pixels, the majority-class share for scale, and the share of test
+    images whose dataset a k-NN on latents recovers among all datasets."""
+    names = [name for name in datasets if name in set(latents["dataset"])]
     train_all = latents[latents["split"] == "train"]
     dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(vectors(train_all["latent"]), train_all["dataset"])
     records = []

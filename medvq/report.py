@@ -1,7 +1,8 @@
 """After training, for any checkpoint: latents (Ray Data) -> UMAP -> the per-dataset measures.
 
 The latents are written to a staging folder and moved into place only once complete, so a failed
-or interrupted run never leaves a half-written `latents/` behind, and a re-run replaces the old one.
+or interrupted run never leaves a half-written `latents/` behind, and a re-run replaces the old one
+without a moment in which neither is whole.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def checkpoint_config(checkpoint: str | Path) -> Config:
     return Config.from_dict(saved["hyper_parameters"]["config"])
 
 
+def replace_folder(new: Path, target: Path) -> None:
+    """Move the complete folder `new` to `target`. The old `target` is moved aside first and deleted only once
+    the new one is in place: whenever this stops, one of the two is whole (as `target`, or `target`.old)."""
+    old = target.with_name(f"{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def describe_checkpoint(checkpoint: str, config: Config, out: Path, *, actors: int | None = None,
                         gpus_per_actor: float | None = None) -> tuple[list[dict], dict[str, float]]:
     """Encode every image of `config.datasets` to OUT/latents/ and project it; returns the per-dataset
@@ -38,11 +50,9 @@ def describe_checkpoint(checkpoint: str, config: Config, out: Path, *, actors: i
     rows = encode_to_parquet(checkpoint, config, staging, actors=actors, gpus_per_actor=gpus_per_actor)
     seconds["encode"] = time.monotonic() - started
     seconds["umap"] = add_umap_(staging, seed=config.seed)
-    if latents.exists():
-        shutil.rmtree(latents)
-    staging.rename(latents)
+    replace_folder(staging, latents)
     started = time.monotonic()
-    records = dataset_records(pd.read_parquet(latents), config.data_root, config.size,
+    records = dataset_records(pd.read_parquet(latents), config.datasets, config.data_root, config.size,
                               checkpoint_config(checkpoint).codebook_size)
     seconds["probes"] = time.monotonic() - started
     print(f"encoded {rows} images to {latents} in {seconds['encode']:.1f} s; UMAP {seconds['umap']:.1f} s; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,7 +17,7 @@ from medvq.data import SPLITS, load_split
 from medvq.encode import encode_to_parquet, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
-from medvq.report import checkpoint_config, describe_checkpoint
+from medvq.report import checkpoint_config, describe_checkpoint, replace_folder
 from medvq.train import train_local
 from tests.conftest import REPO, SYNTHETIC_DATASETS, TINY
 
@@ -79,7 +80,8 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
 
 
 def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
-    config = checkpoint_config(checkpoint)
+    # The datasets in the other order than the model's: the summary follows the order asked for.
+    config = checkpoint_config(checkpoint).with_changes(datasets=tuple(reversed(SYNTHETIC_DATASETS)))
     for _ in range(2):  # a re-run replaces the latents rather than appending to them
         records, seconds = describe_checkpoint(checkpoint, config, tmp_path, actors=2)
     write_summary(records, tmp_path)
@@ -87,15 +89,39 @@ def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     frame = pd.read_parquet(tmp_path / "latents")
     assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
     assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0
-    assert not (tmp_path / "latents.partial").exists()
+    assert not (tmp_path / "latents.partial").exists() and not (tmp_path / "latents.old").exists()
     records = json.loads((tmp_path / "summary.json").read_text())
-    assert [record["dataset"] for record in records] == list(SYNTHETIC_DATASETS)
+    assert [record["dataset"] for record in records] == list(reversed(SYNTHETIC_DATASETS))
     for record in records:
         assert record["test_images"] == INFO[record["dataset"]]["n_samples"]["test"]
         for key in ("knn_latent", "knn_pixels", "majority_class", "dataset_recovered", "codes_used"):
             assert 0 <= record[key] <= 1
     table = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in SYNTHETIC_DATASETS)
+
+
+def test_replacing_the_latents_keeps_a_whole_folder_if_it_stops_half_way(tmp_path, monkeypatch):
+    old, new = tmp_path / "latents", tmp_path / "latents.partial"
+    for folder, rows in ((old, b"old rows"), (new, b"new rows")):
+        folder.mkdir()
+        (folder / "latents.parquet").write_bytes(rows)
+    moves = []
+    real_rename = Path.rename
+
+    def rename_then_stop(self, target):  # the old folder moves aside, then the process dies
+        if moves:
+            raise KeyboardInterrupt
+        moves.append(target)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        replace_folder(new, old)
+    assert (tmp_path / "latents.old" / "latents.parquet").read_bytes() == b"old rows"
+    assert (new / "latents.parquet").read_bytes() == b"new rows"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    replace_folder(new, old)  # the next run finishes the move
+    assert (old / "latents.parquet").read_bytes() == b"new rows" and sorted(tmp_path.iterdir()) == [old]
 
 
 def test_a_pool_the_cluster_cannot_hold_is_an_error(ray_instance):
