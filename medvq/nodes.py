@@ -172,7 +172,7 @@ def _unseen_by_node(nodes: list[dict], probes: list[str], files: list[Path]) -> 
     refs = {f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})":
             check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
             .remote(probes, sizes) for node in nodes}
-    missing = dict(zip(refs, ray.get(list(refs.values()), timeout=NODE_CHECK_SECONDS)))
+    missing = dict(zip(refs, ray.get(list(refs.values()), timeout=NODE_CHECK_SECONDS), strict=True))
     return {node: paths for node, paths in missing.items() if paths}
 
 

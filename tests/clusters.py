@@ -1,6 +1,7 @@
 """Real clusters on this one machine, for the tests: `ray start` heads and worker nodes (a worker node in its
 own mount namespace with a private /tmp, so it cannot see the head's local folders, as on a real cluster),
-and an S3-compatible server (moto) that every node reaches through AWS_ENDPOINT_URL. All on 127.0.0.1.
+and an S3-compatible server (moto) that every node reaches through AWS_ENDPOINT_URL. Everything is started on
+127.0.0.1; Ray itself rewrites that to the machine's own address, so its traffic stays on this machine.
 
 Everything is stopped by signalling the processes it started: `ray stop` would stop every Ray instance on
 the machine.

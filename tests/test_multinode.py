@@ -92,7 +92,7 @@ def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
     assert encode.returncode == 0, encode.stderr[-3000:]
     again = read_latents(tmp_path / "again" / "latents")
     assert again[["dataset", "split", "index"]].equals(latents[["dataset", "split", "index"]])
-    assert all((a == b).all() for a, b in zip(again["codes"], latents["codes"]))
+    assert all((a == b).all() for a, b in zip(again["codes"], latents["codes"], strict=True))
 
     # The figures are redrawn from the run's URI, no Ray needed.
     s3_filesystem().delete_file(s3_path(f"{out}/plots/latent_space.png"))
