@@ -30,7 +30,7 @@ from medvq.config import Config
 from medvq.data import MedMNISTDataModule, load_splits, to_float_images
 from medvq.model import VQVAE
 from medvq.module import VQVAEModule, image_scores
-from medvq.train import CHECKPOINT_NAME, METRICS_NAME, EpochMetrics, build_trainer, resolve_accelerator, train_distributed
+from medvq.train import LocalCheckpoints, build_trainer, resolve_accelerator, train_distributed
 
 from common import Row, SteadyClock, ray_session
 from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit
@@ -129,9 +129,8 @@ def lightning_run(config: Config, seconds: float, warmup: int, device: torch.dev
     val = load_splits(config.datasets, "val", config.data_root, config.size)
     budget = Budget(SteadyClock(warmup, device), seconds, val[val_rows(len(val))]["image"])
     trainer = build_trainer(config.with_changes(epochs=UNCAPPED_EPOCHS), progress_bar=False,
-                            callbacks=[budget, EpochMetrics(out / METRICS_NAME)])
+                            callbacks=[budget, LocalCheckpoints(out)])
     trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config))
-    trainer.save_checkpoint(out / CHECKPOINT_NAME)
     return {**throughput(budget.clock), **budget.scores, "accelerator": device.type.replace("cuda", "gpu"),
             "batch_size": config.batch_size, "epochs": len(budget.epoch_ends),
             "epoch_seconds": float(np.diff(budget.epoch_ends).mean())}

@@ -12,7 +12,8 @@ from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
 from medvq.nodes import check_nodes_see
-from medvq.report import checkpoint_config, describe_checkpoint
+from medvq.module import checkpoint_config
+from medvq.report import describe_checkpoint
 from medvq.storage import absolute, is_file, output_folder
 
 

@@ -82,8 +82,9 @@ def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: fl
 
 def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
     metrics, config = best["metrics"], best["config"]
-    return (f"{best['trials']} trials; best {best['trial_id']}: codebook {config['codebook_size']}, commitment "
-            f"{config['commitment_weight']:.3g}, val_nmse {metrics['val_nmse']:.4f}, val PSNR {metrics['val_psnr']:.2f} dB, "
+    statuses = ", ".join(f"{n} {status}" for status, n in best["trials_by_status"].items())
+    return (f"{best['trials']} trials ({statuses}); best {best['trial_id']}: codebook {config['codebook_size']}, "
+            f"commitment {config['commitment_weight']:.3g}, seed {config['seed']}, val_nmse {metrics['val_nmse']:.4f}, val PSNR {metrics['val_psnr']:.2f} dB, "
             f"SSIM {metrics['val_ssim']:.3f}, codes used {metrics['val_codes_used']:.0%}\n"
             f"checkpoint {best['checkpoint']} (copied to model.ckpt)\n"
             f"seconds: " + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items()) + "\n")

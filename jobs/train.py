@@ -1,5 +1,7 @@
 """Train one VQ-VAE: in this process (CPU or one GPU), or as a Ray Train run of DDP workers.
 
+Both keep a checkpoint of every epoch; the same command continues a run that was stopped.
+
     python jobs/train.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist --epochs 1 --out runs/dev
     python jobs/train.py --data-root DATA --workers --out runs/ddp      # Ray Train: one worker per GPU of the cluster
 """
@@ -16,7 +18,7 @@ from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.nodes import Capacity, capacity, check_nodes_see
 from medvq.storage import check_writable, is_uri, output_folder
-from medvq.train import resolve_accelerator, train_local, train_on_ray
+from medvq.train import local_resume_point, resolve_accelerator, train_local, train_on_ray
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,9 +59,8 @@ def main() -> None:
     check_data(config)
     if args.workers is None:
         resolve_accelerator(config.accelerator)
-        local = Path(args.out)
-        if not is_uri(args.out) and local.exists() and any(local.iterdir()):
-            raise UserError(f"--out {args.out} is not empty: choose a new folder")
+        if not is_uri(args.out):
+            local_resume_point(config, Path(args.out))  # refuses a folder it cannot continue, before any work
     else:
         ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
         config = with_workers(config, args.workers, capacity())

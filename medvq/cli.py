@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
 from medmnist.info import DEFAULT_ROOT
 
 from medvq.config import Config
-from medvq.errors import UserError
+from medvq.errors import RunFailed, Stopped, UserError
 from medvq.storage import absolute, join
 
 
@@ -105,11 +106,20 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(data_root=resolve_data_root(args.data_root), datasets=names, **values)
 
 
+EXIT_CODES = {UserError: 2, RunFailed: 1, Stopped: 130}
+
+
 def run_job(main: Callable[[], None]) -> None:
-    """Run a job's main: a UserError becomes one line on stderr and exit code 2, without a traceback."""
+    """Run a job's main. A UserError, RunFailed or Stopped becomes one line on stderr and its exit code, with
+    no traceback. SIGTERM (`ray job stop`, a scheduler's preemption) means what Ctrl-C means: Ray Tune and
+    Lightning then stop at a point the same command continues from."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         main()
-    except UserError as error:
+    except KeyboardInterrupt:
+        print("error: stopped by a signal: run the same command to continue", file=sys.stderr)
+        sys.exit(EXIT_CODES[Stopped])
+    except tuple(EXIT_CODES) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CODES[type(error)])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from medvq.errors import UserError
@@ -17,12 +17,15 @@ from medvq.errors import UserError
 DEFAULT_DATASETS = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist", "bloodmnist")
 MIXINGS = ("proportional", "balanced")
 ACCELERATORS = ("auto", "cpu", "gpu")
+# Marks a setting that says where or how fast a run goes, not what it learns: left out of the run's name, so
+# the same command resumes the same run from another data mount, with other concurrency or GPUs up.
+RUNTIME = {"shapes_results": False}
 
 
 @dataclass(frozen=True)
 class Config:
     # --- data ---
-    data_root: str | None = None  # None: medmnist's own default root (~/.medmnist)
+    data_root: str | None = field(default=None, metadata=RUNTIME)  # None: medmnist's own root (~/.medmnist)
     datasets: tuple[str, ...] = DEFAULT_DATASETS
     size: int = 28  # MedMNIST image side; MedMNIST+ also has 64, 128, 224
     mixing: str = "proportional"  # "balanced" draws every set equally often, so Breast (546) is not drowned
@@ -42,11 +45,11 @@ class Config:
     limit_batches: int | None = None  # cap on train and val batches per epoch (smoke runs)
     seed: int = 0
     accelerator: str = "auto"  # "auto": the GPU when there is one, else the CPU
-    compile_model: bool = False  # torch.compile the encoder and decoder (~20 s of compiling first on a CPU)
+    compile_model: bool = field(default=False, metadata=RUNTIME)  # torch.compile the encoder and decoder (~20 s of compiling first on a CPU)
     # --- Ray Train workers (ignored by local training) ---
     workers: int = 1  # DDP workers, one per GPU
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0  # 0: CPU workers; a fraction lets several one-worker trials share a GPU
+    cpus_per_worker: float = field(default=1.0, metadata=RUNTIME)
+    gpus_per_worker: float = field(default=0.0, metadata=RUNTIME)  # 0: CPU workers; a fraction lets several one-worker trials share a GPU
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -98,13 +101,20 @@ class Config:
         return replace(self, **changes)
 
     def run_name(self) -> str:
-        """Deterministic name of a Ray Train run of this config: the same command resumes the same run."""
+        """Deterministic name of a Ray Train run of this config, from what shapes its results: the same
+        command resumes the same run."""
         return f"medvq-train-{_digest(self)}"
 
 
+def results_shaping(config: Any) -> dict[str, Any]:
+    """A config dataclass's values that shape what a run learns (nested configs likewise): no RUNTIME field."""
+    return {f.name: results_shaping(value) if is_dataclass(value := getattr(config, f.name)) else value
+            for f in fields(config) if f.metadata.get("shapes_results", True)}
+
+
 def _digest(config: Any) -> str:
-    """A short hash of a config dataclass's values."""
-    return hashlib.sha1(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:10]
+    """A short hash of what shapes a config's results."""
+    return hashlib.sha1(json.dumps(results_shaping(config), sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -115,8 +125,10 @@ class SweepConfig:
     codebook_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
     commitment_range: tuple[float, float] = (0.05, 2.0)  # sampled log-uniformly ...
     commitment_grid: tuple[float, ...] = ()  # ... unless a grid is given
-    num_samples: int = 3  # Tune repeats the codebook-size grid this often: 15 trials by default
-    max_concurrent_trials: int | None = None  # None: as many as the cluster's resources allow
+    # Sampled commitment weights per codebook size; with a commitment grid, repeats of each cell, each with
+    # its own seed (base.seed, +1, ...), so that repeats measure the spread instead of copying one trial.
+    num_samples: int = 3
+    max_concurrent_trials: int | None = field(default=None, metadata=RUNTIME)  # None: as many as the cluster's resources allow
     grace_period: int = 2  # ASHA lets every trial run this many epochs before stopping poor ones
 
     def __post_init__(self) -> None:
@@ -141,11 +153,17 @@ class SweepConfig:
         return min(self.grace_period, self.base.epochs)
 
     @property
+    def seeds(self) -> tuple[int, ...]:
+        """One seed per repeat of a grid cell; sampled trials differ in their weight and share the base seed."""
+        repeats = self.num_samples if self.commitment_grid else 1
+        return tuple(range(self.base.seed, self.base.seed + repeats))
+
+    @property
     def trial_count(self) -> int:
         return self.num_samples * len(self.codebook_sizes) * max(1, len(self.commitment_grid))
 
     def run_name(self) -> str:
-        """Deterministic name from everything that shapes the results, so the same command resumes the same sweep."""
+        """Deterministic name from what shapes the results, so the same command resumes the same sweep."""
         return f"medvq-sweep-{_digest(self)}"
 
 

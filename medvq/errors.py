@@ -1,9 +1,16 @@
-"""The one exception type that means "the user asked for something we cannot do"."""
+"""The exceptions a job turns into one line on stderr and an exit code, with no traceback."""
 
 
 class UserError(Exception):
-    """A mistake in the user's input (flags, files, paths).
+    """A mistake in the user's input (flags, files, paths): exit 2.
 
-    Job entry points print its message as one line on stderr and exit non-zero, with no traceback.
-    Everything else is a bug and keeps its traceback.
+    Everything not listed in this module is a bug and keeps its traceback.
     """
+
+
+class RunFailed(Exception):
+    """The job ran as asked but has nothing to deliver (every trial diverged or failed): exit 1."""
+
+
+class Stopped(Exception):
+    """A signal (Ctrl-C, SIGTERM) stopped the job; what it saved lets the same command continue: exit 130."""

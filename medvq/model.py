@@ -36,6 +36,16 @@ def broadcast_from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def rank_spread(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest difference between ranks over the tensor's entries: 0 when every rank holds the same one."""
+    if not _distributed():
+        return tensor.new_zeros(())
+    high, low = tensor.clone(), tensor.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max()
+
+
 def ema_inplace_(moving: torch.Tensor, new: torch.Tensor, decay: float) -> None:
     moving.mul_(decay).add_(new, alpha=1 - decay)
 
@@ -92,6 +102,10 @@ class EMACodebook(nn.Module):
         ema_inplace_(self.cluster_size, counts, self.decay)
         ema_inplace_(self.embed_sum, sums, self.decay)
         self.embedding.copy_(self.embed_sum / laplace_smoothing(self.cluster_size).unsqueeze(1))
+
+    def rank_spread(self) -> torch.Tensor:
+        """How far the ranks' codebooks differ (0 when DDP kept them equal), over all three buffers."""
+        return torch.stack([rank_spread(buffer) for buffer in (self.embedding, self.cluster_size, self.embed_sum)]).max()
 
     def reseed_dead_codes_(self, x: torch.Tensor) -> None:
         """Move codes that have stopped winning onto random current encoder outputs.

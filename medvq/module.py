@@ -8,6 +8,8 @@ images per second. Image scores are per-image means.
 from __future__ import annotations
 
 import io
+import pickle
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -20,6 +22,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from medvq.config import Config
 from medvq.data import to_float_images
+from medvq.errors import UserError
 from medvq.model import VQVAE, index_counts
 from medvq.storage import read_bytes
 
@@ -147,6 +150,29 @@ class StageMetrics(nn.Module):
         return values
 
 
+@contextmanager
+def refused_if_unsafe(source: str | Path):
+    """torch's weights-only loader refusing a file (it holds objects, not only tensors and plain data, or is not a
+    checkpoint at all) becomes one line naming it."""
+    try:
+        yield
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise UserError(f"{source} is not a checkpoint of plain tensors and data, which is all medvq loads "
+                        f"(torch's weights-only loader: {reason})") from None
+
+
+def read_checkpoint(checkpoint: str | Path) -> dict:
+    """A Lightning checkpoint (a path or a URI) as plain data, through torch's safe unpickler."""
+    with refused_if_unsafe(checkpoint):
+        return torch.load(io.BytesIO(read_bytes(checkpoint)), map_location="cpu", weights_only=True)
+
+
+def checkpoint_config(checkpoint: str | Path) -> Config:
+    """The Config a checkpoint of `VQVAEModule` was trained with (its saved hyperparameters)."""
+    return Config.from_dict(read_checkpoint(checkpoint)["hyper_parameters"]["config"])
+
+
 class VQVAEModule(L.LightningModule):
     def __init__(self, config: dict):
         """`config` is `Config.to_dict()`: plain data, so the checkpoint rebuilds its own module."""
@@ -168,10 +194,11 @@ class VQVAEModule(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: str | Path | IO[bytes], **kwargs) -> VQVAEModule:
         """Lightning's, from a local path, any URI pyarrow opens (s3://bucket/.../checkpoint.ckpt) or a file
         object; with torch's safe unpickler (plain tensors and data), not one that can run code."""
+        source = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else "the checkpoint"
         if isinstance(checkpoint_path, (str, Path)):
             checkpoint_path = io.BytesIO(read_bytes(checkpoint_path))
-        return super().load_from_checkpoint(checkpoint_path, **{"weights_only": True, **kwargs})
-
+        with refused_if_unsafe(source):
+            return super().load_from_checkpoint(checkpoint_path, **{"weights_only": True, **kwargs})
     def forward(self, images: torch.Tensor):
         """uint8 images (B, H, W, 3) -> reconstruction (B, 3, H, W) in [0, 1] and the quantizer output."""
         return self.model(to_float_images(images))
@@ -198,7 +225,10 @@ class VQVAEModule(L.LightningModule):
         self._step(batch, self.val_metrics)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_epoch("val", self.val_metrics.compute_and_reset(self.config.datasets))
+        values = self.val_metrics.compute_and_reset(self.config.datasets)
+        if self.trainer.world_size > 1:  # a health check of the EMA's all-reduce, logged once per epoch
+            values["codebook_rank_spread"] = self.model.quantizer.codebook.rank_spread()
+        self._log_epoch("val", values)
 
     def _log_epoch(self, stage: str, values: dict[str, torch.Tensor]) -> None:
         """Log one epoch's values, once: a Lightning log call costs ~0.25 ms of Python (measured on a CPU), which

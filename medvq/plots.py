@@ -23,7 +23,7 @@ from medvq.errors import UserError
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
 from medvq.storage import is_file, is_uri, join, local_folder
-from medvq.tune import GRACE_OBJECTIVE
+from medvq.tune import GRACE_OBJECTIVE, MODEL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,9 @@ def draw_latent_by_class(latents: pd.DataFrame, path: Path) -> None:
 
 
 def read_history(path: Path) -> pd.DataFrame:
-    """Per-epoch metrics indexed by 1-based epoch, from Tune's best_metrics.csv or train_local's metrics.csv."""
+    """Per-epoch metrics (metrics.csv of a run, best_metrics.csv of a sweep) indexed by 1-based epoch."""
     history = pd.read_csv(path)
-    epochs = history["training_iteration"] if "training_iteration" in history else history["epoch"] + 1
-    return history.set_index(pd.Index(epochs.astype(int), name="epoch"))
+    return history.set_index(pd.Index(history["epoch"].astype(int) + 1, name="epoch"))
 
 
 def draw_curves(history: pd.DataFrame, path: Path) -> None:
@@ -131,29 +130,36 @@ def draw_curves(history: pd.DataFrame, path: Path) -> None:
 
 
 def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
-    """val_nmse against commitment weight, one line per codebook size: left, after the grace epochs every
-    trial ran (the fair comparison); right, at each trial's end, hollow where ASHA stopped it early."""
-    if GRACE_OBJECTIVE not in trials:
-        raise UserError(f"trials.csv has no {GRACE_OBJECTIVE} column (an older medvq wrote it): run the sweep "
-                        "command again; it resumes the finished sweep and rewrites its outputs")
+    """val_nmse against commitment weight, one line per codebook size through the mean of a cell's repeats (each
+    repeat a dot): left, after the grace epochs every trial ran (the fair comparison); right, at each trial's
+    end, hollow where ASHA stopped it early. Trials that diverged or failed have no model and are not drawn."""
+    if "status" not in trials:
+        raise UserError("trials.csv has no status column (an older medvq wrote it): run the sweep command again; "
+                        "it resumes the finished sweep and rewrites its outputs")
     figure = Figure(figsize=SWEEP_SIZE, layout="constrained")
     at_grace, final = figure.subplots(1, 2)  # own y ranges: the early differences are small
-    stopped = trials["epochs_run"] < trials["epochs_run"].max()
-    groups = trials.assign(stopped=stopped).sort_values("commitment_weight").groupby("codebook_size")
+    usable = trials[trials["status"].isin(MODEL_STATUSES)].sort_values("commitment_weight")
+    groups = usable.groupby("codebook_size")
     for colour, (size, group) in zip(_colours(groups.ngroups), groups):
-        at_grace.plot(group["commitment_weight"], group[GRACE_OBJECTIVE], color=colour, marker="o", label=f"K = {size}")
-        final.plot(group["commitment_weight"], group["val_nmse"], color=colour)
-        for hollow, part in group.groupby("stopped"):
+        means = group.groupby("commitment_weight")[[GRACE_OBJECTIVE, "val_nmse"]].mean()
+        at_grace.plot(means.index, means[GRACE_OBJECTIVE], color=colour, label=f"K = {size}")
+        at_grace.scatter(group["commitment_weight"], group[GRACE_OBJECTIVE], s=24, color=colour, zorder=3)
+        final.plot(means.index, means["val_nmse"], color=colour)
+        for stopped, part in group.groupby(group["status"] == "stopped"):
             final.scatter(part["commitment_weight"], part["val_nmse"], s=36, edgecolors=colour,
-                          facecolors="white" if hollow else colour, zorder=3)
+                          facecolors="white" if stopped else colour, zorder=3)
     at_grace.legend(title="codebook size")
     hollow_key = Line2D([], [], linestyle="", marker="o", color="grey", markerfacecolor="white",
                         label="stopped early by ASHA")
     final.legend(handles=[hollow_key])
+    repeats = int(usable.groupby(["codebook_size", "commitment_weight"]).size().max()) if len(usable) else 0
     at_grace.set(xscale="log", xlabel="commitment weight", ylabel="val_nmse (lower is better)",
-                 title=f"after {int(trials['grace_epochs'].iloc[0])} epochs: all {len(trials)} trials")
+                 title=f"after {int(trials['grace_epochs'].iloc[0])} epochs: {len(usable)} trials"
+                 + (f", up to {repeats} seeds a cell" if repeats > 1 else ""))
+    without_model = len(trials) - len(usable)
     final.set(xscale="log", xlabel="commitment weight",
-              title=f"at the end: {int(stopped.sum())} stopped early (hollow)")
+              title=f"at the end: {int((usable['status'] == 'stopped').sum())} stopped early (hollow)"
+              + (f"; {without_model} diverged or failed, not drawn" if without_model else ""))
     _save(figure, path)
 
 

@@ -7,27 +7,18 @@ without a moment in which neither is whole.
 
 from __future__ import annotations
 
-import io
 import shutil
 import time
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 from medvq.config import Config
 from medvq.encode import encode_to_parquet
 from medvq.latent_space import add_umap_, dataset_records
-from medvq.storage import read_bytes
+from medvq.module import checkpoint_config
 
 LATENTS_DIR = "latents"
-
-
-def checkpoint_config(checkpoint: str | Path) -> Config:
-    """The Config a Lightning checkpoint of `VQVAEModule` (a path or a URI) was trained with (its saved
-    hyperparameters)."""
-    saved = torch.load(io.BytesIO(read_bytes(checkpoint)), map_location="cpu", weights_only=True)
-    return Config.from_dict(saved["hyper_parameters"]["config"])
 
 
 def replace_folder(new: Path, target: Path) -> None:

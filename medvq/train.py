@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -13,16 +15,19 @@ import pandas as pd
 import ray.train
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, RayTrainReportCallback, prepare_trainer
+from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from medvq.config import Config
+from medvq.config import Config, results_shaping
 from medvq.data import MedMNISTDataModule
-from medvq.errors import UserError
-from medvq.module import VQVAEModule
+from medvq.errors import RunFailed, Stopped, UserError
+from medvq.module import VQVAEModule, read_checkpoint
 
-CHECKPOINT_NAME = "model.ckpt"
-METRICS_NAME = "metrics.csv"
+CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
+TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
+METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
+CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
+DIVERGED, EPOCHS_DONE = "diverged", "epochs_done"  # reported to Ray Train and Tune beside the metrics
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
 # epochs shorter than that (a smoke run's; likely a GPU's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
 # epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
@@ -39,17 +44,90 @@ def resolve_accelerator(requested: str) -> str:
     return requested
 
 
-class EpochMetrics(L.Callback):
-    """Keeps one row of epoch-level metrics per epoch and writes them as CSV (rank zero only)."""
+class EpochRecorder(L.Callback):
+    """At each epoch's end: the epoch's metrics join the run's history, then a checkpoint is kept (`save`, in a
+    subclass). The history is saved inside every checkpoint, so a run resumed from one holds each epoch once.
 
-    def __init__(self, path: Path | None = None):
-        self.path, self.rows = path, []
+    A non-finite loss stops the run at the end of that epoch with no checkpoint of it: `diverged` says why, and
+    the last checkpoint is the last epoch whose losses were all finite. (Checked on the epoch's means, which
+    Lightning has already synchronised: no extra wait for the GPU on any step.)
+    """
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+        self.diverged: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows = list(state["rows"])
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
-        self.rows.append(row)
-        if self.path is not None and trainer.is_global_zero:
-            pd.DataFrame(self.rows).to_csv(self.path, index=False)
+        non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
+        if non_finite:
+            self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"
+            trainer.should_stop = True
+            self.stop(trainer, row)
+        else:
+            self.rows.append(row)
+            self.save(trainer, row)
+
+    def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def stop(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        """What a subclass records of the epoch that diverged."""
+
+
+def write_history(rows: list[dict[str, float]], path: Path) -> None:
+    replace_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
+
+
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write beside `path`, then rename: a stop at any moment leaves the old file or the new one, whole."""
+    partial = path.with_name(f"{path.name}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+class LocalCheckpoints(EpochRecorder):
+    """A local run's outputs, after every epoch: OUT/model.ckpt and OUT/metrics.csv (with the diverged epoch's
+    row, when there is one)."""
+
+    def __init__(self, out: Path):
+        super().__init__()
+        self.out = out
+
+    def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        replace_atomically(self.out / CHECKPOINT_NAME, trainer.save_checkpoint)
+        write_history(self.rows, self.out / METRICS_NAME)
+
+    def stop(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        write_history([*self.rows, row], self.out / METRICS_NAME)
+
+
+class RayTrainReport(EpochRecorder):
+    """Every epoch, to Ray Train (and through it to Tune): the metrics and `epochs_done`, with a checkpoint folder
+    of TRAIN_CHECKPOINT and the history as METRICS_NAME. The epoch that diverged is reported with its reason and
+    no checkpoint. Every rank reports; rank zero's metrics and files are the ones kept."""
+
+    def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory(prefix="medvq-checkpoint-", ignore_cleanup_errors=True) as folder:
+            trainer.save_checkpoint(Path(folder) / TRAIN_CHECKPOINT)  # collective; rank zero writes
+            checkpoint = None
+            if trainer.is_global_zero:
+                write_history(self.rows, Path(folder) / METRICS_NAME)
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(self._metrics(row), checkpoint=checkpoint)  # uploads before it returns
+
+    def stop(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        ray.train.report({**self._metrics(row), DIVERGED: self.diverged})
+
+    @staticmethod
+    def _metrics(row: dict[str, float]) -> dict:
+        return {**row, EPOCHS_DONE: row["epoch"] + 1}
 
 
 def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=(),
@@ -68,21 +146,60 @@ def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", pl
         limit_val_batches=config.limit_batches or 1.0,
         use_distributed_sampler=False,  # the data module shards by rank itself
         num_sanity_val_steps=0,
-        logger=False,  # EpochMetrics writes the per-epoch CSV; Ray Train reports for Tune
+        logger=False,  # an EpochRecorder keeps the per-epoch history and reports it
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress_bar,
     )
 
 
+def local_resume_point(config: Config, out: Path) -> Path | None:
+    """The checkpoint to continue from when `out` holds an unfinished local run of these settings; None for a new
+    or empty folder. A folder with anything else, a different run or a finished one is refused in one line."""
+    if not out.exists() or not any(out.iterdir()):
+        return None
+    checkpoint = out / CHECKPOINT_NAME
+    if not checkpoint.is_file():
+        raise UserError(f"--out {out} is not empty and holds no {CHECKPOINT_NAME} to continue: choose a new folder")
+    saved = read_checkpoint(checkpoint)
+    trained = Config.from_dict(saved["hyper_parameters"]["config"])
+    if trained.run_name() != config.run_name():
+        wanted, had = results_shaping(config), results_shaping(trained)
+        differing = ", ".join(name for name in wanted if wanted[name] != had[name])
+        raise UserError(f"--out {out} holds a run with other settings ({differing}): choose a new folder, "
+                        "or repeat that run's flags to continue it")
+    done = saved["epoch"] + 1
+    if done >= config.epochs:
+        raise UserError(f"--out {out} holds this run, finished ({done} epochs): nothing to train; choose a new folder")
+    return checkpoint
+
+
 def train_local(config: Config, out_dir: Path) -> dict[str, float]:
-    """Train in this process on the CPU or one GPU; writes model.ckpt and metrics.csv to out_dir."""
+    """Train in this process on the CPU or one GPU; model.ckpt and metrics.csv in out_dir are rewritten after
+    every epoch, and the same call continues an interrupted run. Returns the last epoch's metrics."""
+    resume = local_resume_point(config, out_dir)
+    if resume is not None:
+        print(f"continuing the run in {out_dir} from its {CHECKPOINT_NAME}", flush=True)
     L.seed_everything(config.seed, verbose=False)
-    history = EpochMetrics(out_dir / METRICS_NAME)
-    trainer = build_trainer(config, callbacks=[history])
-    trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config))
-    trainer.save_checkpoint(out_dir / CHECKPOINT_NAME)
-    return history.rows[-1]
+    recorder = LocalCheckpoints(out_dir)
+    trainer = build_trainer(config, callbacks=[recorder])
+    try:
+        trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config), ckpt_path=resume)
+    except SystemExit:  # Lightning's answer to Ctrl-C (and so to SIGTERM, see cli.run_job)
+        if trainer.interrupted:
+            raise Stopped(f"stopped in epoch {trainer.current_epoch}: {out_dir / CHECKPOINT_NAME} holds "
+                          f"{len(recorder.rows)} epochs; the same command continues") from None
+        raise
+    if recorder.diverged:
+        raise RunFailed(f"training diverged: {recorder.diverged}; {kept(recorder.rows, out_dir / CHECKPOINT_NAME)}")
+    return recorder.rows[-1]
+
+
+def kept(rows: list[dict], checkpoint: Path | str) -> str:
+    """What a diverged run leaves behind, in words."""
+    if not rows:
+        return "no checkpoint was written"
+    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
 
 
 def train_worker(config_dict: dict) -> None:
@@ -106,7 +223,7 @@ def fit_worker(config_dict: dict) -> VQVAEModule:
         # every forward would be redundant work (and would hide a bug in that all-reduce).
         strategy=RayDDPStrategy(forward_sync_buffers=False),
         plugins=[RayLightningEnvironment()],
-        callbacks=[RayTrainReportCallback()],
+        callbacks=[RayTrainReport()],
         progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
     )
     trainer = prepare_trainer(trainer)
@@ -116,7 +233,7 @@ def fit_worker(config_dict: dict) -> VQVAEModule:
         trainer.fit(module, datamodule=data)
     else:
         with checkpoint.as_directory() as directory:
-            trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME)
+            trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / TRAIN_CHECKPOINT)
     return module
 
 
@@ -146,7 +263,12 @@ def train_on_ray(config: Config, out_dir: Path, storage: str) -> dict[str, float
     """A Ray Train run named after its config: model.ckpt and metrics.csv land in out_dir as for a local
     run. Running the same config again resumes it from its last checkpoint in `storage`."""
     result = train_distributed(config, storage=storage, name=config.run_name())
-    with result.checkpoint.as_directory() as directory:
-        shutil.copyfile(Path(directory) / RayTrainReportCallback.CHECKPOINT_NAME, out_dir / CHECKPOINT_NAME)
-    result.metrics_dataframe.to_csv(out_dir / METRICS_NAME, index=False)
-    return result.metrics
+    rows = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as directory:
+            shutil.copyfile(Path(directory) / TRAIN_CHECKPOINT, out_dir / CHECKPOINT_NAME)
+            shutil.copyfile(Path(directory) / METRICS_NAME, out_dir / METRICS_NAME)
+        rows = pd.read_csv(out_dir / METRICS_NAME).to_dict("records")
+    if DIVERGED in result.metrics:
+        raise RunFailed(f"training diverged: {result.metrics[DIVERGED]}; {kept(rows, out_dir / CHECKPOINT_NAME)}")
+    return rows[-1]

@@ -1,41 +1,45 @@
-"""The Ray Tune search: every trial is a Ray Train run of the same trainer, with codebook size and
-commitment weight changed. Objective: `val_nmse` (per-dataset-normalised validation error), never the
-total loss, whose commitment term changes with the weight being searched."""
+"""The Ray Tune search: every trial is a Ray Train run of the same trainer, with codebook size, commitment weight
+and seed changed. Objective: `val_nmse` (per-dataset-normalised validation error), never the total loss, whose
+commitment term changes with the weight being searched."""
 
 from __future__ import annotations
 
+import io
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
 from ray import tune
-from ray.train.lightning import RayTrainReportCallback
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from medvq.config import Config, SweepConfig
+from medvq.errors import RunFailed, Stopped
 from medvq.nodes import capacity
 from medvq.storage import join, read_bytes, uri_on
-from medvq.train import CHECKPOINT_NAME, train_distributed
+from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, train_distributed
 
 OBJECTIVE, MODE = "val_nmse", "min"
-SEARCHED = ("codebook_size", "commitment_weight")
+SEARCHED = ("codebook_size", "commitment_weight", "seed")
 GRACE_OBJECTIVE = f"{OBJECTIVE}_at_grace"  # the objective after the grace epochs, which every trial ran
+MODEL_STATUSES = ("finished", "stopped")  # trials that left a usable model ("stopped": early, by ASHA)
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
+# Tune restarts a trial whose driver died with its node; the restart resumes the trial's Train run.
+TRIAL_RETRIES = 1
 
 
 def search_space(sweep: SweepConfig) -> dict:
     commitment = (tune.grid_search(list(sweep.commitment_grid)) if sweep.commitment_grid
                   else tune.loguniform(*sweep.commitment_range))
-    return {"codebook_size": tune.grid_search(list(sweep.codebook_sizes)), "commitment_weight": commitment}
+    return {"codebook_size": tune.grid_search(list(sweep.codebook_sizes)), "commitment_weight": commitment,
+            "seed": tune.grid_search(list(sweep.seeds))}
 
 
 def run_trial(params: dict, base: dict, storage: str) -> None:
     """One Tune trial = one Ray Train run, reporting to Tune every epoch.
 
-    Its Train run is named after the trial, so a resumed sweep resumes an unfinished trial's run
-    from its last checkpoint.
+    Its Train run is named after the trial, so a resumed sweep (or a retried trial) resumes an unfinished
+    trial's run from its last checkpoint.
     """
     config = Config.from_dict(base).with_changes(**{name: params[name] for name in SEARCHED})
     context = tune.get_context()
@@ -53,60 +57,92 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
     limit = sweep.max_concurrent_trials or capacity().runs_at_once(sweep.base)
-    scheduler = ASHAScheduler(max_t=sweep.base.epochs, grace_period=sweep.grace_epochs)
+    # Epochs trained, not Tune's report count: a trial resumed from its Train checkpoint counts from there.
+    scheduler = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=sweep.base.epochs, grace_period=sweep.grace_epochs)
     return tune.Tuner(
         trainable,
         param_space=search_space(sweep),
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, scheduler=scheduler,
-                                    num_samples=sweep.num_samples, max_concurrent_trials=limit),
-        run_config=tune.RunConfig(name=sweep.run_name(), storage_path=storage, verbose=1),
+                                    # a grid's repeats are its seeds; sampled weights are drawn num_samples times
+                                    num_samples=1 if sweep.commitment_grid else sweep.num_samples,
+                                    max_concurrent_trials=limit),
+        run_config=tune.RunConfig(name=sweep.run_name(), storage_path=storage, verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
     )
 
 
 def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
-    """Run (or resume) the search; raises if any trial failed for good."""
+    """Run (or resume) the search. Raises Stopped when a signal stopped it before every trial ended."""
     results = _tuner(sweep, storage).fit()
-    if results.errors:
-        raise RuntimeError(f"{len(results.errors)} of {len(results)} trials failed; first error: {results.errors[0]}")
+    unfinished = len(results) - results.num_terminated - results.num_errors
+    if unfinished:
+        raise Stopped(f"the sweep was stopped with {unfinished} of {len(results)} trials unfinished: "
+                      "the same command resumes it")
     return results
 
 
-def trial_table(results: tune.ResultGrid, grace_epochs: int, storage: str) -> pd.DataFrame:
-    """One row per trial, best first: searched values, epochs run, the objective at the grace epoch (which
-    every trial reached, so trials stopped early compare fairly there), final metrics and the checkpoint's
-    full location (s3://... when `storage` is a URI: Ray reports paths without their scheme)."""
-    rows = []
-    for result in results:
-        row = {"trial_id": result.metrics.get("trial_id"), **{name: result.config[name] for name in SEARCHED}}
-        row["epochs_run"] = result.metrics.get("training_iteration")
-        history = result.metrics_dataframe
-        at_grace = history.loc[history["training_iteration"] == grace_epochs, OBJECTIVE]
-        row["grace_epochs"] = grace_epochs
-        row[GRACE_OBJECTIVE] = float(at_grace.iloc[-1]) if len(at_grace) else math.nan
-        row.update({k: v for k, v in result.metrics.items() if k.startswith(("val_", "train_"))})
-        row["checkpoint_path"] = uri_on(storage, result.metrics["checkpoint_path"])
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values(OBJECTIVE).reset_index(drop=True)
+def read_trial_history(checkpoint_path: str) -> pd.DataFrame:
+    """The per-epoch history saved in a trial's checkpoint folder: each epoch once, however often it resumed."""
+    return pd.read_csv(io.BytesIO(read_bytes(join(checkpoint_path, METRICS_NAME))))
+
+
+def trial_status(result: tune.Result, epochs: int) -> tuple[str, str]:
+    """(status, reason): "error" (failed for good), "diverged", "stopped" (early, by ASHA) or "finished"."""
+    if result.error is not None:
+        return "error", str(result.error).strip().splitlines()[0]
+    if DIVERGED in result.metrics:
+        return "diverged", result.metrics[DIVERGED]
+    return ("stopped" if result.metrics.get(EPOCHS_DONE, 0) < epochs else "finished"), ""
+
+
+def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str) -> dict:
+    """One trial: searched values, status, epochs run, the objective after the grace epochs, last metrics, and the
+    checkpoint's full location (s3://... when `storage` is a URI: Ray reports paths without their scheme)."""
+    last = result.metrics or {}
+    status, reason = trial_status(result, epochs)
+    row = {"trial_id": last.get("trial_id", Path(result.path).name), **{name: result.config[name] for name in SEARCHED},
+           "status": status, "error": reason, "epochs_run": last.get(EPOCHS_DONE), "grace_epochs": grace_epochs}
+    checkpoint = uri_on(storage, last[CHECKPOINT_PATH_KEY]) if CHECKPOINT_PATH_KEY in last else None
+    at_grace = pd.Series(dtype=float)
+    if checkpoint is not None:
+        history = read_trial_history(checkpoint)
+        at_grace = history.loc[history["epoch"] == grace_epochs - 1, OBJECTIVE]
+    row[GRACE_OBJECTIVE] = float(at_grace.iloc[-1]) if len(at_grace) else float("nan")
+    row.update({k: v for k, v in last.items() if k.startswith(("val_", "train_"))})
+    row[CHECKPOINT_PATH_KEY] = checkpoint
+    return row
+
+
+def trial_table(results: tune.ResultGrid, grace_epochs: int, epochs: int, storage: str) -> pd.DataFrame:
+    """One row per trial (see `trial_row`): trials with a usable model first, best first."""
+    table = pd.DataFrame([trial_row(result, grace_epochs, epochs, storage) for result in results])
+    without_model = ~table["status"].isin(MODEL_STATUSES)
+    return table.assign(_order=without_model).sort_values(["_order", OBJECTIVE]).drop(columns="_order") \
+        .reset_index(drop=True)
 
 
 def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: str, out: Path) -> dict:
     """trials.csv / trials.parquet, best.json, best_metrics.csv and the best checkpoint (model.ckpt) in `out`;
-    returns the best record."""
-    table = trial_table(results, sweep.grace_epochs, storage)
+    returns the best record. Raises RunFailed, after writing the trial table, when no trial left a model."""
+    table = trial_table(results, sweep.grace_epochs, sweep.base.epochs, storage)
     table.to_csv(out / "trials.csv", index=False)
     table.to_parquet(out / "trials.parquet", index=False)
-    best_result = results.get_best_result(metric=OBJECTIVE, mode=MODE, scope="last")
-    best_result.metrics_dataframe.to_csv(out / "best_metrics.csv", index=False)
-    best_row = table.iloc[0]
-    config = sweep.base.with_changes(codebook_size=int(best_row["codebook_size"]),
-                                     commitment_weight=float(best_row["commitment_weight"]))
+    usable = table[table["status"].isin(MODEL_STATUSES)]
+    if usable.empty:
+        counts = ", ".join(f"{n} {status}" for status, n in table["status"].value_counts().items())
+        raise RunFailed(f"no trial left a model ({counts}); first reason: {table['error'].iloc[0]}; "
+                        f"see {out / 'trials.csv'}")
+    best_row = usable.iloc[0]
+    read_trial_history(best_row[CHECKPOINT_PATH_KEY]).to_csv(out / "best_metrics.csv", index=False)
+    config = sweep.base.with_changes(**{name: type(getattr(sweep.base, name))(best_row[name]) for name in SEARCHED})
     best = {
         "sweep": sweep.run_name(),
         "trial_id": best_row["trial_id"],
         "config": config.to_dict(),
         "metrics": {k: float(v) for k, v in best_row.items() if k.startswith(("val_", "train_"))},
-        "checkpoint": join(best_row["checkpoint_path"], RayTrainReportCallback.CHECKPOINT_NAME),
+        "checkpoint": join(best_row[CHECKPOINT_PATH_KEY], TRAIN_CHECKPOINT),
         "trials": len(table),
+        "trials_by_status": {status: int(n) for status, n in table["status"].value_counts().items()},
     }
     (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
     # A local copy beside the tables: storage may be s3://, and the output folder should stand alone.

@@ -8,7 +8,8 @@ import ray
 import torch
 
 from medvq.config import SweepConfig
-from medvq.module import VQVAEModule
+from medvq.errors import RunFailed
+from medvq.module import VQVAEModule, read_checkpoint
 from medvq.train import fit_worker, train_distributed
 from medvq.tune import run_sweep, write_sweep_outputs
 
@@ -35,24 +36,42 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
         assert torch.equal(rank0[name], rank1[name]), name
     # The EMA really moved: the codebook is not still its random initialisation on both ranks.
     assert not torch.allclose(rank0["cluster_size"], torch.ones_like(rank0["cluster_size"]))
+    assert result.metrics["val_codebook_rank_spread"] == 0  # the run's own check says the same
 
 
-def test_two_trial_sweep_writes_the_trial_table_and_the_best_trial(ray_instance, tiny_config, tmp_path):
-    sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16, 32), commitment_grid=(0.25,), num_samples=1,
+def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray_instance, tiny_config, tmp_path):
+    # A commitment weight of 1e300 is inf in float32: those trials' loss is inf from their first step.
+    sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16,), commitment_grid=(0.25, 1e300), num_samples=2,
                         grace_period=1)
-    results = run_sweep(sweep, str(tmp_path / "storage"))
-    best = write_sweep_outputs(results, sweep, str(tmp_path / "storage"), tmp_path)
+    storage = str(tmp_path / "storage")
+    results = run_sweep(sweep, storage)
+    best = write_sweep_outputs(results, sweep, storage, tmp_path)
     table = pd.read_csv(tmp_path / "trials.csv")
-    assert sorted(table["codebook_size"]) == [16, 32]
-    assert table["val_nmse"].notna().all() and table["val_nmse"].is_monotonic_increasing
-    assert pd.read_parquet(tmp_path / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
-    assert best["metrics"]["val_nmse"] == pytest.approx(table["val_nmse"].min())
-    assert best["config"]["codebook_size"] == table["codebook_size"][0]
+    assert len(table) == 4 and pd.read_parquet(tmp_path / "trials.parquet")["trial_id"].tolist() == table["trial_id"].tolist()
+    diverged = table[table["commitment_weight"] == 1e300]
+    assert (diverged["status"] == "diverged").all() and diverged["error"].str.contains("train_loss became (?:nan|inf) in epoch 0").all()
+    assert (diverged["epochs_run"] == 1).all() and diverged["checkpoint_path"].isna().all()
+    kept = table[table["commitment_weight"] == 0.25]
+    assert kept["status"].tolist() == ["finished", "finished"] and sorted(kept["seed"]) == [0, 1]
+    assert kept["val_nmse"].nunique() == 2, "two seeds trained the same model"
+    # The best is the lowest final objective Tune itself saw, and model.ckpt is that trial's checkpoint.
+    assert best["metrics"]["val_nmse"] == pytest.approx(min(r.metrics["val_nmse"] for r in results
+                                                            if r.config["commitment_weight"] == 0.25))
+    assert best["trials_by_status"] == {"finished": 2, "diverged": 2}
+    restored = read_checkpoint(tmp_path / "model.ckpt")
+    assert restored["hyper_parameters"]["config"]["seed"] == best["config"]["seed"]
     history = pd.read_csv(tmp_path / "best_metrics.csv")
-    assert len(history) == table["epochs_run"][0] and {"train_loss", "val_psnr"} <= set(history.columns)
-    # Every trial ran the grace epoch; the best trial's objective there is its history's first row.
-    assert (table["grace_epochs"] == 1).all() and table["val_nmse_at_grace"].notna().all()
-    assert table["val_nmse_at_grace"][0] == pytest.approx(history["val_nmse"][0])
-    for checkpoint in (best["checkpoint"], tmp_path / "model.ckpt"):  # in storage, and the copy beside the tables
-        restored = VQVAEModule.load_from_checkpoint(checkpoint)
-        assert restored.config.codebook_size == best["config"]["codebook_size"]
+    assert history["epoch"].tolist() == [0, 1] and history["val_nmse"].iloc[-1] == pytest.approx(best["metrics"]["val_nmse"])
+    # Every usable trial ran the grace epoch; its objective there is the first row of its own history.
+    assert history["val_nmse"][0] == pytest.approx(kept.set_index("trial_id")["val_nmse_at_grace"][best["trial_id"]])
+    assert VQVAEModule.load_from_checkpoint(best["checkpoint"]).config.commitment_weight == 0.25
+
+
+def test_a_sweep_whose_every_trial_diverged_fails_in_one_line_after_writing_its_table(ray_instance, tiny_config,
+                                                                                      tmp_path):
+    sweep = SweepConfig(tiny_config(), codebook_sizes=(16,), commitment_grid=(1e300,), num_samples=1, grace_period=1)
+    results = run_sweep(sweep, str(tmp_path / "storage"))
+    with pytest.raises(RunFailed, match=r"no trial left a model \(1 diverged\); first reason: train_loss became (nan|inf) in epoch 0"):
+        write_sweep_outputs(results, sweep, str(tmp_path / "storage"), tmp_path)
+    assert pd.read_csv(tmp_path / "trials.csv")["status"].tolist() == ["diverged"]
+    assert not (tmp_path / "model.ckpt").exists() and not (tmp_path / "best.json").exists()

@@ -17,7 +17,8 @@ from medvq.data import SPLITS, load_split
 from medvq.encode import encode_to_parquet, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
-from medvq.report import checkpoint_config, describe_checkpoint, replace_folder
+from medvq.module import checkpoint_config
+from medvq.report import describe_checkpoint, replace_folder
 from medvq.train import train_local
 from tests.conftest import REPO, SYNTHETIC_DATASETS, TINY
 

@@ -81,7 +81,7 @@ def sweep_run(tiny_config, tmp_path) -> Path:
     run, config = tmp_path / "sweep", tiny_config()
     run.mkdir()
     write_latents(run / "latents", config)
-    history(3).assign(training_iteration=range(1, 4)).to_csv(run / "best_metrics.csv", index=False)
+    history(3).assign(epoch=range(3)).to_csv(run / "best_metrics.csv", index=False)
     checkpoint = tmp_path / "ray_results" / "checkpoint.ckpt"
     checkpoint.parent.mkdir()
     save_checkpoint(config, checkpoint)
@@ -90,8 +90,10 @@ def sweep_run(tiny_config, tmp_path) -> Path:
     pd.DataFrame({
         "codebook_size": np.repeat([32, 64], 3),
         "commitment_weight": weights * 2,
+        "seed": 0,
+        "status": ["finished", "stopped", "finished", "finished", "finished", "diverged"],
         "epochs_run": [3, 1, 3, 3, 3, 1],
-        "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, 0.30],
+        "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, float("nan")],
         "grace_epochs": 1,
         "val_nmse_at_grace": [0.35, 0.40, 0.38, 0.33, 0.34, 0.30],
     }).to_csv(run / "trials.csv", index=False)
@@ -132,11 +134,9 @@ def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root)
     assert_pngs(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
 
 
-def test_both_history_formats_count_epochs_from_one(tmp_path):
+def test_histories_count_epochs_from_one(tmp_path):
     history(2).assign(epoch=[0, 1]).to_csv(tmp_path / "metrics.csv", index=False)
-    history(2).assign(training_iteration=[1, 2]).to_csv(tmp_path / "best_metrics.csv", index=False)
-    for name in ("metrics.csv", "best_metrics.csv"):
-        assert list(plots.read_history(tmp_path / name).index) == [1, 2]
+    assert list(plots.read_history(tmp_path / "metrics.csv").index) == [1, 2]
 
 
 def test_long_class_names_are_shortened():
@@ -147,7 +147,7 @@ def test_long_class_names_are_shortened():
 
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
     trials = pd.read_csv(sweep_run / "trials.csv")
-    trials.drop(columns=["grace_epochs", "val_nmse_at_grace"]).to_csv(sweep_run / "trials.csv", index=False)
+    trials.drop(columns=["status"]).to_csv(sweep_run / "trials.csv", index=False)
     assert "sweep.png" not in [Path(path).name for path in plots.draw_run(sweep_run)]
     assert any("run the sweep command again" in message for message in caplog.messages)
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from medvq.errors import RunFailed
 from medvq.module import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, VQVAEModule
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
-from tests.conftest import REPO
+from tests.clusters import wait_for
+from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 
 def test_normalized_mse_is_mse_over_variance_averaged_over_datasets():
@@ -122,3 +126,38 @@ def test_train_job_rejects_a_corrupt_file(tmp_path):
     result = run_train_job("--data-root", str(tmp_path), "--datasets", "breastmnist", "--out", str(out))
     assert result.returncode == 2 and "is not a valid breastmnist file" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_local_training_that_diverges_stops_and_keeps_no_non_finite_checkpoint(tiny_config, tmp_path):
+    config = tiny_config(epochs=3, commitment_weight=1e300)  # inf in float32: the loss is inf from the first step
+    with pytest.raises(RunFailed, match=r"train_loss became (nan|inf) in epoch 0; no checkpoint was written"):
+        train_local(config, tmp_path)
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    history = pd.read_csv(tmp_path / METRICS_NAME)
+    assert history["epoch"].tolist() == [0] and not np.isfinite(history["train_loss"][0])  # stopped at once
+
+
+def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_folders(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS), "--epochs", "6",
+             "--batch-size", "32", "--limit-batches", "6", "--accelerator", "cpu", "--out", str(out)]
+    job = subprocess.Popen([sys.executable, "jobs/train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (out / METRICS_NAME).exists(), "the first epoch", 120, job)
+    job.send_signal(signal.SIGTERM)
+    stderr = job.communicate(timeout=120)[1]
+    assert job.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("error: stopped in epoch"), stderr[-2000:]
+    assert "the same command continues" in stderr and "Traceback" not in stderr
+    done = len(pd.read_csv(out / METRICS_NAME))
+    assert 1 <= done < 6, "the signal came after the run had finished: nothing was tested"
+    assert torch.load(out / CHECKPOINT_NAME, weights_only=True)["epoch"] == done - 1
+
+    resumed = run_train_job(*flags)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"continuing the run in {out}" in resumed.stdout
+    assert pd.read_csv(out / METRICS_NAME)["epoch"].tolist() == list(range(6))  # each epoch once
+    for extra, message in [([], "holds this run, finished (6 epochs): nothing to train"),
+                           (["--codebook-size", "64"], "holds a run with other settings (codebook_size)")]:
+        refused = run_train_job(*flags, *extra)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
