@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -71,13 +74,38 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     )
 
 
+@contextmanager
+def stopped_gracefully_by_signals():
+    """Ctrl-C or SIGTERM during the search trigger Tune's own graceful stop (SIGUSR1: it saves the experiment
+    state one last time, so the same command resumes exactly where it stopped); a second one stops at once.
+    Yields the signals received."""
+    received: list[int] = []
+
+    def stop(signum: int, frame) -> None:
+        received.append(signum)
+        if len(received) > 1 or not callable(signal.getsignal(signal.SIGUSR1)):  # a second one, or Tune not yet up
+            raise KeyboardInterrupt
+        signal.raise_signal(signal.SIGUSR1)
+
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune's own would not tell us it was interrupted
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
-    """Run (or resume) the search. Raises Stopped when a signal stopped it before every trial ended."""
-    results = _tuner(sweep, storage).fit()
-    unfinished = len(results) - results.num_terminated - results.num_errors
-    if unfinished:
-        raise Stopped(f"the sweep was stopped with {unfinished} of {len(results)} trials unfinished: "
-                      "the same command resumes it")
+    """Run (or resume) the search. Raises Stopped when a signal stopped it."""
+    with stopped_gracefully_by_signals() as received:
+        results = _tuner(sweep, storage).fit()
+    if received:
+        raise Stopped(f"the sweep was stopped by {signal.Signals(received[0]).name}; its state is saved in "
+                      f"{results.experiment_path}: the same command resumes it")
     return results
 
 

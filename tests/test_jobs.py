@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from medvq.module import VQVAEModule
-from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
+from medvq.tune import read_trial_history
+from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
 
@@ -31,25 +32,62 @@ def finished_trial_results(storage: Path) -> dict[str, int]:
             for trial in finished}
 
 
-def test_killed_sweep_resumes_without_rerunning_the_finished_trial(synthetic_root, tmp_path):
-    out = tmp_path / "out"
-    command = [sys.executable, *smoke_command(synthetic_root, out, "--max-concurrent-trials", "1")[1:]]
-    log = open(tmp_path / "first.log", "w")
-    driver = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def epochs_saved(storage: Path, trial: int) -> int:
+    """Epochs in the newest checkpoint of the `trial`-th trial's Train run (0 before its first)."""
+    histories = storage.glob(f"medvq-sweep-*-*_{trial:05d}/checkpoint_*/metrics.csv")
+    return max((len(pd.read_csv(path)) for path in histories), default=0)
+
+
+def stop_when(driver: subprocess.Popen, condition, what: str, signum: int, group: bool) -> int:
+    """Send `signum` to the driver (or its whole process group, as Ctrl-C in a terminal does) once `condition()`
+    holds; returns the driver's exit code."""
     deadline = time.monotonic() + 300
-    while not (finished := finished_trial_results(out / "ray_results")):
-        assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "no trial finished within 5 minutes"
-        time.sleep(1)
-    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray instance it started, as if its node died
-    driver.wait()
-    assert not (out / "trials.csv").exists(), "the first run finished before it was killed: nothing was tested"
+    while not condition():
+        assert driver.poll() is None, f"the driver ended before {what}"
+        assert time.monotonic() < deadline, f"not {what} within 5 minutes"
+        time.sleep(0.2)
+    (os.killpg if group else os.kill)(driver.pid, signum)
+    return driver.wait(timeout=300)
+
+
+def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_once(synthetic_root, tmp_path):
+    out, storage = tmp_path / "out", tmp_path / "out" / "ray_results"
+    command = [sys.executable, "jobs/sweep.py", "--data-root", str(synthetic_root), "--datasets",
+               ",".join(SYNTHETIC_DATASETS), "--out", str(out), "--epochs", "6", "--limit-batches", "8", "--batch-size",
+               "32", "--codebook-sizes", "16,32", "--commitment-weights", "0.25", "--num-samples", "1",
+               "--max-concurrent-trials", "1", "--accelerator", "cpu"]
+    start = lambda name: subprocess.Popen(command, cwd=REPO, stdout=open(tmp_path / f"{name}.log", "w"),
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+    # Ctrl-C once the first trial has saved an epoch; SIGTERM (as `ray job stop` sends) once it has saved one more.
+    first = stop_when(start("sigint"), lambda: epochs_saved(storage, 0) >= 1, "a first checkpoint",
+                      signal.SIGINT, group=True)
+    saved = epochs_saved(storage, 0)
+    second = stop_when(start("sigterm"), lambda: epochs_saved(storage, 0) > saved, "a checkpoint after the resume",
+                       signal.SIGTERM, group=False)
+    for code, name in ((first, "sigint"), (second, "sigterm")):
+        log = (tmp_path / f"{name}.log").read_text()
+        assert code == 130, log[-3000:]
+        assert "the same command resumes it" in log.strip().splitlines()[-1] and "Traceback" not in log, log[-3000:]
+    assert epochs_saved(storage, 0) < 6, "the first trial finished before the second stop: nothing was tested"
+    # SIGKILL of the driver and the Ray instance it started (as if its node died) in the middle of the second trial.
+    stop_when(start("sigkill"), lambda: finished_trial_results(storage) and epochs_saved(storage, 1) >= 1,
+              "the first trial finished and the second saved an epoch", signal.SIGKILL, group=True)
+    assert not (out / "trials.csv").exists(), "the run finished before it was killed: nothing was tested"
+    finished = finished_trial_results(storage)
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     for trial, reports in finished.items():
-        assert finished_trial_results(out / "ray_results")[trial] == reports, f"trial {trial} ran again"
-    assert len(pd.read_csv(out / "trials.csv")) == 2
+        assert finished_trial_results(storage)[trial] == reports, f"trial {trial} ran again"
+    table = pd.read_csv(out / "trials.csv").set_index("trial_id")
+    assert len(table) == 2
+    for trial, row in table.iterrows():
+        history = read_trial_history(row["checkpoint_path"])
+        assert history["epoch"].tolist() == list(range(row["epochs_run"])), f"trial {trial}: each epoch once"
+        assert row["val_nmse_at_grace"] == history.loc[1, "val_nmse"]
+        # ASHA's only rung is epoch 2: a trial it stopped stopped there, however often its sweep was resumed.
+        assert (row["status"], row["epochs_run"]) in {("finished", 6), ("stopped", 2)}, (trial, row["status"])
+    assert table["epochs_run"].max() == 6  # the first trial had no peer at the rung, and ran to the end
 
 
 @pytest.mark.parametrize(
