@@ -7,7 +7,8 @@ import argparse
 
 import ray
 
-from medvq.cli import add_data_flags, dataset_names, job_parser, resolve_data_root, run_job
+from medvq.cli import (NON_NEGATIVE, POSITIVE_INT, add_data_flags, dataset_names, job_parser, resolve_data_root,
+                       run_job, text_value)
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
@@ -19,14 +20,14 @@ from medvq.storage import absolute, is_file, output_folder
 
 def parser() -> argparse.ArgumentParser:
     parser = job_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint", required=True, type=text_value,
                         help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's "
                         "best.json names")
     add_data_flags(parser, datasets_default=None)
-    parser.add_argument("--out", required=True, help="output folder (or s3:// URI): latents/, summary.json and "
+    parser.add_argument("--out", required=True, type=text_value, help="output folder (or s3:// URI): latents/, summary.json and "
                         "summary.md land there (an older latents/ is replaced)")
-    parser.add_argument("--actors", type=int, help="encoder actors (default: one per GPU, else one per two CPUs)")
-    parser.add_argument("--gpus-per-actor", type=float,
+    parser.add_argument("--actors", type=POSITIVE_INT, help="encoder actors (default: one per GPU, else one per two CPUs)")
+    parser.add_argument("--gpus-per-actor", type=NON_NEGATIVE,
                         help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors")
     return parser
 
@@ -38,6 +39,8 @@ def main() -> None:
         raise UserError(f"--checkpoint {args.checkpoint} is not a file")
     try:
         trained = checkpoint_config(checkpoint)
+    except UserError:
+        raise
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"--checkpoint {args.checkpoint} is not a medvq checkpoint ({type(error).__name__})") from None
     datasets = dataset_names(args.datasets) if args.datasets else trained.datasets

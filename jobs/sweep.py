@@ -15,8 +15,8 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import (add_training_flags, common_parser, config_from_args, parse_list, parse_range, run_job,
-                       storage_from_args)
+from medvq.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_training_flags, common_parser, config_from_args,
+                       parse_list, parse_range, run_job, storage_from_args, text_value)
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -32,20 +32,20 @@ from medvq.tune import run_sweep, write_sweep_outputs
 def parser():
     parser = common_parser(__doc__.strip().splitlines()[0])
     add_training_flags(parser)
-    parser.add_argument("--storage", help="Ray Train/Tune storage: a folder, shared mount or s3:// URI "
+    parser.add_argument("--storage", type=text_value, help="Ray Train/Tune storage: a folder, shared mount or s3:// URI "
                         "(default: OUT/ray_results); the same command resumes from it")
     parser.add_argument("--smoke", action="store_true", help="two tiny trials: checks the whole job in minutes on a CPU")
     parser.add_argument("--codebook-sizes", default=",".join(map(str, SweepConfig.codebook_sizes)))
     parser.add_argument("--commitment-weights", default="0.05:2",
                         help="LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: %(default)s)")
-    parser.add_argument("--num-samples", type=int, default=SweepConfig.num_samples,
+    parser.add_argument("--num-samples", type=POSITIVE_INT, default=SweepConfig.num_samples,
                         help="samples per codebook size (default: %(default)s)")
-    parser.add_argument("--workers-per-trial", type=int, default=1, help="DDP workers per trial, one per GPU")
-    parser.add_argument("--gpus-per-trial", type=float,
+    parser.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial, one per GPU")
+    parser.add_argument("--gpus-per-trial", type=NON_NEGATIVE,
                         help="GPUs per trial (default: one per worker if the cluster has GPUs, else 0); "
                         "a fraction packs several one-worker trials on a GPU")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0)
-    parser.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster fits")
+    parser.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0)
+    parser.add_argument("--max-concurrent-trials", type=POSITIVE_INT, help="default: as many as the cluster fits")
     return parser
 
 
@@ -63,8 +63,8 @@ def sweep_from_args(args: argparse.Namespace, defaults: argparse.ArgumentParser)
     if ":" in args.commitment_weights:
         commitment = dict(commitment_range=parse_range(args.commitment_weights, "--commitment-weights"))
     else:
-        commitment = dict(commitment_grid=parse_list(args.commitment_weights, float, "--commitment-weights"))
-    return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, int, "--codebook-sizes"),
+        commitment = dict(commitment_grid=parse_list(args.commitment_weights, POSITIVE, "--commitment-weights"))
+    return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, POSITIVE_INT, "--codebook-sizes"),
                        num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials, **commitment)
 
 

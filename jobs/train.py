@@ -11,8 +11,8 @@ from pathlib import Path
 
 import ray
 
-from medvq.cli import (add_searched_flags, add_training_flags, common_parser, config_from_args, run_job,
-                       storage_from_args)
+from medvq.cli import (POSITIVE, POSITIVE_INT, add_searched_flags, add_training_flags, common_parser, config_from_args, run_job,
+                       storage_from_args, text_value)
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -25,16 +25,16 @@ def parser() -> argparse.ArgumentParser:
     parser = common_parser(__doc__.strip().splitlines()[0])
     add_searched_flags(parser)
     add_training_flags(parser)
-    parser.add_argument("--workers", nargs="?", const="all",
+    parser.add_argument("--workers", nargs="?", const="all", type=POSITIVE_INT,
                         help="train under Ray Train with this many DDP workers; alone: one worker per GPU of the "
                         "cluster (default: no Ray, this process)")
-    parser.add_argument("--cpus-per-worker", type=float, default=Config.cpus_per_worker)
-    parser.add_argument("--storage", help="Ray Train storage: a folder, shared mount or s3:// URI "
+    parser.add_argument("--cpus-per-worker", type=POSITIVE, default=Config.cpus_per_worker)
+    parser.add_argument("--storage", type=text_value, help="Ray Train storage: a folder, shared mount or s3:// URI "
                         "(default: OUT/ray_results); the same command resumes from it")
     return parser
 
 
-def with_workers(config: Config, workers: str, cluster: Capacity) -> Config:
+def with_workers(config: Config, workers: int | str, cluster: Capacity) -> Config:
     """Resolve --workers against the cluster: GPU workers (one GPU each) whenever it has (or can add) GPUs."""
     gpus = cluster.totals.get("GPU", 0)
     if config.accelerator == "gpu" and gpus == 0:
@@ -44,10 +44,8 @@ def with_workers(config: Config, workers: str, cluster: Capacity) -> Config:
         if not use_gpu:
             raise UserError("--workers alone means one worker per GPU, and the cluster has none: give a number of CPU workers")
         count = int(gpus)
-    elif workers.isdigit() and int(workers) > 0:
-        count = int(workers)
     else:
-        raise UserError(f"--workers takes a positive number, got {workers!r}")
+        count = workers
     config = config.with_changes(workers=count, gpus_per_worker=1.0 if use_gpu else 0.0)
     cluster.runs_at_once(config)  # a clear error if the run does not fit
     return config

@@ -219,7 +219,7 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
     """Draw every figure whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
     files written. data_root: the MedMNIST files for the reconstructions (default: the model's own)."""
     if not is_uri(run_dir) and not Path(run_dir).is_dir():
-        raise UserError(f"run folder {run_dir} does not exist")
+        raise UserError(f"run folder {run_dir} does not exist: point --run at the --out folder of a sweep or a training run")
     # Ray's storage under the run holds every trial's checkpoints: none of it is drawn.
     with local_folder(str(run_dir), skip=("ray_results",)) as run:
         written = _draw_folder(run, data_root)

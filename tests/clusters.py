@@ -125,6 +125,26 @@ class Cluster:
         nodes = json.loads(listed.stdout) if listed.stdout.lstrip().startswith("[") else []  # else "No resource"
         return [node for node in nodes if node["state"] == "ALIVE"]
 
+    def actors(self, class_name: str) -> list[dict]:
+        """Every actor of that class the cluster has had, alive or dead, with its node and process id."""
+        listed = subprocess.run([RAY, "list", "actors", "--address", self.address, "--format", "json", "--detail",
+                                 "--filter", f"class_name={class_name}"],
+                                env=self.env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0, listed.stderr[-2000:]
+        return json.loads(listed.stdout) if listed.stdout.lstrip().startswith("[") else []
+
+    def job_status(self, job_id: str) -> str:
+        """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; UNKNOWN when the job API did not answer."""
+        status = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id],
+                                env=self.env, capture_output=True, text=True, timeout=60)
+        return next((word for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING")
+                     if word in status.stdout), "UNKNOWN")
+
+    def job_logs(self, job_id: str) -> str:
+        logs = subprocess.run([RAY, "job", "logs", "--address", self.dashboard, job_id],
+                              env=self.env, capture_output=True, text=True, timeout=60)
+        return logs.stdout + logs.stderr
+
     def submit(self, *command: str, timeout: float = 600, working_dir: bool = True,
                wait: bool = True) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .` of `command`, from the repository root, to the end (or, not `wait`ing,

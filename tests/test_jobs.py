@@ -1,5 +1,5 @@
-"""The jobs as users run them: a killed sweep driver resumes, and a Ray Train run of jobs/train.py that
-resumes instead of starting over. (`ray job submit` against `ray start` clusters: tests/test_multinode.py.)"""
+"""The jobs as users run them: a sweep driver stopped by signals resumes, and a Ray Train run of jobs/train.py
+survives a killed worker and resumes instead of starting over. (`ray job submit` against `ray start` clusters: tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import pandas as pd
@@ -16,6 +17,7 @@ import pytest
 
 from medvq.module import VQVAEModule
 from medvq.tune import read_trial_history
+from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
@@ -90,16 +92,9 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
     assert table["epochs_run"].max() == 6  # the first trial had no peer at the rung, and ran to the end
 
 
-@pytest.mark.parametrize(
+@pytest.mark.parametrize(  # the refusals that need the cluster; every other bad flag: tests/test_flags.py
     "flags, message",
     [
-        (["--datasets", "breastmnist,nosuchmnist"], "unknown dataset 'nosuchmnist'"),
-        (["--codebook-sizes", ","], "the search space is empty"),
-        (["--commitment-weights", "2:0.5"], "commitment range must satisfy"),
-        (["--commitment-weights", "1:2:3"], "--commitment-weights takes LOW:HIGH (two numbers)"),
-        (["--commitment-weights", ":2"], "--commitment-weights takes LOW:HIGH (two numbers)"),
-        (["--codebook-size", "256"], "unrecognized arguments: --codebook-size 256"),  # not --codebook-sizes
-        (["--smoke", "--codebook-sizes", "16", "--num-samples", "0"], "drop --codebook-sizes, --num-samples"),
         (["--gpus-per-trial", "4"], "but the cluster has"),
         (["--storage", "/proc/medvq-cannot-write-here"], "storage /proc/medvq-cannot-write-here is not writable"),
         (["--out", "file:///proc/medvq-cannot-write-here"], "medvq-cannot-write-here/ray_results is not writable"),
@@ -115,16 +110,36 @@ def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_pa
     assert not out.exists()
 
 
-def test_train_job_on_ray_train_workers_resumes_instead_of_starting_over(synthetic_root, tmp_path):
+def train_worker_pids() -> list[int]:
+    """Processes of this machine running a Ray Train worker (Ray names its worker processes after the actor)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with suppress(OSError):
+            if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_rerun_trains_nothing(synthetic_root,
+                                                                                                    tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "jobs/train.py", "--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS),
-               "--workers", "2", "--accelerator", "cpu", "--epochs", "2", "--limit-batches", "2", "--batch-size", "32",
+               "--workers", "2", "--accelerator", "cpu", "--epochs", "5", "--limit-batches", "8", "--batch-size", "32",
                "--out", str(out)]
-    checkpoints = []
-    for _ in range(2):
-        job = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert job.returncode == 0, job.stderr[-3000:]
-        checkpoints.append(sorted(p.name for p in out.glob("ray_results/medvq-train-*/checkpoint_*") if p.is_dir()))
-        assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [0, 1]  # as a local run writes it
-    assert len(checkpoints[0]) == 2 and checkpoints[1] == checkpoints[0]  # the second run trained nothing new
+    saved = lambda: max((len(pd.read_csv(path)) for path in out.glob("ray_results/medvq-train-*/checkpoint_*/metrics.csv")),
+                        default=0)
+    job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: saved() >= 2 and train_worker_pids(), "two epochs saved", 300, job)
+    os.kill(train_worker_pids()[-1], signal.SIGKILL)
+    assert saved() < 5, "the run finished before its worker was killed: nothing was tested"
+    log = job.communicate(timeout=600)[0]
+    assert job.returncode == 0, log[-3000:]
+    history = pd.read_csv(out / "metrics.csv")
+    assert history["epoch"].tolist() == list(range(5))  # each epoch once, across the restart
+    assert (history["val_codebook_rank_spread"] == 0).all()  # both ranks' codebooks equal, after the restart too
+    checkpoints = sorted(p.name for p in out.glob("ray_results/medvq-train-*/checkpoint_*") if p.is_dir())
+
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("ray_results/medvq-train-*/checkpoint_*") if p.is_dir()) == checkpoints
     assert VQVAEModule.load_from_checkpoint(out / "model.ckpt").config.workers == 2

@@ -5,6 +5,9 @@ through AWS_ENDPOINT_URL, as `cluster/` sets it up. The cluster is shared by eve
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,17 +20,21 @@ from medmnist import INFO
 
 from medvq.module import VQVAEModule
 from medvq.storage import read_bytes
+from medvq.tune import read_trial_history
 from medvq.synthetic import write_synthetic_npz
-from tests.clusters import Cluster, Processes, client_env, s3_filesystem, start_head, start_private_node, start_s3
+from tests.clusters import (Cluster, Processes, client_env, s3_filesystem, start_head, start_private_node, start_s3,
+                            wait_for)
 from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
 
 pytestmark = pytest.mark.integration
 BUCKET = "medvq-test"
+ENDED = ("SUCCEEDED", "FAILED", "STOPPED")  # a Ray job's final states
 SHARED_VOLUME = "/var/tmp"  # seen by every node (only /tmp is private to each): a shared volume's stand-in
 
 
 @dataclass
 class MultiNode:
+    processes: Processes  # the nodes' process groups among them
     cluster: Cluster
     s3_data: str  # the synthetic files in the bucket
     shared_data: Path  # ... and on the "shared volume"
@@ -48,7 +55,7 @@ def multinode(synthetic_root):
             for seed, name in enumerate(SYNTHETIC_DATASETS):
                 write_synthetic_npz(shared, name, seed=seed)
             pafs.copy_files(str(shared), f"s3://{BUCKET}/medmnist")
-            yield MultiNode(cluster, f"s3://{BUCKET}/medmnist", shared)
+            yield MultiNode(processes, cluster, f"s3://{BUCKET}/medmnist", shared)
     finally:
         processes.stop()
 
@@ -143,3 +150,43 @@ def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(m
         assert not out.exists()
     else:
         assert s3_filesystem().get_file_info(s3_path(out)).type == pafs.FileType.NotFound
+
+
+def started_ancestor(pid: int, started: set[int]) -> int:
+    """The process among `started` that `pid` descends from (Ray's workers have process groups of their own)."""
+    while pid not in started:
+        assert pid > 1, "not a process of this test's cluster"
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's id
+    return pid
+
+
+def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finishes(multinode):
+    """Last in this file: the cluster has one worker node fewer after it."""
+    cluster, out = multinode.cluster, f"s3://{BUCKET}/runs/node-lost"
+    submitted = cluster.submit("python", "jobs/sweep.py", "--data-root", multinode.s3_data, "--datasets",
+                               ",".join(SYNTHETIC_DATASETS), "--out", out, "--epochs", "8", "--limit-batches", "8",
+                               "--batch-size", "32", "--codebook-sizes", "16", "--commitment-weights", "0.25",
+                               "--num-samples", "1", "--accelerator", "cpu", wait=False)
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout)[0]
+    checkpoints = pafs.FileSelector(s3_path(f"{out}/ray_results"), recursive=True, allow_not_found=True)
+    saved = lambda: [info.path for info in s3_filesystem().get_file_info(checkpoints) if info.path.endswith("/metrics.csv")]
+    workers = []  # the trial's Train worker, once it has saved an epoch
+    found = lambda: saved() and workers.extend(a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
+    wait_for(lambda: found() or workers or cluster.job_status(job_id) in ENDED,
+             "the trial's first checkpoint", 300)
+    assert workers, cluster.job_logs(job_id)[-3000:]
+    lost = workers[0]
+    node = started_ancestor(lost["pid"], {process.pid for process in multinode.processes.started})
+    os.killpg(node, signal.SIGKILL)  # the node's `ray start` and raylet (its workers then exit): the node is gone
+
+    try:
+        wait_for(lambda: cluster.job_status(job_id) in ENDED, "the sweep's end", 600)
+    except AssertionError:
+        raise AssertionError(f"the sweep did not end; its log:\n{cluster.job_logs(job_id)[-6000:]}") from None
+    assert cluster.job_status(job_id) == "SUCCEEDED", cluster.job_logs(job_id)[-4000:]
+    trial = pd.read_parquet(s3_path(f"{out}/trials.parquet"), filesystem=s3_filesystem()).iloc[0]
+    assert (trial["status"], trial["epochs_run"]) == ("finished", 8)
+    assert read_trial_history(trial["checkpoint_path"])["epoch"].tolist() == list(range(8))  # each epoch once
+    nodes = {actor["node_id"] for actor in cluster.actors("RayTrainWorker")}
+    assert lost["node_id"] in nodes and len(nodes) >= 2, "the trial did not move to another node"
