@@ -6,6 +6,7 @@ fixed pixel size: figure inches x DPI, never cropped to its contents.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -18,11 +19,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from medvq.data import load_split
+from medvq.data import load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
-from medvq.storage import is_file, is_uri, join, local_folder
+from medvq.storage import is_file, is_uri, join, local_folder, write_atomically
 from medvq.tune import GRACE_OBJECTIVE
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ CLASS_COLUMNS = 3
 TILE = 0.75  # inches per image in the reconstruction grid
 ROW_LABEL = 1.5  # inches left of the grid for the dataset names
 SHOWN = 8  # test images per dataset in the reconstruction grid
-LABEL_CHARS = 22  # longer class names are cut so legends stay beside their panel
 
 LATENT_COLUMNS = ["dataset", "label", "label_name", "codes", "umap_x", "umap_y"]  # `latent` is not drawn
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
@@ -58,14 +58,10 @@ def reconstruction_figure_size(n_datasets: int) -> tuple[float, float]:
     return ROW_LABEL + SHOWN * TILE, 2 * n_datasets * TILE
 
 
-def short_label(name: str) -> str:
-    """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
-    name = name.split("(")[0].strip()
-    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
-
-
 def _save(figure: Figure, path: Path) -> None:
-    figure.savefig(path, dpi=DPI, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    write_atomically(path, buffer.getvalue())
 
 
 def _colours(n: int) -> list:
@@ -165,7 +161,7 @@ def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None, path
     axes = figure.subplots(2 * len(config.datasets), SHOWN, squeeze=False)
     for row, name in enumerate(config.datasets):
         images = load_split(name, "test", data_root, config.size)[0][:SHOWN]
-        images = np.broadcast_to(images, (*images.shape[:3], 3)).copy()  # grayscale -> RGB; torch wants writable memory
+        images = rgb(images).copy()  # torch wants writable memory
         recon = module(torch.from_numpy(images))[0].permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
         for column in range(SHOWN):
             for ax, shown in ((axes[2 * row, column], images), (axes[2 * row + 1, column], recon)):

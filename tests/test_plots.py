@@ -17,6 +17,7 @@ from PIL import Image
 
 from medvq import plots
 from medvq.config import Config
+from medvq.data import LABEL_CHARS, short_label
 from medvq.errors import UserError
 from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
@@ -140,9 +141,9 @@ def test_both_history_formats_count_epochs_from_one(tmp_path):
 
 
 def test_long_class_names_are_shortened():
-    assert plots.short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
-    assert plots.short_label("normal, benign") == "normal, benign"
-    assert len(plots.short_label(INFO["dermamnist"]["label"]["0"])) == plots.LABEL_CHARS
+    assert short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
+    assert short_label("normal, benign") == "normal, benign"
+    assert len(short_label(INFO["dermamnist"]["label"]["0"])) == LABEL_CHARS
 
 
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
