@@ -38,6 +38,8 @@ CLASS_COLUMNS = 3
 TILE = 0.75  # inches per image in the reconstruction grid
 ROW_LABEL = 1.5  # inches left of the grid for the dataset names
 SHOWN = 8  # test images per dataset in the reconstruction grid
+NEIGHBOUR_COLUMNS = 9  # an image and its 8 nearest (jobs/neighbours.py) on one row
+NEIGHBOUR_TILE = (1.6, 2.5)  # inches per image: the image, and its four-line caption above it
 
 LATENT_COLUMNS = ["dataset", "label", "label_name", "codes", "umap_x", "umap_y"]  # `latent` is not drawn
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
@@ -185,7 +187,25 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> No
     _save(figure, path)
 
 
-def _checkpoint(run: Path) -> str | None:
+def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None:
+    """The images of `table` (medvq/neighbours.py) in rows of NEIGHBOUR_COLUMNS, each under its dataset, split,
+    index, class and distance."""
+    columns = min(len(table), NEIGHBOUR_COLUMNS)
+    rows = -(-len(table) // columns)
+    figure = Figure(figsize=(columns * NEIGHBOUR_TILE[0], rows * NEIGHBOUR_TILE[1]), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, image, record in zip(axes, images, table.itertuples()):
+        ax.imshow(image)
+        _blank_axes(ax)
+        first = "the image" if record.Index == 0 else f"{record.Index}. d = {record.distance:.3f}"
+        ax.set_title(f"{first}\n{record.dataset}\n{record.split} {record.index}\n{short_label(record.label_name)}",
+                     fontsize="small")
+    for ax in axes[len(table) :]:
+        ax.set_axis_off()
+    _save(figure, path)
+
+
+def find_checkpoint(run: Path) -> str | None:
     """The run's model.ckpt (jobs/train.py, or the sweep's copy of its best), else the one best.json names."""
     if (run / "model.ckpt").exists():
         return str(run / "model.ckpt")
@@ -219,7 +239,7 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
     histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
-    trials_path, checkpoint = run / "trials.csv", _checkpoint(run)
+    trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
     latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if has_latents else None
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:

@@ -28,17 +28,18 @@ METRICS = ("loss", "mae", "psnr", "ssim")
 
 
 def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> None:
-    """The encoder's Parquet dataset: one row per image, in two part files."""
+    """The encoder's Parquet dataset: one row per image (the first images of each split), in two part files."""
     rng = np.random.default_rng(0)
     cells = config.latent_side**2
     frames = []
     for name in config.datasets:
         names = INFO[name]["label"]
         labels = rng.integers(0, len(names), rows_per_dataset)
+        splits = pd.Series(rng.choice(["train", "val", "test"], rows_per_dataset))
         frames.append(pd.DataFrame({
             "dataset": name,
-            "split": rng.choice(["train", "val", "test"], rows_per_dataset),
-            "index": np.arange(rows_per_dataset, dtype=np.int64),
+            "split": splits,
+            "index": splits.groupby(splits).cumcount().astype(np.int64),
             "label": labels.astype(np.int64),
             "label_name": [names[str(label)] for label in labels],
             "codes": list(rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)),
@@ -65,14 +66,19 @@ def save_checkpoint(config: Config, path: Path) -> None:
                 "pytorch-lightning_version": lightning.__version__}, path)
 
 
+def encoded_run(run: Path, config: Config) -> Path:
+    """A run folder with what the explorer and jobs/neighbours.py read: latents/ and model.ckpt."""
+    run.mkdir()
+    write_latents(run / "latents", config)
+    save_checkpoint(config, run / "model.ckpt")
+    return run
+
+
 @pytest.fixture
 def train_run(tiny_config, tmp_path) -> Path:
     """A jobs/train.py output folder with latents: model.ckpt and metrics.csv (0-based epochs)."""
-    run, config = tmp_path / "train", tiny_config()
-    run.mkdir()
-    write_latents(run / "latents", config)
+    run = encoded_run(tmp_path / "train", tiny_config())
     history(3).assign(epoch=range(3)).to_csv(run / "metrics.csv", index=False)
-    save_checkpoint(config, run / "model.ckpt")
     return run
 
 
