@@ -1,4 +1,5 @@
-"""Figures of a run folder: latent space, training curves, the sweep, reconstructions, codebook usage.
+"""Figures of a run folder: latent space, training curves, the sweep, reconstructions, codebook usage, and the
+interactive page of the latent space (medvq/explorer.py).
 
 Every figure is a matplotlib `Figure` (no pyplot state, so it is safe in any process) saved as PNG at a
 fixed pixel size: figure inches x DPI, never cropped to its contents.
@@ -21,6 +22,7 @@ from matplotlib.ticker import MaxNLocator
 
 from medvq.data import load_split, rgb, short_label
 from medvq.errors import UserError
+from medvq.explorer import draw_explorer
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
 from medvq.storage import is_file, is_uri, join, local_folder, write_atomically
@@ -41,7 +43,6 @@ SHOWN = 8  # test images per dataset in the reconstruction grid
 NEIGHBOUR_COLUMNS = 9  # an image and its 8 nearest (jobs/neighbours.py) on one row
 NEIGHBOUR_TILE = (1.6, 2.5)  # inches per image: the image, and its four-line caption above it
 
-LATENT_COLUMNS = ["dataset", "label", "label_name", "codes", "umap_x", "umap_y"]  # `latent` is not drawn
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
 
 
@@ -241,7 +242,7 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
-    latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if has_latents else None
+    latents = pd.read_parquet(run / "latents") if has_latents else None
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:
         raise UserError(f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
                         "point --run at the --out folder of a sweep or a training run")
@@ -256,6 +257,8 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
         ("sweep.png", trials_path.exists(), lambda p: draw_sweep(pd.read_csv(trials_path), p)),
         ("reconstructions.png", module is not None,
          lambda p: draw_reconstructions(module, data_root or module.config.data_root, p)),
+        ("explorer.html", latents is not None and module is not None,
+         lambda p: draw_explorer(latents, module, data_root or module.config.data_root, p)),
     ]
     (run / "plots").mkdir(exist_ok=True)
     written = []

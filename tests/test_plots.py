@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +25,7 @@ from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 EVERY_FIGURE = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "curves.png", "sweep.png",
-                "reconstructions.png")
+                "reconstructions.png", "explorer.html")
 METRICS = ("loss", "mae", "psnr", "ssim")
 
 
@@ -117,11 +119,11 @@ def expected_pixels(n_datasets: int) -> dict[str, tuple[int, int]]:
     return {name: (round(width * plots.DPI), round(height * plots.DPI)) for name, (width, height) in inches.items()}
 
 
-def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
+def assert_figures(paths: list[Path], names: tuple[str, ...]) -> None:
     pixels = expected_pixels(len(SYNTHETIC_DATASETS))
     assert [path.name for path in paths] == list(names)
     assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(names)
-    for path in paths:
+    for path in (path for path in paths if path.suffix == ".png"):
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
@@ -131,12 +133,12 @@ def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
 def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
     paths = [Path(path) for path in plots.draw_run(sweep_run)]
     assert all(path.parent == sweep_run / "plots" for path in paths)
-    assert_pngs(paths, EVERY_FIGURE)
+    assert_figures(paths, EVERY_FIGURE)
 
 
 def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):
     paths = [Path(path) for path in plots.draw_run(train_run, data_root=synthetic_root)]
-    assert_pngs(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
+    assert_figures(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
 
 
 def test_both_history_formats_count_epochs_from_one(tmp_path):
@@ -150,6 +152,14 @@ def test_long_class_names_are_shortened():
     assert short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
     assert short_label("normal, benign") == "normal, benign"
     assert len(short_label(INFO["dermamnist"]["label"]["0"])) == LABEL_CHARS
+
+
+def test_a_run_without_latents_gets_no_explorer_and_one_line_saying_so(train_run, synthetic_root, caplog):
+    shutil.rmtree(train_run / "latents")
+    caplog.set_level(logging.INFO, logger=plots.__name__)
+    assert "explorer.html" not in [Path(path).name for path in plots.draw_run(train_run, data_root=synthetic_root)]
+    assert [line for line in caplog.messages if "explorer.html" in line] == [
+        f"skipped explorer.html: its input is not in {train_run}"]
 
 
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
@@ -177,4 +187,4 @@ def test_plot_job_writes_the_figures_or_stops_with_one_line(train_run, tmp_path)
     assert [line for line in failed.stderr.splitlines() if line.startswith("error:")] == [failed.stderr.strip()]
     done = job(train_run)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("wrote ") == 5 and (train_run / "plots" / "reconstructions.png").exists()
+    assert done.stdout.count("wrote ") == 6 and (train_run / "plots" / "explorer.html").exists()
