@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
+LABEL_CHARS = 22  # longer class names are cut, so legends and captions stay beside their pictures
 # The train and val splits move to the GPU when they take at most this share of its free memory (28x28:
 # ~68 MB for the five sets; 224x224: ~4.3 GB), leaving room for the model and for trials sharing the GPU.
 DEVICE_MEMORY_SHARE = 0.25
@@ -46,6 +47,12 @@ def dataset_info(name: str) -> dict:
     if INFO[name]["task"].startswith("multi-label"):
         raise UserError(f"{name} is multi-label; medvq needs one class per image")
     return INFO[name]
+
+
+def short_label(name: str) -> str:
+    """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
+    name = name.split("(")[0].strip()
+    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
 
 
 def file_name(name: str, size: int) -> str:
@@ -163,6 +170,11 @@ def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple
     return images, labels.reshape(-1).astype(np.int64)
 
 
+def rgb(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W, 1 or 3) -> (N, H, W, 3), grayscale replicated as the model sees it: a read-only view."""
+    return np.broadcast_to(images, (*images.shape[:3], 3))
+
+
 @dataclass
 class SplitArrays:
     """One split of several datasets, concatenated; every row traces back to its source image."""
@@ -196,7 +208,7 @@ def load_splits(datasets: tuple[str, ...], split: str, root: str | Path, size: i
     parts = []
     for dataset_id, name in enumerate(datasets):
         images, labels = load_split(name, split, root, size)
-        images = np.broadcast_to(images, (*images.shape[:3], 3))  # grayscale -> RGB, a view until concatenated
+        images = rgb(images)  # a view until concatenated
         parts.append((images, labels, np.full(len(labels), dataset_id), np.arange(len(labels))))
     images, labels, dataset_ids, indices = (np.concatenate(column) for column in zip(*parts))
     return SplitArrays(

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from medvq.config import Config
-from medvq.data import SPLITS, dataset_info, load_split, to_float_images
+from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
 from medvq.errors import UserError
 from medvq.module import VQVAEModule, image_scores
 from medvq.nodes import capacity
@@ -40,8 +40,7 @@ def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[
         "index": np.arange(len(labels), dtype=np.int64),
         "label": labels,
         "label_name": np.array([label_names[str(label)] for label in labels]),
-        # Grayscale -> three channels, as in training; every batch then has one image shape.
-        "image": np.ascontiguousarray(np.broadcast_to(images, (*images.shape[:3], 3))),
+        "image": np.ascontiguousarray(rgb(images)),  # as in training: every batch then has one image shape
     }
 
 

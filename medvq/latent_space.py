@@ -13,13 +13,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from medvq.data import load_split
 
 log = logging.getLogger(__name__)
 
 KNN_NEIGHBOURS = 10
+NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
 SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "dataset": "dataset", "test_images": "test images", "psnr": "PSNR dB", "ssim": "SSIM", "mae": "MAE",
     "codes_used": "codes used", "perplexity": "perplexity", "knn_latent": "k-NN class (latent)",
@@ -82,6 +83,17 @@ def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float
 def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
     probe = KNeighborsClassifier(n_neighbors=min(KNN_NEIGHBOURS, len(train_y)))
     return float(probe.fit(train_x, train_y).score(test_x, test_y))
+
+
+def nearest(points: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest other points (Euclidean) of each of `rows` (default: every point), nearest first: their
+    row numbers and distances, both (R, k)."""
+    rows = np.arange(len(points)) if rows is None else np.asarray(rows)
+    distances, found = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(points).kneighbors(points[rows])
+    # Drop each query itself: usually its first hit, but an exact duplicate of it may come first.
+    itself = found == rows[:, None]
+    itself[~itself.any(axis=1), -1] = True
+    return found[~itself].reshape(len(rows), k), distances[~itself].reshape(len(rows), k)
 
 
 def _pixels(name: str, split: str, data_root: str, size: int) -> np.ndarray:

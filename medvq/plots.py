@@ -1,4 +1,5 @@
-"""Figures of a run folder: latent space, training curves, the sweep, reconstructions, codebook usage.
+"""Figures of a run folder: latent space, training curves, the sweep, reconstructions, codebook usage, and the
+interactive page of the latent space (medvq/explorer.py).
 
 Every figure is a matplotlib `Figure` (no pyplot state, so it is safe in any process) saved as PNG at a
 fixed pixel size: figure inches x DPI, never cropped to its contents.
@@ -6,6 +7,7 @@ fixed pixel size: figure inches x DPI, never cropped to its contents.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -18,11 +20,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from medvq.data import load_split
+from medvq.data import load_split, rgb, short_label
 from medvq.errors import UserError
+from medvq.explorer import draw_explorer
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
-from medvq.storage import is_file, is_uri, join, local_folder
+from medvq.storage import is_file, is_uri, join, local_folder, write_atomically
 from medvq.tune import GRACE_OBJECTIVE, MODEL_STATUSES
 
 log = logging.getLogger(__name__)
@@ -37,9 +40,9 @@ CLASS_COLUMNS = 3
 TILE = 0.75  # inches per image in the reconstruction grid
 ROW_LABEL = 1.5  # inches left of the grid for the dataset names
 SHOWN = 8  # test images per dataset in the reconstruction grid
-LABEL_CHARS = 22  # longer class names are cut so legends stay beside their panel
+NEIGHBOUR_COLUMNS = 9  # an image and its 8 nearest (jobs/neighbours.py) on one row
+NEIGHBOUR_TILE = (1.6, 2.5)  # inches per image: the image, and its four-line caption above it
 
-LATENT_COLUMNS = ["dataset", "label", "label_name", "codes", "umap_x", "umap_y"]  # `latent` is not drawn
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
 
 
@@ -58,14 +61,10 @@ def reconstruction_figure_size(n_datasets: int) -> tuple[float, float]:
     return ROW_LABEL + SHOWN * TILE, 2 * n_datasets * TILE
 
 
-def short_label(name: str) -> str:
-    """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
-    name = name.split("(")[0].strip()
-    return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
-
-
 def _save(figure: Figure, path: Path) -> None:
-    figure.savefig(path, dpi=DPI, format="png")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=DPI, format="png")
+    write_atomically(path, buffer.getvalue())
 
 
 def _colours(n: int) -> list:
@@ -171,7 +170,7 @@ def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None, path
     axes = figure.subplots(2 * len(config.datasets), SHOWN, squeeze=False)
     for row, name in enumerate(config.datasets):
         images = load_split(name, "test", data_root, config.size)[0][:SHOWN]
-        images = np.broadcast_to(images, (*images.shape[:3], 3)).copy()  # grayscale -> RGB; torch wants writable memory
+        images = rgb(images).copy()  # torch wants writable memory
         recon = module(torch.from_numpy(images))[0].permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
         for column in range(SHOWN):
             for ax, shown in ((axes[2 * row, column], images), (axes[2 * row + 1, column], recon)):
@@ -195,7 +194,25 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> No
     _save(figure, path)
 
 
-def _checkpoint(run: Path) -> str | None:
+def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None:
+    """The images of `table` (medvq/neighbours.py) in rows of NEIGHBOUR_COLUMNS, each under its dataset, split,
+    index, class and distance."""
+    columns = min(len(table), NEIGHBOUR_COLUMNS)
+    rows = -(-len(table) // columns)
+    figure = Figure(figsize=(columns * NEIGHBOUR_TILE[0], rows * NEIGHBOUR_TILE[1]), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax, image, record in zip(axes, images, table.itertuples()):
+        ax.imshow(image)
+        _blank_axes(ax)
+        first = "the image" if record.Index == 0 else f"{record.Index}. d = {record.distance:.3f}"
+        ax.set_title(f"{first}\n{record.dataset}\n{record.split} {record.index}\n{short_label(record.label_name)}",
+                     fontsize="small")
+    for ax in axes[len(table) :]:
+        ax.set_axis_off()
+    _save(figure, path)
+
+
+def find_checkpoint(run: Path) -> str | None:
     """The run's model.ckpt (jobs/train.py, or the sweep's copy of its best), else the one best.json names."""
     if (run / "model.ckpt").exists():
         return str(run / "model.ckpt")
@@ -229,9 +246,9 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
     histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
-    trials_path, checkpoint = run / "trials.csv", _checkpoint(run)
+    trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
-    latents = pd.read_parquet(run / "latents", columns=LATENT_COLUMNS) if has_latents else None
+    latents = pd.read_parquet(run / "latents") if has_latents else None
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:
         raise UserError(f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
                         "point --run at the --out folder of a sweep or a training run")
@@ -246,6 +263,8 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
         ("sweep.png", trials_path.exists(), lambda p: draw_sweep(pd.read_csv(trials_path), p)),
         ("reconstructions.png", module is not None,
          lambda p: draw_reconstructions(module, data_root or module.config.data_root, p)),
+        ("explorer.html", latents is not None and module is not None,
+         lambda p: draw_explorer(latents, module, data_root or module.config.data_root, p)),
     ]
     (run / "plots").mkdir(exist_ok=True)
     written = []

@@ -142,3 +142,13 @@ def cached_copy(location: str) -> Path:
         finally:
             Path(partial).unlink(missing_ok=True)
     return path
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a file whole or not at all: into a partial file beside it, then moved into place."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

@@ -137,8 +137,9 @@ class Cluster:
         """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; UNKNOWN when the job API did not answer."""
         status = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id],
                                 env=self.env, capture_output=True, text=True, timeout=60)
-        return next((word for word in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING")
-                     if word in status.stdout), "UNKNOWN")
+        said = (status.stdout + status.stderr).lower()  # "Job 'raysubmit_...' succeeded", "... is currently running"
+        return next((word.upper() for word in ("succeeded", "failed", "stopped", "running", "pending") if word in said),
+                    "UNKNOWN")
 
     def job_logs(self, job_id: str) -> str:
         logs = subprocess.run([RAY, "job", "logs", "--address", self.dashboard, job_id],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,27 +19,29 @@ from PIL import Image
 
 from medvq import plots
 from medvq.config import Config
+from medvq.data import LABEL_CHARS, short_label
 from medvq.errors import UserError
 from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 EVERY_FIGURE = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "curves.png", "sweep.png",
-                "reconstructions.png")
+                "reconstructions.png", "explorer.html")
 METRICS = ("loss", "mae", "psnr", "ssim")
 
 
 def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> None:
-    """The encoder's Parquet dataset: one row per image, in two part files."""
+    """The encoder's Parquet dataset: one row per image (the first images of each split), in two part files."""
     rng = np.random.default_rng(0)
     cells = config.latent_side**2
     frames = []
     for name in config.datasets:
         names = INFO[name]["label"]
         labels = rng.integers(0, len(names), rows_per_dataset)
+        splits = pd.Series(rng.choice(["train", "val", "test"], rows_per_dataset))
         frames.append(pd.DataFrame({
             "dataset": name,
-            "split": rng.choice(["train", "val", "test"], rows_per_dataset),
-            "index": np.arange(rows_per_dataset, dtype=np.int64),
+            "split": splits,
+            "index": splits.groupby(splits).cumcount().astype(np.int64),
             "label": labels.astype(np.int64),
             "label_name": [names[str(label)] for label in labels],
             "codes": list(rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)),
@@ -64,14 +68,19 @@ def save_checkpoint(config: Config, path: Path) -> None:
                 "pytorch-lightning_version": lightning.__version__}, path)
 
 
+def encoded_run(run: Path, config: Config) -> Path:
+    """A run folder with what the explorer and jobs/neighbours.py read: latents/ and model.ckpt."""
+    run.mkdir()
+    write_latents(run / "latents", config)
+    save_checkpoint(config, run / "model.ckpt")
+    return run
+
+
 @pytest.fixture
 def train_run(tiny_config, tmp_path) -> Path:
     """A jobs/train.py output folder with latents: model.ckpt and metrics.csv (0-based epochs)."""
-    run, config = tmp_path / "train", tiny_config()
-    run.mkdir()
-    write_latents(run / "latents", config)
+    run = encoded_run(tmp_path / "train", tiny_config())
     history(3).assign(epoch=range(3)).to_csv(run / "metrics.csv", index=False)
-    save_checkpoint(config, run / "model.ckpt")
     return run
 
 
@@ -112,11 +121,11 @@ def expected_pixels(n_datasets: int) -> dict[str, tuple[int, int]]:
     return {name: (round(width * plots.DPI), round(height * plots.DPI)) for name, (width, height) in inches.items()}
 
 
-def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
+def assert_figures(paths: list[Path], names: tuple[str, ...]) -> None:
     pixels = expected_pixels(len(SYNTHETIC_DATASETS))
     assert [path.name for path in paths] == list(names)
     assert sorted(path.name for path in paths[0].parent.iterdir()) == sorted(names)
-    for path in paths:
+    for path in (path for path in paths if path.suffix == ".png"):
         with Image.open(path) as image:
             image.verify()
         with Image.open(path) as image:
@@ -126,12 +135,12 @@ def assert_pngs(paths: list[Path], names: tuple[str, ...]) -> None:
 def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
     paths = [Path(path) for path in plots.draw_run(sweep_run)]
     assert all(path.parent == sweep_run / "plots" for path in paths)
-    assert_pngs(paths, EVERY_FIGURE)
+    assert_figures(paths, EVERY_FIGURE)
 
 
 def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):
     paths = [Path(path) for path in plots.draw_run(train_run, data_root=synthetic_root)]
-    assert_pngs(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
+    assert_figures(paths, tuple(name for name in EVERY_FIGURE if name != "sweep.png"))
 
 
 def test_histories_count_epochs_from_one(tmp_path):
@@ -140,9 +149,17 @@ def test_histories_count_epochs_from_one(tmp_path):
 
 
 def test_long_class_names_are_shortened():
-    assert plots.short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
-    assert plots.short_label("normal, benign") == "normal, benign"
-    assert len(plots.short_label(INFO["dermamnist"]["label"]["0"])) == plots.LABEL_CHARS
+    assert short_label(INFO["bloodmnist"]["label"]["3"]) == "immature granulocytes"
+    assert short_label("normal, benign") == "normal, benign"
+    assert len(short_label(INFO["dermamnist"]["label"]["0"])) == LABEL_CHARS
+
+
+def test_a_run_without_latents_gets_no_explorer_and_one_line_saying_so(train_run, synthetic_root, caplog):
+    shutil.rmtree(train_run / "latents")
+    caplog.set_level(logging.INFO, logger=plots.__name__)
+    assert "explorer.html" not in [Path(path).name for path in plots.draw_run(train_run, data_root=synthetic_root)]
+    assert [line for line in caplog.messages if "explorer.html" in line] == [
+        f"skipped explorer.html: its input is not in {train_run}"]
 
 
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
@@ -170,4 +187,4 @@ def test_plot_job_writes_the_figures_or_stops_with_one_line(train_run, tmp_path)
     assert [line for line in failed.stderr.splitlines() if line.startswith("error:")] == [failed.stderr.strip()]
     done = job(train_run)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("wrote ") == 5 and (train_run / "plots" / "reconstructions.png").exists()
+    assert done.stdout.count("wrote ") == 6 and (train_run / "plots" / "explorer.html").exists()
