@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,12 +153,32 @@ def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(m
         assert s3_filesystem().get_file_info(s3_path(out)).type == pafs.FileType.NotFound
 
 
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def started_ancestor(pid: int, started: set[int]) -> int:
-    """The process among `started` that `pid` descends from (Ray's workers have process groups of their own)."""
+    """The process among `started` that `pid` descends from."""
     while pid not in started:
         assert pid > 1, "not a process of this test's cluster"
-        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])  # the parent's id
+        pid = parent(pid)
     return pid
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and every process under it, as a machine that dies takes them all (Ray's raylet and its
+    workers have process groups of their own, so killing the node's group alone would leave them running)."""
+    tree, changed = {root}, True
+    while changed:
+        children = set()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with suppress(OSError, ValueError):
+                if parent(int(stat.parent.name)) in tree:
+                    children.add(int(stat.parent.name))
+        changed, tree = not children <= tree, tree | children
+    for pid in tree:
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finishes(multinode):
@@ -177,8 +198,7 @@ def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finish
              "the trial's first checkpoint", 300)
     assert workers, cluster.job_logs(job_id)[-3000:]
     lost = workers[0]
-    node = started_ancestor(lost["pid"], {process.pid for process in multinode.processes.started})
-    os.killpg(node, signal.SIGKILL)  # the node's `ray start` and raylet (its workers then exit): the node is gone
+    kill_tree(started_ancestor(lost["pid"], {process.pid for process in multinode.processes.started}))
 
     try:
         wait_for(lambda: cluster.job_status(job_id) in ENDED, "the sweep's end", 600)
