@@ -5,10 +5,8 @@
 
 import argparse
 
-import ray
-
 from medvq.cli import (NON_NEGATIVE, POSITIVE_INT, add_data_flags, dataset_names, job_parser, resolve_data_root,
-                       run_job, text_value)
+                       run_job, start_ray, text_value)
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
@@ -46,7 +44,7 @@ def main() -> None:
     datasets = dataset_names(args.datasets) if args.datasets else trained.datasets
     config = trained.with_changes(data_root=resolve_data_root(args.data_root), datasets=datasets)
     check_data(config)
-    ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
+    start_ray()
     check_nodes_see(config)
     with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import ray
-
 from medvq.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_training_flags, common_parser, config_from_args,
-                       parse_list, parse_range, run_job, storage_from_args, text_value)
+                       parse_list, parse_range, run_job, start_ray, storage_from_args, text_value)
 from medvq.config import SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -63,7 +61,10 @@ def sweep_from_args(args: argparse.Namespace, defaults: argparse.ArgumentParser)
     if ":" in args.commitment_weights:
         commitment = dict(commitment_range=parse_range(args.commitment_weights, "--commitment-weights"))
     else:
-        commitment = dict(commitment_grid=parse_list(args.commitment_weights, POSITIVE, "--commitment-weights"))
+        grid = parse_list(args.commitment_weights, POSITIVE, "--commitment-weights")
+        if not grid:  # an empty grid would silently mean SweepConfig's default range
+            raise UserError(f"--commitment-weights takes LOW:HIGH or a comma-separated list, got {args.commitment_weights!r}")
+        commitment = dict(commitment_grid=grid)
     return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, POSITIVE_INT, "--codebook-sizes"),
                        num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials, **commitment)
 
@@ -97,9 +98,7 @@ def main() -> None:
     storage, storage_flag = storage_from_args(args)
     check_data(sweep.base)
     seconds, started = {}, time.monotonic()
-    # Joins the cluster under `ray job submit` (RAY_ADDRESS), else starts a local instance. Worker logs
-    # stay in Ray's log files and dashboard: the terminal shows Tune's trial table and Ray Data's progress.
-    ray.init(log_to_driver=False)
+    start_ray()  # the terminal shows Tune's trial table and Ray Data's progress; worker logs stay in Ray's
     seconds["ray_init"] = time.monotonic() - started
     most = capacity()  # with an autoscaler: what the cluster can grow to, not only the nodes up now
     sweep = with_gpus(sweep, args.gpus_per_trial, most.totals.get("GPU", 0))

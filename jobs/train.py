@@ -9,10 +9,8 @@ Both keep a checkpoint of every epoch; the same command continues a run that was
 import argparse
 from pathlib import Path
 
-import ray
-
-from medvq.cli import (POSITIVE, POSITIVE_INT, add_searched_flags, add_training_flags, common_parser, config_from_args, run_job,
-                       storage_from_args, text_value)
+from medvq.cli import (POSITIVE, POSITIVE_INT, add_searched_flags, add_training_flags, common_parser, config_from_args,
+                       run_job, start_ray, storage_from_args, text_value)
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.errors import UserError
@@ -60,7 +58,7 @@ def main() -> None:
         if not is_uri(args.out):
             local_resume_point(config, Path(args.out))  # refuses a folder it cannot continue, before any work
     else:
-        ray.init(log_to_driver=False)  # joins the cluster under `ray job submit`, else starts a local instance
+        start_ray()
         config = with_workers(config, args.workers, capacity())
         storage, storage_flag = storage_from_args(args)
         check_nodes_see(config, storage, storage_flag)

@@ -10,6 +10,7 @@ import signal
 import sys
 from typing import Any, Callable
 
+import ray
 from medmnist.info import DEFAULT_ROOT
 
 from medvq.config import ACCELERATORS, MIXINGS, Config
@@ -148,12 +149,23 @@ def config_from_args(args: argparse.Namespace) -> Config:
 EXIT_CODES = {UserError: 2, RunFailed: 1, Stopped: 130}
 
 
+def stop_like_ctrl_c(signum: int, frame) -> None:
+    signal.raise_signal(signal.SIGINT)
+
+
+def start_ray() -> None:
+    """Join the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance. Worker logs stay in Ray's
+    log files and dashboard. ray.init makes SIGTERM exit at once: it gets back the meaning run_job gives it."""
+    ray.init(log_to_driver=False)
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+
+
 def run_job(main: Callable[[], None]) -> None:
     """Run a job's main. A UserError, RunFailed or Stopped becomes one line on stderr and its exit code, with
     no traceback. SIGTERM (`ray job stop`, a scheduler's preemption) means what Ctrl-C means: Ray Tune and
     Lightning then stop at a point the same command continues from."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     try:
         main()
     except KeyboardInterrupt:

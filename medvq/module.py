@@ -152,14 +152,17 @@ class StageMetrics(nn.Module):
 
 @contextmanager
 def refused_if_unsafe(source: str | Path):
-    """torch's weights-only loader refusing a file (it holds objects, not only tensors and plain data, or is not a
-    checkpoint at all) becomes one line naming it."""
+    """A file torch's weights-only loader refuses (it holds objects, not only tensors and plain data) or cannot
+    read (not a checkpoint, cut short) becomes one line naming it and why."""
     try:
         yield
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0]
+        cause = error.__context__ or error  # torch's own message leads with advice to load it unsafely
+        reason = str(cause).strip().splitlines()[0].split(". Please use")[0]
         raise UserError(f"{source} is not a checkpoint of plain tensors and data, which is all medvq loads "
-                        f"(torch's weights-only loader: {reason})") from None
+                        f"({reason})") from None
+    except RuntimeError as error:  # torch's zip reader: not a checkpoint file at all, or a truncated one
+        raise UserError(f"{source} is not a readable checkpoint ({str(error).split('. ')[0]})") from None
 
 
 def read_checkpoint(checkpoint: str | Path) -> dict:
@@ -199,6 +202,7 @@ class VQVAEModule(L.LightningModule):
             checkpoint_path = io.BytesIO(read_bytes(checkpoint_path))
         with refused_if_unsafe(source):
             return super().load_from_checkpoint(checkpoint_path, **{"weights_only": True, **kwargs})
+
     def forward(self, images: torch.Tensor):
         """uint8 images (B, H, W, 3) -> reconstruction (B, 3, H, W) in [0, 1] and the quantizer output."""
         return self.model(to_float_images(images))

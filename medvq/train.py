@@ -28,6 +28,7 @@ TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
 METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
 DIVERGED, EPOCHS_DONE = "diverged", "epochs_done"  # reported to Ray Train and Tune beside the metrics
+PARTIAL = ".partial"  # a file being written beside the one it replaces
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
 # epochs shorter than that (a smoke run's; likely a GPU's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
 # epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
@@ -87,9 +88,12 @@ def write_history(rows: list[dict[str, float]], path: Path) -> None:
 
 def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Write beside `path`, then rename: a stop at any moment leaves the old file or the new one, whole."""
-    partial = path.with_name(f"{path.name}.partial")
-    write(partial)
-    os.replace(partial, path)
+    partial = path.with_name(f"{path.name}{PARTIAL}")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 class LocalCheckpoints(EpochRecorder):
@@ -156,7 +160,7 @@ def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", pl
 def local_resume_point(config: Config, out: Path) -> Path | None:
     """The checkpoint to continue from when `out` holds an unfinished local run of these settings; None for a new
     or empty folder. A folder with anything else, a different run or a finished one is refused in one line."""
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(path.name.endswith(PARTIAL) for path in out.iterdir()):  # a stop mid-first-save
         return None
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.is_file():
@@ -202,13 +206,15 @@ def kept(rows: list[dict], checkpoint: Path | str) -> str:
     return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
 
 
-def train_worker(config_dict: dict) -> None:
-    """Ray Train's per-worker function (Ray forbids returning tensors from it)."""
-    fit_worker(config_dict)
+def train_worker(config_dict: dict) -> str | None:
+    """Ray Train's per-worker function: why the run diverged, or None (Ray forbids returning tensors from it;
+    rank zero's return value is the run's `return_value`, while its metrics are those of its last checkpoint)."""
+    return fit_worker(config_dict)[1]
 
 
-def fit_worker(config_dict: dict) -> VQVAEModule:
-    """The local trainer with Ray's DDP strategy, on one Ray Train worker; returns the fitted module.
+def fit_worker(config_dict: dict) -> tuple[VQVAEModule, str | None]:
+    """The local trainer with Ray's DDP strategy, on one Ray Train worker; returns the fitted module and why it
+    diverged (None if it did not).
 
     Reports metrics and a checkpoint every epoch. When Ray Train resumes a run (same name and storage)
     or retries after a worker failure, training continues from the newest checkpoint.
@@ -223,7 +229,7 @@ def fit_worker(config_dict: dict) -> VQVAEModule:
         # every forward would be redundant work (and would hide a bug in that all-reduce).
         strategy=RayDDPStrategy(forward_sync_buffers=False),
         plugins=[RayLightningEnvironment()],
-        callbacks=[RayTrainReport()],
+        callbacks=[recorder := RayTrainReport()],
         progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
     )
     trainer = prepare_trainer(trainer)
@@ -234,11 +240,11 @@ def fit_worker(config_dict: dict) -> VQVAEModule:
     else:
         with checkpoint.as_directory() as directory:
             trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / TRAIN_CHECKPOINT)
-    return module
+    return module, recorder.diverged
 
 
 def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
-                      per_worker: Callable[[dict], None] = train_worker) -> ray.train.Result:
+                      per_worker: Callable[[dict], object] = train_worker) -> ray.train.Result:
     """Run `per_worker` on `config.workers` Ray Train workers (Lightning DDP: NCCL on GPU, gloo on CPU).
 
     The run lives at storage/name; calling again with the same name resumes it from its last checkpoint.
@@ -269,6 +275,6 @@ def train_on_ray(config: Config, out_dir: Path, storage: str) -> dict[str, float
             shutil.copyfile(Path(directory) / TRAIN_CHECKPOINT, out_dir / CHECKPOINT_NAME)
             shutil.copyfile(Path(directory) / METRICS_NAME, out_dir / METRICS_NAME)
         rows = pd.read_csv(out_dir / METRICS_NAME).to_dict("records")
-    if DIVERGED in result.metrics:
-        raise RunFailed(f"training diverged: {result.metrics[DIVERGED]}; {kept(rows, out_dir / CHECKPOINT_NAME)}")
+    if result.return_value is not None:
+        raise RunFailed(f"training diverged: {result.return_value}; {kept(rows, out_dir / CHECKPOINT_NAME)}")
     return rows[-1]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from medvq.config import Config, SweepConfig
-from medvq.errors import RunFailed, Stopped
+from medvq.errors import RunFailed, Stopped, UserError
 from medvq.nodes import capacity
 from medvq.storage import join, read_bytes, uri_on
 from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, train_distributed
@@ -114,10 +115,17 @@ def read_trial_history(checkpoint_path: str) -> pd.DataFrame:
     return pd.read_csv(io.BytesIO(read_bytes(join(checkpoint_path, METRICS_NAME))))
 
 
+def error_line(error: BaseException) -> str:
+    """The last line of a trial's error (the exception itself; a Ray error's first line only names the task),
+    without the terminal colours Ray puts in it."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", str(error)).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(error).__name__
+
+
 def trial_status(result: tune.Result, epochs: int) -> tuple[str, str]:
     """(status, reason): "error" (failed for good), "diverged", "stopped" (early, by ASHA) or "finished"."""
     if result.error is not None:
-        return "error", str(result.error).strip().splitlines()[0]
+        return "error", error_line(result.error)
     if DIVERGED in result.metrics:
         return "diverged", result.metrics[DIVERGED]
     return ("stopped" if result.metrics.get(EPOCHS_DONE, 0) < epochs else "finished"), ""
@@ -132,8 +140,11 @@ def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str)
            "status": status, "error": reason, "epochs_run": last.get(EPOCHS_DONE), "grace_epochs": grace_epochs}
     checkpoint = uri_on(storage, last[CHECKPOINT_PATH_KEY]) if CHECKPOINT_PATH_KEY in last else None
     at_grace = pd.Series(dtype=float)
-    if checkpoint is not None:
-        history = read_trial_history(checkpoint)
+    try:
+        history = read_trial_history(checkpoint) if checkpoint is not None else None
+    except UserError:  # pruned: after a SIGKILL, Tune's last saved result can lag its Train run by a checkpoint
+        row["status"], row["error"], checkpoint, history = "error", f"checkpoint {checkpoint} is gone", None, None
+    if history is not None:
         at_grace = history.loc[history["epoch"] == grace_epochs - 1, OBJECTIVE]
     row[GRACE_OBJECTIVE] = float(at_grace.iloc[-1]) if len(at_grace) else float("nan")
     row.update({k: v for k, v in last.items() if k.startswith(("val_", "train_"))})
@@ -144,6 +155,8 @@ def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str)
 def trial_table(results: tune.ResultGrid, grace_epochs: int, epochs: int, storage: str) -> pd.DataFrame:
     """One row per trial (see `trial_row`): trials with a usable model first, best first."""
     table = pd.DataFrame([trial_row(result, grace_epochs, epochs, storage) for result in results])
+    table = table.reindex(columns=[*table.columns, *{OBJECTIVE} - set(table.columns)])  # no trial reported one
+    table["epochs_run"] = table["epochs_run"].astype("Int64")  # whole numbers, also beside a trial that ran none
     without_model = ~table["status"].isin(MODEL_STATUSES)
     return table.assign(_order=without_model).sort_values(["_order", OBJECTIVE]).drop(columns="_order") \
         .reset_index(drop=True)

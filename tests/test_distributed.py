@@ -10,7 +10,7 @@ import torch
 from medvq.config import SweepConfig
 from medvq.errors import RunFailed
 from medvq.module import VQVAEModule, read_checkpoint
-from medvq.train import fit_worker, train_distributed
+from medvq.train import fit_worker, train_distributed, train_on_ray
 from medvq.tune import run_sweep, write_sweep_outputs
 
 pytestmark = pytest.mark.integration
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 def save_codebook_per_rank(folder: str):
     def per_worker(config_dict: dict) -> None:
-        module = fit_worker(config_dict)
+        module, _ = fit_worker(config_dict)
         rank = ray.train.get_context().get_world_rank()
         torch.save(module.model.quantizer.codebook.state_dict(), f"{folder}/codebook-rank{rank}.pt")
 
@@ -41,8 +41,9 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
 
 def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray_instance, tiny_config, tmp_path):
     # A commitment weight of 1e300 is inf in float32: those trials' loss is inf from their first step.
+    # grace_period = epochs: ASHA has no rung to stop a usable trial at, whichever reaches it first.
     sweep = SweepConfig(tiny_config(epochs=2), codebook_sizes=(16,), commitment_grid=(0.25, 1e300), num_samples=2,
-                        grace_period=1)
+                        grace_period=2)
     storage = str(tmp_path / "storage")
     results = run_sweep(sweep, storage)
     best = write_sweep_outputs(results, sweep, storage, tmp_path)
@@ -62,8 +63,8 @@ def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray
     assert restored["hyper_parameters"]["config"]["seed"] == best["config"]["seed"]
     history = pd.read_csv(tmp_path / "best_metrics.csv")
     assert history["epoch"].tolist() == [0, 1] and history["val_nmse"].iloc[-1] == pytest.approx(best["metrics"]["val_nmse"])
-    # Every usable trial ran the grace epoch; its objective there is the first row of its own history.
-    assert history["val_nmse"][0] == pytest.approx(kept.set_index("trial_id")["val_nmse_at_grace"][best["trial_id"]])
+    # Every usable trial ran the grace epochs; its objective there is its own history's row of that epoch.
+    assert history["val_nmse"][1] == pytest.approx(kept.set_index("trial_id")["val_nmse_at_grace"][best["trial_id"]])
     assert VQVAEModule.load_from_checkpoint(best["checkpoint"]).config.commitment_weight == 0.25
 
 
@@ -75,3 +76,10 @@ def test_a_sweep_whose_every_trial_diverged_fails_in_one_line_after_writing_its_
         write_sweep_outputs(results, sweep, str(tmp_path / "storage"), tmp_path)
     assert pd.read_csv(tmp_path / "trials.csv")["status"].tolist() == ["diverged"]
     assert not (tmp_path / "model.ckpt").exists() and not (tmp_path / "best.json").exists()
+
+
+def test_a_ray_train_run_that_diverges_fails_in_one_line_and_leaves_no_model(ray_instance, tiny_config, tmp_path):
+    config = tiny_config(workers=2, epochs=2, commitment_weight=1e300)
+    with pytest.raises(RunFailed, match=r"train_loss became (nan|inf) in epoch 0; no checkpoint was written"):
+        train_on_ray(config, tmp_path, str(tmp_path / "storage"))
+    assert not (tmp_path / "model.ckpt").exists()

@@ -20,7 +20,7 @@ from medvq.latent_space import write_summary
 from medvq.module import checkpoint_config
 from medvq.report import describe_checkpoint, replace_folder
 from medvq.train import train_local
-from tests.conftest import REPO, SYNTHETIC_DATASETS, TINY
+from tests.conftest import SYNTHETIC_DATASETS, TINY
 
 pytestmark = pytest.mark.integration
 
@@ -130,17 +130,3 @@ def test_a_pool_the_cluster_cannot_hold_is_an_error(ray_instance):
         encoder_pool(actors=1, gpus_per_actor=1)
     with pytest.raises(UserError, match="do not fit"):
         encoder_pool(actors=64, gpus_per_actor=0)
-
-
-@pytest.mark.parametrize("make_checkpoint, message", [
-    (lambda path: None, "is not a file"),
-    (lambda path: path.write_text("not a checkpoint"), "is not a medvq checkpoint"),
-])
-def test_encode_job_rejects_a_bad_checkpoint_in_one_line(tmp_path, synthetic_root, make_checkpoint, message):
-    checkpoint = tmp_path / "model.ckpt"
-    make_checkpoint(checkpoint)
-    job = subprocess.run([sys.executable, "jobs/encode.py", "--checkpoint", str(checkpoint), "--data-root",
-                          str(synthetic_root), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
-    assert job.returncode == 2
-    assert job.stderr.strip().splitlines() == [job.stderr.strip()] and message in job.stderr
-    assert not (tmp_path / "out").exists()
