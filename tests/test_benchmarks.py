@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 CONTENDERS = (
     "seed pipeline", "medvq model, seed data path", "medvq as shipped", "Ray Train, 1 CPU worker",
     "Ray Train, 2 CPU workers", "plain torch loop", "Ray Data, end to end", "Ray Data, Ray already running",
-    "Ray Data, steady", "UMAP", "draw_run", "medvq as shipped, batch 32", "medvq as shipped, batch 32, torch.compile",
+    "Ray Data, steady", "UMAP", "draw_run", "medvq as shipped, batch 32",
     "this process / a Ray Train worker",
 )
 TRAINING = ("seed_pipeline", "medvq_model_seed_data", "lightning")
@@ -31,7 +31,7 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
     that job, and the line it is read from is tested below)."""
     out = tmp_path_factory.mktemp("benchmark") / "benchmark.json"
     command = [sys.executable, "benchmarks/run.py", "--smoke", "--no-sweep", "--accelerator", "cpu", "--synthetic",
-               "--datasets", ",".join(SYNTHETIC_DATASETS), "--batch-sizes", "32", "--compile", "--out", str(out)]
+               "--datasets", ",".join(SYNTHETIC_DATASETS), "--batch-sizes", "32", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
@@ -50,7 +50,8 @@ def test_every_contender_has_positive_figures(smoke):
     training, encoding = results["training"], results["encoding"]
     for contender in TRAINING:
         assert training[contender]["images_per_second"] > 0
-    assert [run["compiled"] for run in training["batches"].values()] == [False, True]
+    # Without --compile (its compiling alone is most of a smoke run; tests/test_train.py trains a compiled model).
+    assert [run["compiled"] for run in training["batches"].values()] == [False]
     assert all(run["batch_size"] == 32 and run["images_per_second"] > 0 for run in training["batches"].values())
     for run in ("ray_1_worker", "ray_2_cpu_workers"):
         assert training[run]["epoch_seconds"] > 0
@@ -69,7 +70,8 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from sweep_job import step_seconds
 
-    best = {"trials": 2, "trial_id": "a", "checkpoint": "model.ckpt", "config": {"codebook_size": 32, "commitment_weight": 0.25},
+    best = {"trials": 2, "trials_by_status": {"finished": 2}, "trial_id": "a", "checkpoint": "model.ckpt",
+            "config": {"codebook_size": 32, "commitment_weight": 0.25, "seed": 0},
             "metrics": {"val_nmse": 0.5, "val_psnr": 20.0, "val_ssim": 0.5, "val_codes_used": 0.5}}
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
