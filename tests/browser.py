@@ -10,11 +10,12 @@ import argparse
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 from scipy.spatial import cKDTree
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.actions.action_builder import ActionBuilder
 from selenium.webdriver.support.ui import WebDriverWait
@@ -83,6 +84,17 @@ def crowding(positions: np.ndarray, reach: float) -> np.ndarray:
 
 def find(driver: webdriver.Chrome, css_class: str) -> list:
     return driver.execute_script(FIND, css_class)
+
+
+def read_hover(driver: webdriver.Chrome, read: Callable, seconds: float):
+    """`read(driver, thumbnail)` of the tooltip once it shows; read again if Bokeh redraws the tooltip meanwhile
+    (the element read would be stale)."""
+
+    def attempt(d: webdriver.Chrome):
+        found = find(d, "medvq-hover")
+        return (read(d, found[0]),) if found else None
+
+    return WebDriverWait(driver, seconds, ignored_exceptions=[StaleElementReferenceException]).until(attempt)[0]
 
 
 def _pointer(driver: webdriver.Chrome, row: int, click: bool) -> None:

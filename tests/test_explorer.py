@@ -23,7 +23,7 @@ from medvq.explorer import POINT_SIZE, THUMB, tile_positions
 from medvq.latent_space import NEIGHBOURS
 from medvq.module import VQVAEModule
 from medvq.neighbours import neighbour_table
-from tests.browser import chromium, click, crowding, find, hover, lone_row, open_page, point_positions
+from tests.browser import chromium, click, crowding, find, hover, lone_row, open_page, point_positions, read_hover
 from tests.conftest import TINY
 from tests.test_plots import encoded_run
 
@@ -95,20 +95,23 @@ def test_the_page_opens_from_disk_and_draws_one_point_per_parquet_row(run, page,
     assert [entry for entry in page.get_log("browser") if entry["level"] == "SEVERE"] == []
 
 
+def hover_text(driver, thumb) -> str:
+    return driver.execute_script("return arguments[0].parentElement.innerText", thumb)
+
+
 def test_hovering_a_point_shows_that_rows_image_beside_its_reconstruction(run, page, latents, lone_point,
                                                                          synthetic_root):
     hover(page, lone_point)
-    [thumb] = WebDriverWait(page, WAIT_SECONDS).until(lambda driver: find(driver, "medvq-hover"))
+    tile, text = read_hover(page, lambda driver, thumb: (shown_tile(driver, thumb).astype(int),
+                                                         hover_text(driver, thumb)), WAIT_SECONDS)
     record = latents.iloc[lone_point]
     images = rgb(load_split(record["dataset"], record["split"], synthetic_root)[0])
-    tile = shown_tile(page, thumb).astype(int)
     errors = np.abs(images - tile[:, :THUMB]).mean(axis=(1, 2, 3))  # against every image of its split
     assert errors.argmin() == record["index"] and errors.min() < 3  # lossy WebP: a few levels of 255
     module = VQVAEModule.load_from_checkpoint(run / "model.ckpt", map_location="cpu").eval()
     with torch.inference_mode():
         recon = module(torch.from_numpy(images[record["index"]][None].copy()))[0][0].permute(1, 2, 0).numpy()
     assert np.abs(recon * 255 - tile[:, THUMB:]).mean() < 3
-    text = page.execute_script("return arguments[0].parentElement.innerText", thumb)
     assert f"{record['dataset']} {record['split']} #{record['index']}" in text and record["label_name"] in text
 
 
@@ -134,8 +137,7 @@ def test_where_points_crowd_a_click_lists_the_point_the_tooltip_shows(page):
     row = int(crowd.argmax())
     assert crowd[row] >= 2  # more than one point under the pointer
     click(page, row)
-    [thumb] = WebDriverWait(page, WAIT_SECONDS).until(lambda driver: find(driver, "medvq-hover"))
-    heading = page.execute_script("return arguments[0].parentElement.innerText", thumb).splitlines()[0]
+    heading = read_hover(page, hover_text, WAIT_SECONDS).splitlines()[0]
     first = points_data(page, "neighbours").iloc[0]
     assert heading == f"{first['dataset']} {first['split']} #{first['index']}"
 
