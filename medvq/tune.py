@@ -124,11 +124,14 @@ def error_line(error: BaseException) -> str:
 
 def trial_status(result: tune.Result, epochs: int) -> tuple[str, str]:
     """(status, reason): "error" (failed for good), "diverged", "stopped" (early, by ASHA) or "finished"."""
+    last = result.metrics or {}  # None for a trial that never reported
     if result.error is not None:
         return "error", error_line(result.error)
-    if DIVERGED in result.metrics:
-        return "diverged", result.metrics[DIVERGED]
-    return ("stopped" if result.metrics.get(EPOCHS_DONE, 0) < epochs else "finished"), ""
+    if DIVERGED in last:
+        return "diverged", last[DIVERGED]
+    if EPOCHS_DONE not in last:
+        return "error", "the trial reported no epoch"
+    return ("stopped" if last.get(EPOCHS_DONE, 0) < epochs else "finished"), ""
 
 
 def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str) -> dict:
