@@ -36,10 +36,21 @@ PORTS_PER_NODE = 200  # each node's worker processes get their own range: all no
 _WORKER_RANGES = itertools.count(random.randrange(48))
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports: each is held until all are chosen, so the kernel cannot hand one out twice
+    (Ray refuses to start when two of its components get the same port)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -100,13 +111,16 @@ class Processes:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _node_ports() -> list[str]:
-    """Every port a Ray node opens, chosen free, and a worker port range of its own. The ranges lie below the
-    kernel's ephemeral ports, which free_port() hands out, and above Ray's client port 10001: no overlap."""
+NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+              "metrics-export-port", "runtime-env-agent-port")
+
+
+def _node_ports(ports: list[int] | None = None) -> list[str]:
+    """Every port a Ray node opens (`ports`, else chosen free now), and a worker port range of its own. The ranges
+    lie below the kernel's ephemeral ports, which free_ports() hands out, and above Ray's client port 10001."""
     first = 10200 + PORTS_PER_NODE * (next(_WORKER_RANGES) % 48)
-    names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-             "metrics-export-port", "runtime-env-agent-port")
-    return [*(f"--{name}={free_port()}" for name in names),
+    ports = ports or free_ports(len(NODE_PORTS))
+    return [*(f"--{name}={port}" for name, port in zip(NODE_PORTS, ports, strict=True)),
             f"--min-worker-port={first}", f"--max-worker-port={first + PORTS_PER_NODE - 1}"]
 
 
@@ -163,14 +177,15 @@ def start_head(processes: Processes, env: dict[str, str], *flags: str, port: int
     """`ray start --head --block` on 127.0.0.1 with its own temp dir (`ray start` records its address there,
     which only `ray stop` removes: in the shared /tmp/ray later jobs here would wait for a dead cluster).
     Short, in /tmp: Ray's socket paths inside it must stay under 108 characters."""
-    port, dashboard = port or free_port(), free_port()
+    gcs, dashboard, client, *node_ports = free_ports(3 + len(NODE_PORTS))  # all distinct
+    port = port or gcs
     temp_dir = processes.folder("ray-")
     # RAY_ADDRESS where the cluster starts: its processes then find it even if other instances run here.
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     head = processes.start(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--ray-client-server-port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--object-store-memory=400000000", *_node_ports(),
+         f"--ray-client-server-port={client}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--object-store-memory=400000000", *_node_ports(node_ports),
          *flags], env, temp_dir / "head.log")
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, temp_dir)
     wait_for(lambda: answers(f"{cluster.dashboard}/api/version"), "ray start --head", process=head)
