@@ -11,11 +11,13 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
 from medvq.errors import UserError
+
+PARTIAL = ".partial"  # the end of a file's name while it is written beside the one it replaces
 
 
 def is_uri(location: str | Path | None) -> bool:
@@ -144,11 +146,15 @@ def cached_copy(location: str) -> Path:
     return path
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write a file whole or not at all: into a partial file beside it, then moved into place."""
-    partial = path.with_name(f".{path.name}.partial")
+def replace_atomically(path: Path, write: Callable[[Path], object]) -> None:
+    """Write a file whole or not at all: `write` fills a partial file beside it, which is then moved into place."""
+    partial = path.with_name(f".{path.name}{PARTIAL}")
     try:
-        partial.write_bytes(data)
+        write(partial)
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    replace_atomically(path, lambda partial: partial.write_bytes(data))

@@ -22,13 +22,13 @@ from medvq.config import Config, results_shaping
 from medvq.data import MedMNISTDataModule
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule, read_checkpoint
+from medvq.storage import PARTIAL, replace_atomically
 
 CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
 TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
 METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
 DIVERGED, EPOCHS_DONE = "diverged", "epochs_done"  # reported to Ray Train and Tune beside the metrics
-PARTIAL = ".partial"  # a file being written beside the one it replaces
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
 # epochs shorter than that (a smoke run's; likely a GPU's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
 # epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
@@ -84,16 +84,6 @@ class EpochRecorder(L.Callback):
 
 def write_history(rows: list[dict[str, float]], path: Path) -> None:
     replace_atomically(path, lambda partial: pd.DataFrame(rows).to_csv(partial, index=False))
-
-
-def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Write beside `path`, then rename: a stop at any moment leaves the old file or the new one, whole."""
-    partial = path.with_name(f"{path.name}{PARTIAL}")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 class LocalCheckpoints(EpochRecorder):
