@@ -12,7 +12,7 @@ from typing import Iterator
 import ray
 import torch
 
-from medvq.cli import add_data_flags, dataset_names, resolve_data_root
+from medvq.cli import JobParser, add_data_flags, resolve_data_root
 from medvq.synthetic import write_synthetic_npz
 
 Row = tuple[str, str, str, str]  # one line of the results table: step, contender, result, compared
@@ -80,7 +80,7 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def add_data_source_flags(parser: argparse.ArgumentParser) -> None:
+def add_data_source_flags(parser: JobParser) -> None:
     """--data-root and --datasets as in every medvq job, and --synthetic."""
     add_data_flags(parser)
     parser.add_argument("--synthetic", action="store_true",
@@ -92,6 +92,6 @@ def data_root(args: argparse.Namespace, work: Path) -> str:
     """The data root the flags ask for; with --synthetic, a folder under `work` with a synthetic file per dataset."""
     if not args.synthetic:
         return resolve_data_root(args.data_root)
-    for seed, name in enumerate(dataset_names(args.datasets)):
+    for seed, name in enumerate(args.datasets):
         write_synthetic_npz(work / "synthetic", name, seed=seed)
     return str(work / "synthetic")

@@ -16,7 +16,7 @@ import ray
 from medvq.config import Config
 from medvq.data import SPLITS
 from medvq.encode import PIXELS_PER_BATCH, ImageEncoder, encode_to_parquet, encoder_pool, read_split
-from medvq.train import resolve_accelerator
+from medvq.devices import resolve_accelerator
 
 from common import Row, SteadyClock, ray_session, timed
 

@@ -13,8 +13,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from medvq.cli import dataset_names, parse_list, run_job
-from medvq.config import ACCELERATORS, Config
+from medvq.cli import POSITIVE_INT, JobParser, list_value, run_job
+from medvq.config import Config
 from medvq.data import check_data
 from medvq.report import LATENTS_DIR
 from medvq.train import CHECKPOINT_NAME
@@ -36,18 +36,17 @@ STEPS, SMOKE_STEPS = 60, 3  # training steps timed per thread count for Ray Trai
 SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64, limit_batches=8, epochs=2)
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+def parser() -> JobParser:
+    parser = JobParser(__doc__.strip().splitlines()[0])
     add_data_source_flags(parser)
     parser.add_argument("--seconds", type=float,
                         help=f"steady-state training seconds per contender (default: {SECONDS:g}; {SMOKE_SECONDS:g} with --smoke)")
-    parser.add_argument("--accelerator", choices=ACCELERATORS, default="auto",
-                        help="for every contender but the 2-CPU-worker run (default: %(default)s)")
+    parser.add_settings(Config, ("accelerator",))  # for every contender but the 2-CPU-worker run
     parser.add_argument("--smoke", action="store_true",
                         help="a tiny medvq model and a few seconds per contender: checks the scripts, measures nothing")
     parser.add_argument("--no-sweep", action="store_true",
                         help="leave out the whole-job row (jobs/sweep.py --smoke: minutes on a laptop CPU)")
-    parser.add_argument("--batch-sizes", default="",
+    parser.add_argument("--batch-sizes", type=list_value(POSITIVE_INT), default=(),
                         help="comma-separated: medvq as shipped again at each of these batch sizes (for a GPU: 1024,4096)")
     parser.add_argument("--compile", action="store_true", help="and each --batch-sizes run again with torch.compile")
     parser.add_argument("--out", default="benchmark.json", help="raw numbers as JSON (default: %(default)s)")
@@ -82,12 +81,12 @@ def table_rows(results: dict) -> list[Row]:
 
 def main() -> None:
     args = parser().parse_args()
-    batch_sizes = parse_list(args.batch_sizes, int, "--batch-sizes")  # a bad list stops before any work
+    batch_sizes = args.batch_sizes
     seconds = args.seconds or (SMOKE_SECONDS if args.smoke else SECONDS)
     warmup = SMOKE_WARMUP_BATCHES if args.smoke else WARMUP_BATCHES
     hardware = describe()
     with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
-        config = Config(data_root=data_root(args, Path(work)), datasets=dataset_names(args.datasets),
+        config = Config(data_root=data_root(args, Path(work)), datasets=args.datasets,
                         accelerator=args.accelerator, **(SMOKE_CONFIG if args.smoke else {}))
         check_data(config)
         results = measure_all(config, args, batch_sizes, seconds, warmup, Path(work))

@@ -7,14 +7,13 @@ Two shapes: `--smoke` (2 tiny trials, a row of benchmarks/run.py), and the issue
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from medvq.cli import dataset_names, run_job
+from medvq.cli import JobParser, run_job
 from medvq.config import Config
 
 from common import Row, add_data_source_flags, data_root, timed
@@ -48,7 +47,7 @@ def rows(results: dict, contender: str = "jobs/sweep.py --smoke (2 tiny trials, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="time the packed sweep: 16 trials of 20 epochs, several per GPU")
+    parser = JobParser("time the packed sweep: 16 trials of 20 epochs, several per GPU")
     add_data_source_flags(parser)
     parser.add_argument("--gpus-per-trial", type=float, default=0.25, help="default: %(default)s (4 trials per GPU)")
     parser.add_argument("--epochs", type=int, default=PACKED_EPOCHS, help="default: %(default)s")
@@ -56,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     flags = (*PACKED_FLAGS, "--epochs", str(args.epochs), "--gpus-per-trial", str(args.gpus_per_trial))
     with tempfile.TemporaryDirectory(prefix="medvq-packed-sweep-") as work:
-        config = Config(data_root=data_root(args, Path(work)), datasets=dataset_names(args.datasets))
+        config = Config(data_root=data_root(args, Path(work)), datasets=args.datasets)
         results = measure(config, Path(work) / "sweep", flags)
     contender = f"jobs/sweep.py, 16 trials x {args.epochs} epochs, {args.gpus_per_trial:g} GPU per trial"
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")

@@ -30,7 +30,8 @@ from medvq.config import Config
 from medvq.data import MedMNISTDataModule, load_splits, to_float_images
 from medvq.model import VQVAE
 from medvq.module import VQVAEModule, image_scores
-from medvq.train import LocalCheckpoints, build_trainer, resolve_accelerator, train_distributed
+from medvq.devices import resolve_accelerator
+from medvq.train import LocalCheckpoints, build_trainer, train_distributed
 
 from common import Row, SteadyClock, ray_session
 from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit

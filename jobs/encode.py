@@ -3,10 +3,8 @@
     python jobs/encode.py --checkpoint runs/dev/model.ckpt --data-root DATA --datasets bloodmnist,breastmnist --out runs/dev
 """
 
-import argparse
-
-from medvq.cli import (NON_NEGATIVE, POSITIVE_INT, add_data_flags, dataset_names, job_parser, resolve_data_root,
-                       run_job, start_ray, text_value)
+from medvq.cli import (NON_NEGATIVE, POSITIVE_INT, JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job,
+                       start_ray, text_value)
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
@@ -16,14 +14,14 @@ from medvq.report import describe_checkpoint
 from medvq.storage import absolute, is_file, output_folder
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = job_parser(__doc__.strip().splitlines()[0])
+def parser() -> JobParser:
+    parser = JobParser(__doc__.strip().splitlines()[0])
     parser.add_argument("--checkpoint", required=True, type=text_value,
                         help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's "
                         "best.json names")
-    add_data_flags(parser, datasets_default=None)
-    parser.add_argument("--out", required=True, type=text_value, help="output folder (or s3:// URI): latents/, summary.json and "
-                        "summary.md land there (an older latents/ is replaced)")
+    add_data_flags(parser, datasets=None)
+    add_out_flag(parser, "output folder (or s3:// URI): latents/, summary.json and summary.md land there (an older "
+                 "latents/ is replaced)")
     parser.add_argument("--actors", type=POSITIVE_INT, help="encoder actors (default: one per GPU, else one per two CPUs)")
     parser.add_argument("--gpus-per-actor", type=NON_NEGATIVE,
                         help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors")
@@ -41,7 +39,7 @@ def main() -> None:
         raise
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise UserError(f"--checkpoint {args.checkpoint} is not a medvq checkpoint ({type(error).__name__})") from None
-    datasets = dataset_names(args.datasets) if args.datasets else trained.datasets
+    datasets = args.datasets or trained.datasets
     config = trained.with_changes(data_root=resolve_data_root(args.data_root), datasets=datasets)
     check_data(config)
     start_ray()

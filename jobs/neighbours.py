@@ -3,14 +3,14 @@
     python jobs/neighbours.py --run runs/sweep --dataset bloodmnist --split test --index 17 --k 8
 """
 
-from medvq.cli import job_parser, run_job
+from medvq.cli import JobParser, run_job
 from medvq.data import SPLITS
 from medvq.latent_space import NEIGHBOURS
 from medvq.neighbours import neighbours_of
 
 
 def main() -> None:
-    parser = job_parser(__doc__.strip().splitlines()[0])
+    parser = JobParser(__doc__.strip().splitlines()[0])
     parser.add_argument("--run", required=True, help="a folder (or URI) with latents/: the --out of jobs/sweep.py "
                         "or jobs/encode.py")
     parser.add_argument("--dataset", required=True, help="a dataset of the run")

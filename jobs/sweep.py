@@ -13,10 +13,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from medvq.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, add_training_flags, common_parser, config_from_args,
-                       parse_list, parse_range, run_job, start_ray, storage_from_args, text_value)
-from medvq.config import SweepConfig, smoke_sweep
+from medvq.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, JobParser, config_from_args, list_value, run_job, start_ray,
+                       storage_from_args, training_parser)
+from medvq.config import Config, SweepConfig, smoke_sweep
 from medvq.data import check_data
+from medvq.devices import uses_gpu
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
@@ -27,58 +28,58 @@ from medvq.train import CHECKPOINT_NAME
 from medvq.tune import run_sweep, write_sweep_outputs
 
 
-def parser():
-    parser = common_parser(__doc__.strip().splitlines()[0])
-    add_training_flags(parser)
-    parser.add_argument("--storage", type=text_value, help="Ray Train/Tune storage: a folder, shared mount or s3:// URI "
-                        "(default: OUT/ray_results); the same command resumes from it")
+def commitment_weights(text: str) -> dict:
+    """--commitment-weights: "LOW:HIGH" -> a range to sample, "a,b,c" -> a grid (SweepConfig's two fields)."""
+    if ":" not in text and (grid := list_value(POSITIVE)(text)):
+        return {"commitment_grid": grid}
+    parts = text.split(":")
+    try:
+        low, high = (POSITIVE(part) for part in parts) if len(parts) == 2 else (None, None)
+    except argparse.ArgumentTypeError:
+        low = None
+    if low is None:
+        raise argparse.ArgumentTypeError(f"takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, "
+                                         f"got {text!r}")
+    return {"commitment_range": (low, high)}
+
+
+DEFAULT_COMMITMENT = "{}:{}".format(*SweepConfig.commitment_range)
+
+
+def parser() -> JobParser:
+    parser = training_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="two tiny trials: checks the whole job in minutes on a CPU")
-    parser.add_argument("--codebook-sizes", default=",".join(map(str, SweepConfig.codebook_sizes)))
-    parser.add_argument("--commitment-weights", default="0.05:2",
-                        help="LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: %(default)s)")
-    parser.add_argument("--num-samples", type=POSITIVE_INT, default=SweepConfig.num_samples,
-                        help="samples per codebook size (default: %(default)s)")
-    parser.add_argument("--workers-per-trial", type=POSITIVE_INT, default=1, help="DDP workers per trial, one per GPU")
+    parser.add_settings(SweepConfig)
+    parser.add_argument("--commitment-weights", type=commitment_weights, default=commitment_weights(DEFAULT_COMMITMENT),
+                        help=f"LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: {DEFAULT_COMMITMENT})")
+    parser.add_argument("--workers-per-trial", type=POSITIVE_INT, default=Config.workers,
+                        help="DDP workers per trial, one per GPU (default: %(default)s)")
     parser.add_argument("--gpus-per-trial", type=NON_NEGATIVE,
                         help="GPUs per trial (default: one per worker if the cluster has GPUs, else 0); "
                         "a fraction packs several one-worker trials on a GPU")
-    parser.add_argument("--cpus-per-worker", type=POSITIVE, default=1.0)
-    parser.add_argument("--max-concurrent-trials", type=POSITIVE_INT, help="default: as many as the cluster fits")
     return parser
 
 
 SEARCH_FLAGS = ("codebook_sizes", "commitment_weights", "num_samples")  # what --smoke sets itself
 
 
-def sweep_from_args(args: argparse.Namespace, defaults: argparse.ArgumentParser) -> SweepConfig:
-    base = config_from_args(args).with_changes(workers=args.workers_per_trial, cpus_per_worker=args.cpus_per_worker)
+def sweep_from_args(args: argparse.Namespace, flags: JobParser) -> SweepConfig:
+    base = config_from_args(flags, args, workers=args.workers_per_trial)
     if args.smoke:
-        given = [f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS
-                 if getattr(args, name) != defaults.get_default(name)]
+        given = [f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS if getattr(args, name) != flags.get_default(name)]
         if given:
             raise UserError(f"--smoke runs its own two trials: drop {', '.join(given)}, or drop --smoke")
         return replace(smoke_sweep(base), max_concurrent_trials=args.max_concurrent_trials)
-    if ":" in args.commitment_weights:
-        commitment = dict(commitment_range=parse_range(args.commitment_weights, "--commitment-weights"))
-    else:
-        grid = parse_list(args.commitment_weights, POSITIVE, "--commitment-weights")
-        if not grid:  # an empty grid would silently mean SweepConfig's default range
-            raise UserError(f"--commitment-weights takes LOW:HIGH or a comma-separated list, got {args.commitment_weights!r}")
-        commitment = dict(commitment_grid=grid)
-    return SweepConfig(base, codebook_sizes=parse_list(args.codebook_sizes, POSITIVE_INT, "--codebook-sizes"),
-                       num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent_trials, **commitment)
+    return flags.build(SweepConfig, args, base=base, **args.commitment_weights)
 
 
 def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: float) -> SweepConfig:
-    """Resolve --gpus-per-trial against the cluster: GPUs by default when there are any."""
+    """Resolve --gpus-per-trial against the cluster: one GPU per worker by default when there are any."""
     workers = sweep.base.workers
-    if gpus_per_trial is None:
-        gpus_per_trial = workers if cluster_gpus > 0 else 0
-    if sweep.base.accelerator == "cpu":
-        gpus_per_trial = 0
-    elif sweep.base.accelerator == "gpu" and gpus_per_trial == 0:
-        raise UserError("--accelerator gpu was asked for, but the cluster has no GPUs (or --gpus-per-trial is 0)")
-    return replace(sweep, base=sweep.base.with_changes(gpus_per_worker=gpus_per_trial / workers))
+    if_none = "the cluster has no GPUs" if gpus_per_trial is None else "--gpus-per-trial is 0"
+    use_gpu = uses_gpu(sweep.base.accelerator, cluster_gpus if gpus_per_trial is None else gpus_per_trial, if_none)
+    per_trial = (gpus_per_trial or workers) if use_gpu else 0
+    return replace(sweep, base=sweep.base.with_changes(gpus_per_worker=per_trial / workers))
 
 
 def sweep_summary(best: dict, seconds: dict[str, float]) -> str:

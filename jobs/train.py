@@ -6,38 +6,30 @@ Both keep a checkpoint of every epoch; the same command continues a run that was
     python jobs/train.py --data-root DATA --workers --out runs/ddp      # Ray Train: one worker per GPU of the cluster
 """
 
-import argparse
 from pathlib import Path
 
-from medvq.cli import (POSITIVE, POSITIVE_INT, add_searched_flags, add_training_flags, common_parser, config_from_args,
-                       run_job, start_ray, storage_from_args, text_value)
+from medvq.cli import POSITIVE_INT, JobParser, config_from_args, run_job, start_ray, storage_from_args, training_parser
 from medvq.config import Config
 from medvq.data import check_data
+from medvq.devices import resolve_accelerator, uses_gpu
 from medvq.errors import UserError
 from medvq.nodes import Capacity, capacity, check_nodes_see
 from medvq.storage import check_writable, is_uri, output_folder
-from medvq.train import local_resume_point, resolve_accelerator, train_local, train_on_ray
+from medvq.train import local_resume_point, train_local, train_on_ray
 
 
-def parser() -> argparse.ArgumentParser:
-    parser = common_parser(__doc__.strip().splitlines()[0])
-    add_searched_flags(parser)
-    add_training_flags(parser)
-    parser.add_argument("--workers", nargs="?", const="all", type=POSITIVE_INT,
+def parser() -> JobParser:
+    parser = training_parser(__doc__.strip().splitlines()[0], searched=True)
+    parser.add_argument("--workers", dest="ray_workers", nargs="?", const="all", type=POSITIVE_INT,
                         help="train under Ray Train with this many DDP workers; alone: one worker per GPU of the "
                         "cluster (default: no Ray, this process)")
-    parser.add_argument("--cpus-per-worker", type=POSITIVE, default=Config.cpus_per_worker)
-    parser.add_argument("--storage", type=text_value, help="Ray Train storage: a folder, shared mount or s3:// URI "
-                        "(default: OUT/ray_results); the same command resumes from it")
     return parser
 
 
 def with_workers(config: Config, workers: int | str, cluster: Capacity) -> Config:
     """Resolve --workers against the cluster: GPU workers (one GPU each) whenever it has (or can add) GPUs."""
     gpus = cluster.totals.get("GPU", 0)
-    if config.accelerator == "gpu" and gpus == 0:
-        raise UserError("--accelerator gpu was asked for, but the cluster has no GPUs")
-    use_gpu = gpus > 0 and config.accelerator != "cpu"
+    use_gpu = uses_gpu(config.accelerator, gpus, "the cluster has no GPUs")
     if workers == "all":
         if not use_gpu:
             raise UserError("--workers alone means one worker per GPU, and the cluster has none: give a number of CPU workers")
@@ -50,22 +42,23 @@ def with_workers(config: Config, workers: int | str, cluster: Capacity) -> Confi
 
 
 def main() -> None:
-    args = parser().parse_args()
-    config = config_from_args(args).with_changes(cpus_per_worker=args.cpus_per_worker)
+    flags = parser()
+    args = flags.parse_args()
+    config = config_from_args(flags, args)
     check_data(config)
-    if args.workers is None:
+    if args.ray_workers is None:
         resolve_accelerator(config.accelerator)
         if not is_uri(args.out):
             local_resume_point(config, Path(args.out))  # refuses a folder it cannot continue, before any work
     else:
         start_ray()
-        config = with_workers(config, args.workers, capacity())
+        config = with_workers(config, args.ray_workers, capacity())
         storage, storage_flag = storage_from_args(args)
         check_nodes_see(config, storage, storage_flag)
         check_writable(storage)
     with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)
-        if args.workers is None:
+        if args.ray_workers is None:
             final = train_local(config, out)
         else:
             print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)

@@ -8,17 +8,17 @@ import math
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, get_args, get_origin, get_type_hints
 
 import ray
 from medmnist.info import DEFAULT_ROOT
 
-from medvq.config import ACCELERATORS, MIXINGS, Config
+from medvq.config import BOUNDS, Config, Setting, settings
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.storage import absolute, join
 
 
-def flag_value(kind: type, what: str, accepts: Callable[[float], bool] = lambda value: True) -> Callable[[str], Any]:
+def flag_value(kind: type, what: str, accepts: Callable[[Any], bool] = lambda value: True) -> Callable[[str], Any]:
     """An argparse `type`: the flag's text as `kind`, refused in one line (naming `what` it takes) otherwise."""
 
     def parse(text: str):
@@ -40,67 +40,92 @@ def text_value(text: str) -> str:
     return text
 
 
-POSITIVE_INT = flag_value(int, "a whole number > 0", lambda value: value > 0)
-NON_NEGATIVE_INT = flag_value(int, "a whole number >= 0", lambda value: value >= 0)
-POSITIVE = flag_value(float, "a number > 0", lambda value: value > 0)
-NON_NEGATIVE = flag_value(float, "a number >= 0", lambda value: value >= 0)
+def list_value(item: Callable[[str], Any]) -> Callable[[str], tuple]:
+    """An argparse `type` for "a,b,c": each item parsed by `item`; an empty list is left to the config to refuse."""
+
+    def parse(text: str) -> tuple:
+        text_value(text)
+        try:
+            return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+        except argparse.ArgumentTypeError as error:
+            raise argparse.ArgumentTypeError(f"takes a comma-separated list; each item {error}") from None
+
+    return parse
+
+
+def number_value(kind: type, bound: str | None) -> Callable[[str], Any]:
+    """int -> "a whole number > 0", float -> "a number in (0, 1)": a `flag_value` for a declared bound."""
+    what = "a whole number" if kind is int else "a number"
+    return flag_value(kind, f"{what} {bound}" if bound else what, BOUNDS[bound] if bound else lambda value: True)
+
+
+POSITIVE_INT, POSITIVE, NON_NEGATIVE = number_value(int, "> 0"), number_value(float, "> 0"), number_value(float, ">= 0")
 
 
 class JobParser(argparse.ArgumentParser):
     """A job's parser: no prefix matching (a misspelt --codebook-size never silently means --codebook-sizes), and
-    a bad flag is a UserError like every other mistake: one line, exit 2, no usage dump."""
+    a bad flag is a UserError like every other mistake: one line, exit 2, no usage dump. Flags of config fields
+    come from their declaration (`add_settings`), and `build` turns them back into that config."""
+
+    def __init__(self, description: str):
+        super().__init__(description=description, allow_abbrev=False)
+        self.generated: dict[type, list[str]] = {}
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
 
+    def add_settings(self, config_class: type, names: Iterable[str] | None = None, **defaults: Any) -> None:
+        """One flag per field of `config_class` that has a flag (all, or `names`), with its declared help, default
+        and allowed values; `defaults` replaces a default for this job."""
+        declared, hints = settings(config_class), get_type_hints(config_class)
+        for name in names or [name for name, s in declared.items() if s.flag != ""]:
+            setting, default = declared[name], defaults.get(name, getattr(config_class, name))
+            flag = setting.flag or f"--{name.replace('_', '-')}"
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            help = setting.help + (f" (default: {shown})" if default is not None and default is not False else "")
+            if hints[name] is bool:
+                self.add_argument(flag, dest=name, action="store_true", help=help)
+            else:
+                self.add_argument(flag, dest=name, default=default, help=help,
+                                  type=flag_type(hints[name], setting), choices=setting.choices or None)
+            self.generated.setdefault(config_class, []).append(name)
 
-def job_parser(description: str) -> argparse.ArgumentParser:
-    return JobParser(description=description, allow_abbrev=False)
+    def build(self, config_class: type, args: argparse.Namespace, **values: Any):
+        """`config_class` from the flags `add_settings` made for it, and `values` for the rest."""
+        return config_class(**{**{name: getattr(args, name) for name in self.generated.get(config_class, [])}, **values})
 
 
-def add_data_flags(parser: argparse.ArgumentParser, datasets_default: str | None = ",".join(Config.datasets)) -> None:
+def flag_type(hint: Any, setting: Setting) -> Callable[[str], Any]:
+    """How a flag's text becomes the field's type: int, float, str, an optional one, or a tuple of them."""
+    if get_origin(hint) is tuple:
+        return list_value(flag_type(get_args(hint)[0], setting))
+    kind = next((arg for arg in get_args(hint) if arg is not type(None)), hint)  # int | None -> int
+    return text_value if kind is str else number_value(kind, setting.bound)
+
+
+def add_data_flags(parser: JobParser, **defaults: Any) -> None:
     """--data-root and --datasets, with the same names and meanings in every job."""
-    parser.add_argument("--data-root", type=text_value,
-                        help="folder (on a cluster, every node's: a shared volume) or URI (s3://...) "
-                        "of the MedMNIST .npz files (default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)")
-    parser.add_argument("--datasets", type=text_value, default=datasets_default,
-                        help="comma-separated MedMNIST names (default: %(default)s)")
+    parser.add_settings(Config, ("data_root", "datasets"), **defaults)
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    """Flags every training job takes."""
-    parser = job_parser(description)
-    add_data_flags(parser)
-    parser.add_argument("--out", required=True, type=text_value,
-                        help="output folder, or a URI (s3://...) to upload the outputs to")
-    parser.add_argument("--epochs", type=POSITIVE_INT, default=Config.epochs, help="default: %(default)s")
+def add_storage_flag(parser: JobParser) -> None:
+    parser.add_argument("--storage", type=text_value, help="Ray Train/Tune storage: a folder, shared mount or s3:// "
+                        "URI (default: OUT/ray_results); the same command resumes from it")
+
+
+def add_out_flag(parser: JobParser, help: str) -> None:
+    parser.add_argument("--out", required=True, type=text_value, help=help)
+
+
+def training_parser(description: str, *, searched: bool = False) -> JobParser:
+    """The flags of a job that trains: every setting of Config that has a flag; the two the sweep searches only
+    when the job trains one model (`searched`: the sweep takes lists of them instead)."""
+    parser = JobParser(description)
+    add_out_flag(parser, "output folder, or a URI (s3://...) to upload the outputs to")
+    add_storage_flag(parser)
+    parser.add_settings(Config, [name for name, setting in settings(Config).items() if setting.flag != ""
+                                 and (searched or name not in ("codebook_size", "commitment_weight"))])
     return parser
-
-
-def add_searched_flags(parser: argparse.ArgumentParser) -> None:
-    """The two values the sweep searches, for jobs that train one model."""
-    parser.add_argument("--codebook-size", type=POSITIVE_INT, default=Config.codebook_size)
-    parser.add_argument("--commitment-weight", type=POSITIVE, default=Config.commitment_weight)
-
-
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", type=POSITIVE_INT, default=Config.size, help="image side: 28, 64, 128 or 224")
-    parser.add_argument("--batch-size", type=POSITIVE_INT, default=Config.batch_size, help="per worker")
-    parser.add_argument("--learning-rate", type=POSITIVE, default=Config.learning_rate)
-    parser.add_argument("--mixing", choices=MIXINGS, default=Config.mixing)
-    parser.add_argument("--limit-batches", type=POSITIVE_INT, help="at most this many train and val batches per epoch")
-    parser.add_argument("--accelerator", choices=ACCELERATORS, default=Config.accelerator)
-    parser.add_argument("--seed", type=NON_NEGATIVE_INT, default=Config.seed)
-    parser.add_argument("--compile", dest="compile_model", action="store_true",
-                        help="torch.compile the encoder and decoder (compiling first takes ~20 s on a 2-core CPU)")
-
-
-def parse_list(text: str, item: Callable[[str], Any], flag: str) -> tuple:
-    """"64,128" -> (64, 128), each item parsed by a `flag_value`, with a one-line error naming the flag."""
-    try:
-        return tuple(item(part) for part in text.split(",") if part.strip())
-    except argparse.ArgumentTypeError as error:
-        raise UserError(f"{flag} takes a comma-separated list; each item {error}") from None
 
 
 def default_storage(out: str) -> str:
@@ -115,35 +140,14 @@ def storage_from_args(args: argparse.Namespace) -> tuple[str, str]:
     return default_storage(args.out), f"--out {args.out} (Ray's storage defaults to OUT/ray_results; or give --storage)"
 
 
-def parse_range(text: str, flag: str) -> tuple[float, float]:
-    """"0.05:2" -> (0.05, 2.0), with a one-line error naming the flag."""
-    parts = text.split(":")
-    try:
-        low, high = (POSITIVE(part) for part in parts) if len(parts) == 2 else (None, None)
-    except argparse.ArgumentTypeError:
-        low = None
-    if low is None:
-        raise UserError(f"{flag} takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, "
-                        f"got {text!r}")
-    return low, high
-
-
 def resolve_data_root(flag: str | None) -> str:
     """--data-root, else $MEDVQ_DATA_ROOT, else medmnist's own ~/.medmnist: an absolute path or a URI."""
     return absolute(flag or os.environ.get("MEDVQ_DATA_ROOT") or DEFAULT_ROOT)
 
 
-def dataset_names(flag: str) -> tuple[str, ...]:
-    return tuple(name.strip() for name in flag.split(",") if name.strip())
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Build the one Config from parsed flags; flags a job does not define keep their defaults."""
-    names = dataset_names(args.datasets)
-    flag_fields = ("size", "codebook_size", "commitment_weight", "batch_size", "learning_rate", "mixing",
-                   "limit_batches", "accelerator", "seed", "epochs", "compile_model")
-    values = {name: getattr(args, name) for name in flag_fields if hasattr(args, name)}
-    return Config(data_root=resolve_data_root(args.data_root), datasets=names, **values)
+def config_from_args(parser: JobParser, args: argparse.Namespace, **values: Any) -> Config:
+    """The one Config of a job's flags, its data root resolved; flags a job does not have keep their defaults."""
+    return parser.build(Config, args, **{"data_root": resolve_data_root(args.data_root), **values})
 
 
 EXIT_CODES = {UserError: 2, RunFailed: 1, Stopped: 130}

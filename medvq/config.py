@@ -1,13 +1,15 @@
 """One typed configuration shared by every step: data, model, training, tuning, encoding.
 
 Plain data only (str, int, float, tuple), so Ray can ship it to workers and a checkpoint can
-store it as a dict and rebuild the exact model it was trained with.
+store it as a dict and rebuild the exact model it was trained with. Each field is declared once, with
+its default, help and allowed values (`setting`); the jobs' flags are generated from these (medvq/cli.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -15,63 +17,93 @@ from medvq.errors import UserError
 
 # The five MedMNIST sets the project learns together; any other 2D MedMNIST set works the same way.
 DEFAULT_DATASETS = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist", "bloodmnist")
-MIXINGS = ("proportional", "balanced")
-ACCELERATORS = ("auto", "cpu", "gpu")
-# Marks a setting that says where or how fast a run goes, not what it learns: left out of the run's name, so
-# the same command resumes the same run from another data mount, with other concurrency or GPUs up.
-RUNTIME = {"shapes_results": False}
+BOUNDS = {"> 0": lambda value: value > 0, ">= 0": lambda value: value >= 0, "in (0, 1)": lambda value: 0 < value < 1}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a config field means to a user: its help, its allowed values, its flag, and whether it shapes results."""
+
+    help: str
+    bound: str | None = None  # a key of BOUNDS; for a tuple, each item's
+    choices: tuple[str, ...] = ()
+    flag: str | None = None  # the flag's name if not --field-name; "" when a job declares its own flag for it
+    # False for what says where or how fast a run goes, not what it learns: left out of the run's name, so the same
+    # command resumes the same run from another data mount, with other concurrency or GPUs up.
+    shapes_results: bool = True
+
+    def allows(self, value: Any) -> bool:
+        items = value if isinstance(value, tuple) else (value,)
+        if self.choices and any(item not in self.choices for item in items):
+            return False
+        return self.bound is None or value is None or all(
+            math.isfinite(item) and BOUNDS[self.bound](item) for item in items)
+
+
+def setting(default: Any, help: str, **how: Any) -> Any:
+    """A dataclass field with its Setting."""
+    return field(default=default, metadata={"setting": Setting(help, **how)})
+
+
+def settings(config_class: type) -> dict[str, Setting]:
+    """{field name: Setting} of a config dataclass, in declaration order."""
+    return {f.name: f.metadata["setting"] for f in fields(config_class) if "setting" in f.metadata}
+
+
+def check_settings(config: Any) -> None:
+    """Every field within its declared bound and choices: one line naming the first that is not."""
+    for name, declared in settings(type(config)).items():
+        value = getattr(config, name)
+        if not declared.allows(value):
+            allowed = f"one of {', '.join(declared.choices)}" if declared.choices else declared.bound
+            raise UserError(f"{name.replace('_', ' ')} must be {allowed}, got {value!r}")
 
 
 @dataclass(frozen=True)
 class Config:
     # --- data ---
-    data_root: str | None = field(default=None, metadata=RUNTIME)  # None: medmnist's own root (~/.medmnist)
-    datasets: tuple[str, ...] = DEFAULT_DATASETS
-    size: int = 28  # MedMNIST image side; MedMNIST+ also has 64, 128, 224
-    mixing: str = "proportional"  # "balanced" draws every set equally often, so Breast (546) is not drowned
+    data_root: str | None = setting(
+        None, "folder (on a cluster, every node's: a shared volume) or URI (s3://...) of the MedMNIST .npz files "
+        "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)", shapes_results=False)
+    datasets: tuple[str, ...] = setting(DEFAULT_DATASETS, "comma-separated MedMNIST names")
+    size: int = setting(28, "image side: 28, or MedMNIST+'s 64, 128, 224", bound="> 0")
+    mixing: str = setting("proportional", "how batches draw from the sets: 'balanced' draws every set equally often, "
+                          "so BreastMNIST (546 images) is not drowned", choices=("proportional", "balanced"))
     # --- model ---
-    hidden_channels: int = 64  # enough for 28x28 medical images; the model stays < 0.5M parameters
-    residual_blocks: int = 2  # per side, as in the VQ-VAE paper
-    downsample: int = 2  # stride-2 stages: 28x28 -> 7x7 latent grid
-    embedding_dim: int = 64  # D, the size of one code vector
-    codebook_size: int = 512  # K, the number of codes
-    commitment_weight: float = 0.25  # beta in the VQ-VAE paper
-    ema_decay: float = 0.99  # codebook EMA decay (VQ-VAE-2 value)
-    dead_code_threshold: float = 1.0  # re-seed a code whose EMA count falls below one vector per batch
+    hidden_channels: int = setting(64, "channels of the encoder and decoder", bound="> 0")
+    residual_blocks: int = setting(2, "residual blocks on each side, as in the VQ-VAE paper", bound=">= 0")
+    downsample: int = setting(2, "stride-2 stages: 2 turns 28x28 images into a 7x7 latent grid", bound="> 0")
+    embedding_dim: int = setting(64, "D, the size of one code vector", bound="> 0")
+    codebook_size: int = setting(512, "K, the number of codes", bound="> 0")
+    commitment_weight: float = setting(0.25, "beta of the VQ-VAE paper: how hard the encoder is pulled to its code",
+                                       bound="> 0")
+    ema_decay: float = setting(0.99, "decay of the codebook's moving averages", bound="in (0, 1)")
+    dead_code_threshold: float = setting(1.0, "a code whose moving count of vectors falls below this is moved onto "
+                                         "a current encoder output", bound=">= 0")
     # --- optimisation ---
-    batch_size: int = 256  # per worker; small images, so large batches keep a GPU busy
-    learning_rate: float = 1e-3  # Adam; the codebook itself is not trained by gradient
-    epochs: int = 10
-    limit_batches: int | None = None  # cap on train and val batches per epoch (smoke runs)
-    seed: int = 0
-    accelerator: str = "auto"  # "auto": the GPU when there is one, else the CPU
-    compile_model: bool = field(default=False, metadata=RUNTIME)  # torch.compile the encoder and decoder (~20 s of compiling first on a CPU)
+    batch_size: int = setting(256, "images per batch and worker", bound="> 0")
+    learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
+    epochs: int = setting(10, "passes over the training images", bound="> 0")
+    limit_batches: int | None = setting(None, "at most this many train and val batches per epoch (smoke runs)",
+                                        bound="> 0")
+    seed: int = setting(0, "seeds the weights, the codebook and the batch order", bound=">= 0")
+    accelerator: str = setting("auto", "'auto': the GPU when there is one, else the CPU",
+                               choices=("auto", "cpu", "gpu"))
+    compile_model: bool = setting(False, "torch.compile the encoder and decoder (compiling takes a while first: "
+                                  "see benchmarks/RESULTS.md)", flag="--compile", shapes_results=False)
     # --- Ray Train workers (ignored by local training) ---
-    workers: int = 1  # DDP workers, one per GPU
-    cpus_per_worker: float = field(default=1.0, metadata=RUNTIME)
-    gpus_per_worker: float = field(default=0.0, metadata=RUNTIME)  # 0: CPU workers; a fraction lets several one-worker trials share a GPU
+    workers: int = setting(1, "DDP workers, one per GPU", bound="> 0", flag="")
+    cpus_per_worker: float = setting(1.0, "CPUs each Ray Train worker holds", bound="> 0", shapes_results=False)
+    gpus_per_worker: float = setting(0.0, "0: CPU workers; a fraction lets several one-worker runs share a GPU",
+                                     bound=">= 0", flag="", shapes_results=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
+        check_settings(self)
         checks = [
             (len(self.datasets) > 0, "datasets: name at least one dataset"),
             (len(set(self.datasets)) == len(self.datasets), "datasets: a dataset is named twice"),
-            (self.mixing in MIXINGS, f"mixing must be one of {', '.join(MIXINGS)}, got {self.mixing!r}"),
-            (self.accelerator in ACCELERATORS, f"accelerator must be one of {', '.join(ACCELERATORS)}, got {self.accelerator!r}"),
-            (self.codebook_size > 0, f"codebook size must be positive, got {self.codebook_size}"),
-            (self.commitment_weight > 0, f"commitment weight must be > 0, got {self.commitment_weight}"),
-            (0 < self.ema_decay < 1, f"EMA decay must be in (0, 1), got {self.ema_decay}"),
-            (self.dead_code_threshold >= 0, f"dead-code threshold must be >= 0, got {self.dead_code_threshold}"),
-            (self.embedding_dim > 0 and self.hidden_channels > 0, "embedding dim and hidden channels must be positive"),
-            (self.residual_blocks >= 0, f"residual blocks must be >= 0, got {self.residual_blocks}"),
-            (self.downsample >= 1, f"downsample must be >= 1, got {self.downsample}"),
             (self.size % 2**self.downsample == 0, f"image size {self.size} is not divisible by 2**downsample = {2**self.downsample}"),
-            (self.batch_size > 0, f"batch size must be positive, got {self.batch_size}"),
-            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.limit_batches is None or self.limit_batches > 0, f"limit batches must be positive, got {self.limit_batches}"),
-            (self.workers >= 1, f"workers must be >= 1, got {self.workers}"),
-            (self.cpus_per_worker > 0 and self.gpus_per_worker >= 0, "CPUs per worker must be > 0 and GPUs per worker >= 0"),
             # NCCL refuses two ranks of one run on the same GPU, so only a one-worker run may share one.
             (self.workers == 1 or self.gpus_per_worker in (0, int(self.gpus_per_worker)),
              f"a run of {self.workers} workers needs whole GPUs per worker, got {self.gpus_per_worker}"),
@@ -107,9 +139,10 @@ class Config:
 
 
 def results_shaping(config: Any) -> dict[str, Any]:
-    """A config dataclass's values that shape what a run learns (nested configs likewise): no RUNTIME field."""
+    """A config dataclass's values that shape what a run learns (nested configs likewise)."""
+    shapes = {name: declared.shapes_results for name, declared in settings(type(config)).items()}
     return {f.name: results_shaping(value) if is_dataclass(value := getattr(config, f.name)) else value
-            for f in fields(config) if f.metadata.get("shapes_results", True)}
+            for f in fields(config) if shapes.get(f.name, True)}
 
 
 def _digest(config: Any) -> str:
@@ -122,30 +155,26 @@ class SweepConfig:
     """A Ray Tune search over codebook size x commitment weight; every trial trains `base` with those two changed."""
 
     base: Config
-    codebook_sizes: tuple[int, ...] = (64, 128, 256, 512, 1024)
-    commitment_range: tuple[float, float] = (0.05, 2.0)  # sampled log-uniformly ...
-    commitment_grid: tuple[float, ...] = ()  # ... unless a grid is given
-    # Sampled commitment weights per codebook size; with a commitment grid, repeats of each cell, each with
-    # its own seed (base.seed, +1, ...), so that repeats measure the spread instead of copying one trial.
-    num_samples: int = 3
-    max_concurrent_trials: int | None = field(default=None, metadata=RUNTIME)  # None: as many as the cluster's resources allow
-    grace_period: int = 2  # ASHA lets every trial run this many epochs before stopping poor ones
+    codebook_sizes: tuple[int, ...] = setting((64, 128, 256, 512, 1024), "comma-separated codebook sizes to search",
+                                              bound="> 0")
+    commitment_range: tuple[float, float] = setting((0.05, 2.0), "commitment weights sampled log-uniformly from "
+                                                    "LOW:HIGH ...", bound="> 0", flag="")
+    commitment_grid: tuple[float, ...] = setting((), "... unless a grid of them is given", bound="> 0", flag="")
+    num_samples: int = setting(3, "sampled commitment weights per codebook size; with a grid of weights, repeats of "
+                               "each cell, with seeds --seed, +1, ...", bound="> 0")
+    max_concurrent_trials: int | None = setting(None, "trials at once (default: as many as the cluster fits)",
+                                                bound="> 0", shapes_results=False)
+    grace_period: int = setting(2, "epochs every trial runs before ASHA may stop the poor ones", bound="> 0")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
         object.__setattr__(self, "commitment_grid", tuple(self.commitment_grid))
+        check_settings(self)
         low, high = self.commitment_range
-        checks = [
-            (len(self.codebook_sizes) > 0, "the search space is empty: give at least one codebook size"),
-            (all(k > 0 for k in self.codebook_sizes), f"codebook sizes must be positive, got {self.codebook_sizes}"),
-            (0 < low <= high, f"commitment range must satisfy 0 < low <= high, got {self.commitment_range}"),
-            (all(w > 0 for w in self.commitment_grid), f"commitment weights must be > 0, got {self.commitment_grid}"),
-            (self.num_samples >= 1, f"num samples must be >= 1, got {self.num_samples}"),
-            (self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max concurrent trials must be >= 1"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        if not self.codebook_sizes:
+            raise UserError("the search space is empty: give at least one codebook size")
+        if low > high:
+            raise UserError(f"commitment range must satisfy 0 < low <= high, got {self.commitment_range}")
 
     @property
     def grace_epochs(self) -> int:

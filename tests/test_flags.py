@@ -14,7 +14,7 @@ import ray
 import torch
 
 from medvq.cli import run_job
-from medvq.config import Config
+from medvq.config import Config, settings
 from medvq.module import VQVAEModule
 from tests.conftest import SYNTHETIC_DATASETS, TINY
 
@@ -53,14 +53,14 @@ TRAIN = [
 ]
 SWEEP = [
     (["--codebook-sizes", ","], "the search space is empty"),
-    (["--codebook-sizes", "64,0"], f"--codebook-sizes takes a comma-separated list; each item {WHOLE}, got '0'"),
-    (["--codebook-sizes", "64;128"], f"--codebook-sizes takes a comma-separated list; each item {WHOLE}"),
-    (["--commitment-weights", "0.1,-1"], f"--commitment-weights takes a comma-separated list; each item {POSITIVE}"),
-    (["--commitment-weights", ","], "--commitment-weights takes LOW:HIGH or a comma-separated list, got ','"),
+    (["--codebook-sizes", "64,0"], f"argument --codebook-sizes: takes a comma-separated list; each item {WHOLE}, got '0'"),
+    (["--codebook-sizes", "64;128"], f"argument --codebook-sizes: takes a comma-separated list; each item {WHOLE}"),
+    (["--commitment-weights", "0.1,-1"], f"argument --commitment-weights: takes a comma-separated list; each item {POSITIVE}"),
+    (["--commitment-weights", ","], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, got ','"),
     (["--commitment-weights", "2:0.5"], "commitment range must satisfy 0 < low <= high"),
-    (["--commitment-weights", "1:2:3"], "--commitment-weights takes LOW:HIGH (two numbers > 0)"),
-    (["--commitment-weights", ":2"], "--commitment-weights takes LOW:HIGH (two numbers > 0)"),
-    (["--commitment-weights", "0:2"], "--commitment-weights takes LOW:HIGH (two numbers > 0)"),
+    (["--commitment-weights", "1:2:3"], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0)"),
+    (["--commitment-weights", ":2"], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0)"),
+    (["--commitment-weights", "0:2"], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0)"),
     (["--num-samples", "0"], f"argument --num-samples: {WHOLE}"),
     (["--workers-per-trial", "0"], f"argument --workers-per-trial: {WHOLE}"),
     (["--gpus-per-trial", "-1"], f"argument --gpus-per-trial: {AT_LEAST_ZERO}"),
@@ -134,3 +134,37 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_anything_starts(job, flags, me
     assert stopped.value.code == 2, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("error: ") and message in stderr, stderr
     assert not Path(files["out"]).exists()
+
+
+def changed_value(value):
+    """A valid value other than a setting's default, as flag text and as the config holds it."""
+    if isinstance(value, bool):
+        return None, not value
+    if isinstance(value, tuple):
+        return ",".join(map(str, value[:1])), value[:1]
+    if isinstance(value, str):
+        return None, value
+    changed = 1 if value is None else (value * 0.5 if isinstance(value, float) else value + 1)
+    return str(changed), changed
+
+
+@pytest.mark.parametrize("job", ["train", "sweep"])
+def test_every_setting_with_a_flag_reaches_the_config(job, synthetic_root):
+    """Each generated flag sets its own field and nothing else: the flags are the declarations, not a copy."""
+    module = importlib.import_module(f"jobs.{job}")
+    parser = module.parser()
+    generated = parser.generated[Config]
+    searched = {"codebook_size", "commitment_weight"} if job == "sweep" else set()  # the sweep takes lists of them
+    assert set(generated) == {name for name, setting in settings(Config).items() if setting.flag != ""} - searched
+    argv, wanted = ["--out", "unused", "--data-root", str(synthetic_root)], {}
+    for name in generated:
+        if name in ("data_root", "size", "downsample", "mixing", "accelerator", "datasets"):
+            continue  # choices, paths and the image-to-grid pair: the bad-flag table covers them
+        text, value = changed_value(getattr(Config, name))
+        flag = f"--{name.replace('_', '-')}" if name != "compile_model" else "--compile"
+        argv += [flag] if text is None else [flag, text]
+        wanted[name] = value
+    config = module.config_from_args(parser, parser.parse_args(argv))
+    assert {name: getattr(config, name) for name in wanted} == wanted
+    untouched = set(Config.__dataclass_fields__) - set(wanted) - {"data_root"}
+    assert all(getattr(config, name) == getattr(Config, name) for name in untouched)
