@@ -40,7 +40,7 @@ class SeedVQVAE(nn.Module):
             stem.conv1, stem.bn1, stem.relu, stem.maxpool, stem.layer1, stem.layer2,  # (B, 128, 8, 8)
             nn.Conv2d(128, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, LATENT_DIM, 1),  # (B, 2, 4, 4)
         )
-        self.quantizer = VectorQuantizerEMA(CODEBOOK_SIZE, LATENT_DIM, COMMITMENT_WEIGHT)
+        self.quantizer = VectorQuantizerEMA(CODEBOOK_SIZE, LATENT_DIM, COMMITMENT_WEIGHT, decay=0.99, dead_code_threshold=1.0)
         self.decoder = nn.Sequential(
             nn.Conv2d(LATENT_DIM, 128, 3, padding=1), ResidualBlock(128), ResidualBlock(128), nn.ReLU(),
             *_upsample(128, 128), *_upsample(128, 64), *_upsample(64, 32),  # 4x4 -> 32x32

@@ -82,9 +82,9 @@ class JobParser(argparse.ArgumentParser):
             setting, default = declared[name], defaults.get(name, getattr(config_class, name))
             flag = setting.flag or f"--{name.replace('_', '-')}"
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            help = setting.help + (f" (default: {shown})" if default is not None and default is not False else "")
+            help = setting.help + (f" (default: {shown})" if default is not None else "")
             if hints[name] is bool:
-                self.add_argument(flag, dest=name, action="store_true", help=help)
+                self.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
             else:
                 self.add_argument(flag, dest=name, default=default, help=help,
                                   type=flag_type(hints[name], setting), choices=setting.choices or None)

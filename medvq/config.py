@@ -80,9 +80,18 @@ class Config:
     ema_decay: float = setting(0.99, "decay of the codebook's moving averages", bound="in (0, 1)")
     dead_code_threshold: float = setting(1.0, "a code whose moving count of vectors falls below this is moved onto "
                                          "a current encoder output", bound=">= 0")
+    l2_codes: bool = setting(False, "look codes up among l2-normalised vectors (cosine similarity); with a small "
+                             "--embedding-dim, the factorised codes of ViT-VQGAN")
+    kmeans_init: bool = setting(False, "start the codebook as k-means centres of the first batch's encoder outputs, "
+                                "instead of random vectors")
+    gradient: str = setting("straight-through", "how the reconstruction's gradient passes the quantizer to the "
+                            "encoder: copied (straight-through), or through the rotation of the encoder output onto "
+                            "its code (Fifty et al., 2024)", choices=("straight-through", "rotation"))
     # --- optimisation ---
     batch_size: int = setting(256, "images per batch and worker", bound="> 0")
     learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
+    lr_schedule: str = setting("constant", "'cosine': a linear warm-up over the first 5%% of steps, then a cosine "
+                               "decay to zero at the last", choices=("constant", "cosine"))
     epochs: int = setting(10, "passes over the training images", bound="> 0")
     limit_batches: int | None = setting(None, "at most this many train and val batches per epoch (smoke runs)",
                                         bound="> 0")

@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
 LABEL_CHARS = 22  # longer class names are cut, so legends and captions stay beside their pictures
-# The train and val splits move to the GPU when they take at most this share of its free memory (28x28:
-# ~68 MB for the five sets; 224x224: ~4.3 GB), leaving room for the model and for trials sharing the GPU.
+# The train and val splits move to the GPU when they take at most this share of its free memory, leaving room
+# for the model and for trials sharing the GPU (their sizes per image side: benchmarks/RESULTS.md).
 DEVICE_MEMORY_SHARE = 0.25
 
 

@@ -56,7 +56,7 @@ class ImageEncoder:
         """checkpoint: the checkpoint file's bytes, or their reference in Ray's object store, so an actor on any
         node gets the model without a path only the driver's node has.
         cpu_threads: torch threads of a CPU actor. Ray limits an actor to as many threads as the CPUs it
-        holds (one), which would leave the other core of its pair idle: measured, half the plain loop's speed."""
+        holds (one), which would leave the other core of its pair idle (benchmarks/RESULTS.md)."""
         self.device = torch.device("cuda" if use_gpu else "cpu")
         if not use_gpu and cpu_threads:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))

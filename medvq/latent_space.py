@@ -46,9 +46,8 @@ def add_umap_(folder: Path, seed: int = 0) -> float:
     tables = [pq.read_table(path) for path in files]
     points = np.concatenate([vectors(table.column("latent")) for table in tables])
     log.info("UMAP of %d latent vectors of dimension %d", *points.shape)
-    # Seeded, so a re-run draws the same picture. That makes UMAP single-threaded, which costs little on
-    # 2 cores: in a fresh process numba compiling dominates (25,328 points: 40 s seeded, 36 s unseeded on
-    # all cores; a second seeded fit in the same process: 11 s).
+    # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded, which costs little beside
+    # numba's compiling in a fresh process (benchmarks/RESULTS.md).
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state")  # chosen above

@@ -68,6 +68,42 @@ def squared_distances(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return torch.addmm(x.pow(2).sum(1, keepdim=True) + codes.pow(2).sum(1), x, codes.t(), alpha=-2.0)
 
 
+def kmeans_plus_plus(x: torch.Tensor, k: int) -> torch.Tensor:
+    """k rows of x (N, D), each drawn with odds by its squared distance to those drawn before (Arthur and
+    Vassilvitskii, 2007): a start from which Lloyd's steps rarely leave two centres in one cluster."""
+    picks = [int(torch.randint(len(x), ()))]
+    nearest = squared_distances(x, x[picks]).squeeze(1).clamp_min(0)
+    for _ in range(k - 1):
+        picks.append(int(torch.multinomial(nearest + 1e-12, 1)))
+        nearest = torch.minimum(nearest, squared_distances(x, x[picks[-1:]]).squeeze(1).clamp_min(0))
+    return x[picks]
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int, l2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means of the rows of x (N, D) from a k-means++ start: centres (K, D) and their sizes (K,). With `l2`,
+    spherical k-means: the centres stay unit vectors. A centre that loses all its rows keeps its place."""
+    centres = kmeans_plus_plus(x, k)
+    for _ in range(iterations):
+        assigned = squared_distances(x, centres).argmin(dim=1)
+        sizes = index_counts(assigned, k, x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, assigned, x)
+        means = sums / sizes.clamp_min(1).unsqueeze(1)
+        centres = torch.where(sizes.unsqueeze(1) > 0, F.normalize(means, dim=1) if l2 else means, centres)
+    return centres, index_counts(squared_distances(x, centres).argmin(dim=1), k, x.dtype)
+
+
+def rotated_onto(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The rotation trick (Fifty et al., 2024): the codes' values, reached from x (N, D) by rotating each row onto its
+    code's direction and rescaling. The rotation and scale are constants to autograd, so the encoder's gradient is
+    rotated with them, where the straight-through estimator copies it unchanged."""
+    x_norm, code_norm = x.norm(dim=1, keepdim=True).clamp_min(1e-12), codes.norm(dim=1, keepdim=True)
+    u, q = (x / x_norm).detach(), (codes / code_norm.clamp_min(1e-12)).detach()
+    w = F.normalize(u + q, dim=1).detach()
+    # R = I - 2 w w^T + 2 q u^T takes u to q; applied to x without building a (D, D) matrix per row.
+    rotated = x - 2 * (x * w).sum(1, keepdim=True) * w + 2 * (x * u).sum(1, keepdim=True) * q
+    return rotated * (code_norm / x_norm).detach()
+
+
 # --- the codebook -------------------------------------------------------------------------------
 
 
@@ -79,10 +115,10 @@ class EMACodebook(nn.Module):
     hold the same codebook.
     """
 
-    def __init__(self, codebook_size: int, dim: int, decay: float, dead_code_threshold: float):
+    def __init__(self, codebook_size: int, dim: int, decay: float, dead_code_threshold: float, l2: bool = False):
         super().__init__()
-        self.decay, self.dead_code_threshold = decay, dead_code_threshold
-        embedding = torch.randn(codebook_size, dim)
+        self.decay, self.dead_code_threshold, self.l2 = decay, dead_code_threshold, l2
+        embedding = F.normalize(torch.randn(codebook_size, dim), dim=1) if l2 else torch.randn(codebook_size, dim)
         self.register_buffer("embedding", embedding)  # (K, D)
         # Start every code as if it had won one vector already: an unused code then decays slowly
         # towards zero weight instead of jumping to 0/eps on the first step.
@@ -95,13 +131,21 @@ class EMACodebook(nn.Module):
 
     def update_ema_(self, x: torch.Tensor, indices: torch.Tensor) -> None:
         """One K-means-style EMA step from this batch's assignments (all ranks together)."""
-        # Scatter-adds, not a one-hot (N, K) matrix and a matmul: 40x faster on a CPU (measured), and no
-        # N x K buffer on a GPU.
+        # Scatter-adds, not a one-hot (N, K) matrix and a matmul: faster on a CPU (benchmarks/RESULTS.md), and
+        # no N x K buffer on a GPU.
         counts = all_reduce_sum_(index_counts(indices, len(self.embedding), x.dtype))  # (K,)
         sums = all_reduce_sum_(torch.zeros_like(self.embed_sum).index_add_(0, indices, x))  # (K, D)
         ema_inplace_(self.cluster_size, counts, self.decay)
         ema_inplace_(self.embed_sum, sums, self.decay)
-        self.embedding.copy_(self.embed_sum / laplace_smoothing(self.cluster_size).unsqueeze(1))
+        means = self.embed_sum / laplace_smoothing(self.cluster_size).unsqueeze(1)
+        self.embedding.copy_(F.normalize(means, dim=1) if self.l2 else means)
+
+    def init_from_kmeans_(self, x: torch.Tensor, iterations: int = 10) -> None:
+        """Codes := k-means centres of x (N, D), rank 0's on every rank, with their sizes as the moving counts."""
+        centres, sizes = kmeans(x, len(self.embedding), iterations, l2=self.l2)
+        self.embedding.copy_(broadcast_from_rank_zero_(centres.contiguous()))
+        self.cluster_size.copy_(broadcast_from_rank_zero_(sizes))
+        self.embed_sum.copy_(self.embedding * self.cluster_size.unsqueeze(1))
 
     def rank_spread(self) -> torch.Tensor:
         """How far the ranks' codebooks differ (0 when DDP kept them equal), over all three buffers."""
@@ -130,20 +174,26 @@ class Quantized(NamedTuple):
 
 
 class VectorQuantizerEMA(nn.Module):
-    """Nearest-code quantization with a straight-through gradient and an EMA codebook."""
+    """Nearest-code quantization with an EMA codebook; the gradient passes it straight through, or rotated."""
 
-    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, decay: float = 0.99,
-                 dead_code_threshold: float = 1.0):
+    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, *, decay: float,
+                 dead_code_threshold: float, l2: bool = False, rotation: bool = False):
         super().__init__()
-        self.commitment_weight = commitment_weight
-        self.codebook = EMACodebook(codebook_size, dim, decay, dead_code_threshold)
+        self.commitment_weight, self.l2, self.rotation = commitment_weight, l2, rotation
+        self.codebook = EMACodebook(codebook_size, dim, decay, dead_code_threshold, l2=l2)
+
+    def flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, D, H, W) -> (B*H*W, D) in float32, channels-last: the vectors codes are looked up for (unit vectors
+        with l2 codes)."""
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        return F.normalize(flat, dim=1) if self.l2 else flat
 
     def forward(self, z: torch.Tensor) -> Quantized:
         batch, dim, height, width = z.shape
         # The codebook maths runs in float32 even under bf16/fp16 autocast: distances and EMA sums
         # lose too much in half precision.
         with torch.autocast(device_type=z.device.type, enabled=False):
-            flat = z.float().permute(0, 2, 3, 1).reshape(-1, dim)  # (B*H*W, D), channels-last
+            flat = self.flatten(z)  # (B*H*W, D)
             indices = self.codebook.nearest(flat)  # (B*H*W,)
             if self.training:
                 with torch.no_grad():
@@ -151,8 +201,8 @@ class VectorQuantizerEMA(nn.Module):
                     self.codebook.reseed_dead_codes_(flat.detach())
             codes = self.codebook.embedding[indices]  # (B*H*W, D)
             commitment = self.commitment_weight * F.mse_loss(flat, codes.detach())
-            if self.training:
-                codes = flat + (codes - flat).detach()  # straight-through: gradient flows to the encoder
+            if self.training:  # the gradient flows on to the encoder
+                codes = rotated_onto(flat, codes) if self.rotation else flat + (codes - flat).detach()
         quantized = codes.view(batch, height, width, dim).permute(0, 3, 1, 2)  # (B, D, H, W)
         return Quantized(quantized, indices.view(batch, height, width), commitment)
 
@@ -222,11 +272,18 @@ class VQVAE(nn.Module):
         super().__init__()
         c = config
         self.encoder = Encoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
-        self.quantizer = VectorQuantizerEMA(c.codebook_size, c.embedding_dim, c.commitment_weight,
-                                            c.ema_decay, c.dead_code_threshold)
+        self.quantizer = VectorQuantizerEMA(c.codebook_size, c.embedding_dim, c.commitment_weight, decay=c.ema_decay,
+                                            dead_code_threshold=c.dead_code_threshold, l2=c.l2_codes,
+                                            rotation=c.gradient == "rotation")
         self.decoder = Decoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
         """(B, 3, S, S) -> reconstruction (B, 3, S, S) and the quantizer's output."""
         q = self.quantizer(self.encoder(x))
         return self.decoder(q.quantized), q
+
+    @torch.no_grad()
+    def init_codebook_from_kmeans_(self, x: torch.Tensor) -> None:
+        """The codebook := k-means centres of this batch's encoder outputs (B, 3, S, S) images."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            self.quantizer.codebook.init_from_kmeans_(self.quantizer.flatten(self.encoder(x)))

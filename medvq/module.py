@@ -8,8 +8,10 @@ images per second. Image scores are per-image means.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import IO
 
@@ -29,6 +31,7 @@ from medvq.storage import read_bytes
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
 PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
+WARMUP_SHARE = 0.05  # of a cosine schedule's steps
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 
 
@@ -115,7 +118,7 @@ class StageMetrics(nn.Module):
     reset once per epoch (each `compute` synchronises over DDP ranks).
 
     scored_images: score only the batch's first rows (shuffled, so an unbiased sample) with PSNR, SSIM and
-    MAE. SSIM on all 256 images of a batch took ~50 ms on a CPU, a quarter of the training step.
+    MAE: SSIM of a whole batch costs a large share of a CPU training step (benchmarks/RESULTS.md).
     """
 
     def __init__(self, config: Config, scored_images: int | None = None):
@@ -217,6 +220,10 @@ class VQVAEModule(L.LightningModule):
         metrics.update(x, recon.detach().float(), quantized.indices, losses, batch["dataset_id"])
         return losses["loss"]
 
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        if self.config.kmeans_init and self.trainer.global_step == 0:  # a new run's first step; never a resumed one
+            self.model.init_codebook_from_kmeans_(to_float_images(batch["image"]))
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, self.train_metrics)
         # Lightning runs the callbacks' on_train_epoch_end (Ray's report, the metrics CSV) before the module's,
@@ -235,13 +242,26 @@ class VQVAEModule(L.LightningModule):
         self._log_epoch("val", values)
 
     def _log_epoch(self, stage: str, values: dict[str, torch.Tensor]) -> None:
-        """Log one epoch's values, once: a Lightning log call costs ~0.25 ms of Python (measured on a CPU), which
-        every step would bound a GPU's images per second. The values are the same on every rank already;
+        """Log one epoch's values, once: a Lightning log call's Python, paid every step, would bound a GPU's images
+        per second (benchmarks/RESULTS.md). The values are the same on every rank already;
         sync_dist (a mean of equal values) tells Lightning so. Tune's trial table shows the first few."""
         for name, value in values.items():
             self.log(f"{stage}_{name}", value, on_step=False, on_epoch=True, batch_size=1, sync_dist=True,
                      prog_bar=name in PROGRESS_BAR[stage])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self):
         # Fused: one kernel for the whole update on a GPU, instead of several per parameter group.
-        return torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate, fused=self.device.type == "cuda")
+        optimizer = torch.optim.Adam(self.model.parameters(), lr=self.config.learning_rate, fused=self.device.type == "cuda")
+        if self.config.lr_schedule == "constant":
+            return optimizer
+        factor = partial(warmup_cosine, steps=self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"}}
+
+
+def warmup_cosine(step: int, steps: int) -> float:
+    """The learning rate's factor at `step` of `steps`: linear warm-up over the first WARMUP_SHARE, then cosine to 0."""
+    warmup = max(1, round(WARMUP_SHARE * steps))
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +29,9 @@ CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves i
 TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
 METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
-DIVERGED, EPOCHS_DONE = "diverged", "epochs_done"  # reported to Ray Train and Tune beside the metrics
-# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, so
-# epochs shorter than that (a smoke run's; likely a GPU's) were held to ~2 s. Measured on 2 CPU cores, a tiny model's
-# epochs: 1.60 s at 2 s, 0.47 s at 0.5 s, with no CPU cost seen on a real-size run. Ray Train passes the variable
+DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = "diverged", "epochs_done", "epoch_seconds"  # reported to Ray Train and Tune beside the metrics
+# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
+# held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
@@ -48,6 +48,7 @@ class EpochRecorder(L.Callback):
     def __init__(self):
         self.rows: list[dict[str, float]] = []
         self.diverged: str | None = None
+        self.epoch_started = time.monotonic()
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}
@@ -55,8 +56,12 @@ class EpochRecorder(L.Callback):
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
 
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.epoch_started = time.monotonic()
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+        row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()},
+               EPOCH_SECONDS: time.monotonic() - self.epoch_started}  # training and validation
         non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
         if non_finite:
             self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"

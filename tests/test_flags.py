@@ -136,14 +136,15 @@ def test_a_bad_flag_is_one_line_and_exit_2_before_anything_starts(job, flags, me
     assert not Path(files["out"]).exists()
 
 
-def changed_value(value):
-    """A valid value other than a setting's default, as flag text and as the config holds it."""
+def changed_value(value, choices: tuple[str, ...]):
+    """A valid value other than a setting's default, as flag text (None: a switch) and as the config holds it."""
     if isinstance(value, bool):
         return None, not value
     if isinstance(value, tuple):
         return ",".join(map(str, value[:1])), value[:1]
-    if isinstance(value, str):
-        return None, value
+    if choices:
+        other = next(choice for choice in choices if choice != value)
+        return other, other
     changed = 1 if value is None else (value * 0.5 if isinstance(value, float) else value + 1)
     return str(changed), changed
 
@@ -158,11 +159,11 @@ def test_every_setting_with_a_flag_reaches_the_config(job, synthetic_root):
     assert set(generated) == {name for name, setting in settings(Config).items() if setting.flag != ""} - searched
     argv, wanted = ["--out", "unused", "--data-root", str(synthetic_root)], {}
     for name in generated:
-        if name in ("data_root", "size", "downsample", "mixing", "accelerator", "datasets"):
-            continue  # choices, paths and the image-to-grid pair: the bad-flag table covers them
-        text, value = changed_value(getattr(Config, name))
-        flag = f"--{name.replace('_', '-')}" if name != "compile_model" else "--compile"
-        argv += [flag] if text is None else [flag, text]
+        if name in ("data_root", "size", "downsample", "accelerator", "datasets"):
+            continue  # paths, the image-to-grid pair and "gpu": the bad-flag table covers them
+        text, value = changed_value(getattr(Config, name), settings(Config)[name].choices)
+        flag = settings(Config)[name].flag or f"--{name.replace('_', '-')}"
+        argv += [flag if value else flag.replace("--", "--no-")] if text is None else [flag, text]
         wanted[name] = value
     config = module.config_from_args(parser, parser.parse_args(argv))
     assert {name: getattr(config, name) for name in wanted} == wanted

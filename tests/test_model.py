@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from medvq.model import VQVAE, VectorQuantizerEMA, laplace_smoothing, squared_distances
+from medvq.model import VQVAE, VectorQuantizerEMA, kmeans, laplace_smoothing, rotated_onto, squared_distances
+from medvq.module import warmup_cosine
 
 
 def grid(rows: torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ def test_codebook_is_a_buffer_and_gradients_pass_straight_through(tiny_config):
 
 def test_eval_output_is_the_lookup_of_its_indices_and_leaves_the_codebook_alone():
     torch.manual_seed(0)
-    quantizer = VectorQuantizerEMA(32, 8, 0.25).eval()
+    quantizer = VectorQuantizerEMA(32, 8, 0.25, decay=0.99, dead_code_threshold=1.0).eval()
     before = buffers(quantizer)
     q = quantizer(torch.randn(3, 8, 5, 5))
     assert torch.equal(q.quantized, quantizer.lookup(q.indices))
@@ -116,7 +117,7 @@ def test_eval_output_is_the_lookup_of_its_indices_and_leaves_the_codebook_alone(
 
 def test_quantizer_runs_in_float32_under_autocast():
     torch.manual_seed(0)
-    quantizer = VectorQuantizerEMA(512, 64, 0.25)
+    quantizer = VectorQuantizerEMA(512, 64, 0.25, decay=0.99, dead_code_threshold=1.0)
     reference = copy.deepcopy(quantizer)
     z = torch.randn(8, 64, 7, 7).bfloat16()  # what an encoder under bf16 autocast hands over
     torch.manual_seed(1)
@@ -128,6 +129,73 @@ def test_quantizer_runs_in_float32_under_autocast():
     assert q.quantized.dtype == torch.float32 and q.commitment_loss.dtype == torch.float32
     for name, tensor in buffers(quantizer).items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, buffers(reference)[name]), name
+
+
+# --- the model options: l2 codes, k-means start, the rotation trick, the schedule ---------------------
+
+
+def test_l2_codes_are_found_by_cosine_similarity_among_unit_vectors():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(64, 8, 0.25, decay=0.9, dead_code_threshold=0.0, l2=True).train()
+    z = 5 * torch.randn(4, 8, 3, 3)  # long vectors: only their directions may matter
+    q = quantizer(z)
+    unit = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=1)
+    codes = quantizer.codebook.embedding
+    assert torch.allclose(codes.norm(dim=1), torch.ones(64), atol=1e-5)  # still unit vectors after the EMA step
+    # for unit vectors X^2 + C^2 - 2XC is 2 - 2 cos: the nearest code is the most similar direction
+    assert torch.allclose(squared_distances(unit, codes), 2 - 2 * unit @ codes.t(), atol=1e-5)
+    assert torch.equal(quantizer.eval()(z).indices.flatten(), (unit @ codes.t()).argmax(1))
+    assert torch.allclose(q.quantized.norm(dim=1), torch.ones(4, 3, 3), atol=1e-5)
+
+
+def test_kmeans_finds_known_clusters_and_starts_the_codebook_there():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    x = torch.cat([centre + 0.1 * torch.randn(50, 2, generator=generator) for centre in centres])
+    torch.manual_seed(3)
+    found, sizes = kmeans(x, 4, iterations=10)
+    order = [int(squared_distances(centre[None], found).argmin()) for centre in centres]
+    assert sorted(order) == [0, 1, 2, 3] and torch.allclose(found[order], centres, atol=0.1)
+    assert torch.equal(sizes[order], torch.full((4,), 50.0))
+    quantizer = VectorQuantizerEMA(4, 2, 0.25, decay=0.99, dead_code_threshold=1.0)
+    torch.manual_seed(3)
+    quantizer.codebook.init_from_kmeans_(x)
+    codebook = quantizer.codebook
+    assert torch.allclose(codebook.embedding, found) and torch.equal(codebook.cluster_size, sizes)
+    assert torch.allclose(codebook.embed_sum, found * 50)
+
+
+def test_a_model_with_kmeans_init_starts_its_codebook_from_the_first_batch(tiny_config):
+    torch.manual_seed(0)
+    model = VQVAE(tiny_config(kmeans_init=True))
+    x = torch.rand(8, 3, 28, 28)
+    model.init_codebook_from_kmeans_(x)
+    encoded = model.quantizer.flatten(model.encoder(x)).detach()
+    nearest = squared_distances(encoded, model.quantizer.codebook.embedding).min(dim=1).values
+    random_codes = torch.randn_like(model.quantizer.codebook.embedding)
+    assert nearest.mean() < squared_distances(encoded, random_codes).min(dim=1).values.mean() / 10
+
+
+def test_the_rotation_trick_gives_the_codes_and_turns_the_gradient_without_stretching_its_direction():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 6, generator=generator, requires_grad=True)
+    codes = torch.randn(5, 6, generator=generator)
+    rotated = rotated_onto(x, codes)
+    assert torch.allclose(rotated, codes, atol=1e-5)  # forward: exactly the codes
+    upstream = torch.randn(5, 6, generator=generator)
+    rotated.backward(upstream)
+    # The gradient is R^T upstream scaled by |c|/|x|: a rotation keeps its length, so only the scale changes it.
+    scale = (codes.norm(dim=1) / x.detach().norm(dim=1))
+    assert torch.allclose(x.grad.norm(dim=1), upstream.norm(dim=1) * scale, rtol=1e-4)
+    assert not torch.allclose(x.grad, upstream * scale[:, None])  # not a copy: turned
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    steps = 1000
+    factors = [warmup_cosine(step, steps) for step in range(steps)]
+    assert factors[0] == pytest.approx(1 / 50) and factors[49] == pytest.approx(1.0)  # 5% warm-up
+    assert all(a >= b for a, b in zip(factors[49:], factors[50:]))
+    assert factors[-1] < 1e-4 and warmup_cosine(525, steps) == pytest.approx(0.5, abs=1e-2)
 
 
 # --- DDP: two gloo processes ----------------------------------------------------------------------

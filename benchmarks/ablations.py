@@ -1,0 +1,104 @@
+"""Which settings model the images best in the same CPU time: each row is `jobs/train.py` with its flags, trained
+for as many epochs as its own epoch time fits into the budget (a bigger model gets fewer), scored on its last
+epoch's validation images. Writes OUT/ablations.csv and OUT/ablations.md (the table, each row's command).
+
+    python benchmarks/ablations.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist \
+        --minutes 4 --out results/ablations
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from medvq.cli import POSITIVE, JobParser, add_data_flags, add_out_flag, list_value, resolve_data_root, run_job, text_value
+from medvq.errors import RunFailed, UserError
+
+ROWS = {  # name: flags beyond jobs/train.py's defaults
+    "defaults": [],
+    "cosine": ["--lr-schedule", "cosine"],
+    "cosine+kmeans-init": ["--lr-schedule", "cosine", "--kmeans-init"],
+    "cosine+l2-codes-d8": ["--lr-schedule", "cosine", "--l2-codes", "--embedding-dim", "8"],
+    "cosine+l2-codes-d32": ["--lr-schedule", "cosine", "--l2-codes", "--embedding-dim", "32"],
+    "cosine+rotation": ["--lr-schedule", "cosine", "--gradient", "rotation"],
+    "cosine+width-128": ["--lr-schedule", "cosine", "--hidden-channels", "128"],
+    "cosine+width-32": ["--lr-schedule", "cosine", "--hidden-channels", "32"],
+    "cosine+4-residual-blocks": ["--lr-schedule", "cosine", "--residual-blocks", "4"],
+    "cosine+batch-128": ["--lr-schedule", "cosine", "--batch-size", "128"],
+    "cosine+lr-2e-3": ["--lr-schedule", "cosine", "--learning-rate", "2e-3"],
+    "cosine+ema-decay-0.95": ["--lr-schedule", "cosine", "--ema-decay", "0.95"],
+}
+SCORES = ("psnr", "ssim")
+TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
+
+
+def train(flags: list[str], epochs: int, out: Path, common: list[str]) -> pd.DataFrame:
+    """Run jobs/train.py (or continue it: the same command resumes) and return its metrics.csv."""
+    command = [sys.executable, str(TRAIN_JOB), *common, *flags, "--epochs", str(epochs), "--out", str(out)]
+    if not (out / "metrics.csv").is_file() or len(pd.read_csv(out / "metrics.csv")) < epochs:
+        finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if finished.returncode != 0:
+            raise RunFailed(f"{' '.join(command)} failed: {finished.stderr.strip().splitlines()[-1]}")
+    return pd.read_csv(out / "metrics.csv")
+
+
+def row(name: str, flags: list[str], budget: float, out: Path, common: list[str], datasets: tuple[str, ...]) -> dict:
+    """Time one epoch of the row's model, then train it for the epochs that fit the budget."""
+    probe = train(flags, 1, out / "probe" / slug(name), common)
+    epochs = max(1, math.floor(budget / probe["epoch_seconds"].iloc[0]))
+    started = time.monotonic()
+    history = train(flags, epochs, out / "runs" / slug(name), common)
+    last = history.iloc[-1]
+    scores = {f"{score}_{d}": last[f"val_{score}_{d}"] for score in SCORES for d in datasets}
+    means = {f"mean_{score}": sum(last[f"val_{score}_{d}"] for d in datasets) / len(datasets) for score in SCORES}
+    return {"row": name, **means, **scores, "codes_used": last["val_codes_used"], "epochs": epochs,
+            "epoch_seconds": history["epoch_seconds"].median(), "train_seconds": history["epoch_seconds"].sum(),
+            "wall_seconds": time.monotonic() - started,
+            "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)])}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def markdown(table: pd.DataFrame, datasets: tuple[str, ...]) -> str:
+    columns = ["row", "mean_psnr", "mean_ssim", *(f"psnr_{d}" for d in datasets), "codes_used", "epochs",
+               "epoch_seconds"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(f"{r[c]:.3f}" if c.endswith("ssim") or c == "codes_used" else
+                                       f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+    commands = [f"- {r['row']}: `{r['command']}`" for _, r in table.iterrows()]
+    return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
+
+
+def main() -> None:
+    parser = JobParser(__doc__.strip().splitlines()[0])
+    add_data_flags(parser)
+    add_out_flag(parser, "folder for the runs and the tables; rows already trained there are read, not rerun")
+    parser.add_argument("--minutes", type=POSITIVE, default=4.0, help="training budget per row (default: %(default)s)")
+    parser.add_argument("--rows", type=list_value(text_value), default=tuple(ROWS),
+                        help="comma-separated row names (default: all)")
+    args = parser.parse_args()
+    unknown = [name for name in args.rows if name not in ROWS]
+    if unknown:
+        raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
+    out, rows = Path(args.out), []
+    for name in args.rows:
+        rows.append(row(name, ROWS[name], args.minutes * 60, out, common, args.datasets))
+        print(f"{name}: mean val PSNR {rows[-1]['mean_psnr']:.2f} dB, SSIM {rows[-1]['mean_ssim']:.3f} after "
+              f"{rows[-1]['epochs']} epochs", flush=True)
+        table = pd.DataFrame(rows)  # rewritten after every row: a stopped run keeps the rows it finished
+        table.to_csv(out / "ablations.csv", index=False)
+        (out / "ablations.md").write_text(markdown(table, args.datasets))
+    print(markdown(table, args.datasets))
+
+
+if __name__ == "__main__":
+    run_job(main)
