@@ -1,6 +1,7 @@
 """Which settings model the images best in the same CPU time: each row is `jobs/train.py` with its flags, trained
-for as many epochs as its own epoch time fits into the budget (a bigger model gets fewer), scored on its last
-epoch's validation images. Writes OUT/ablations.csv and OUT/ablations.md (the table, each row's command).
+for as many epochs as its own epoch time (timed first, on an idle machine) fits into the budget (a bigger model
+gets fewer), scored on its last epoch's validation images. Writes OUT/ablations.csv and OUT/ablations.md (the
+table, each row's command).
 
     python benchmarks/ablations.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist \
         --minutes 4 --out results/ablations
@@ -47,17 +48,22 @@ def train(flags: list[str], epochs: int, out: Path, common: list[str]) -> pd.Dat
     return pd.read_csv(out / "metrics.csv")
 
 
-def row(name: str, flags: list[str], budget: float, out: Path, common: list[str], datasets: tuple[str, ...]) -> dict:
-    """Time one epoch of the row's model, then train it for the epochs that fit the budget."""
-    probe = train(flags, 1, out / "probe" / slug(name), common)
-    epochs = max(1, math.floor(budget / probe["epoch_seconds"].iloc[0]))
+def probe(name: str, flags: list[str], out: Path, common: list[str]) -> float:
+    """Seconds of one epoch (training and validation) of the row's model, from a one-epoch run."""
+    return float(train(flags, 1, out / "probe" / slug(name), common)["epoch_seconds"].iloc[0])
+
+
+def row(name: str, flags: list[str], epoch_seconds: float, budget: float, out: Path, common: list[str],
+        datasets: tuple[str, ...]) -> dict:
+    """Train the row's model for the epochs of `epoch_seconds` that fit the budget; its last epoch's scores."""
+    epochs = max(1, math.floor(budget / epoch_seconds))
     started = time.monotonic()
     history = train(flags, epochs, out / "runs" / slug(name), common)
     last = history.iloc[-1]
     scores = {f"{score}_{d}": last[f"val_{score}_{d}"] for score in SCORES for d in datasets}
     means = {f"mean_{score}": sum(last[f"val_{score}_{d}"] for d in datasets) / len(datasets) for score in SCORES}
     return {"row": name, **means, **scores, "codes_used": last["val_codes_used"], "epochs": epochs,
-            "epoch_seconds": history["epoch_seconds"].median(), "train_seconds": history["epoch_seconds"].sum(),
+            "epoch_seconds": epoch_seconds, "budget_seconds": epochs * epoch_seconds,
             "wall_seconds": time.monotonic() - started,
             "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)])}
 
@@ -90,8 +96,11 @@ def main() -> None:
         raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
     common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
     out, rows = Path(args.out), []
+    # Every row's epoch is timed first, together, so that other work during the long runs cannot skew a budget.
+    epoch_seconds = {name: probe(name, ROWS[name], out, common) for name in args.rows}
+    print("seconds per epoch: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in epoch_seconds.items()), flush=True)
     for name in args.rows:
-        rows.append(row(name, ROWS[name], args.minutes * 60, out, common, args.datasets))
+        rows.append(row(name, ROWS[name], epoch_seconds[name], args.minutes * 60, out, common, args.datasets))
         print(f"{name}: mean val PSNR {rows[-1]['mean_psnr']:.2f} dB, SSIM {rows[-1]['mean_ssim']:.3f} after "
               f"{rows[-1]['epochs']} epochs", flush=True)
         table = pd.DataFrame(rows)  # rewritten after every row: a stopped run keeps the rows it finished
