@@ -3,8 +3,8 @@ for as many epochs as its own epoch time (timed first, on an idle machine) fits 
 gets fewer), scored on its last epoch's validation images. Writes OUT/ablations.csv and OUT/ablations.md (the
 table, each row's command).
 
-    python benchmarks/ablations.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist \
-        --minutes 4 --out results/ablations
+    python benchmarks/ablations.py --data-root ../shared/medmnist \
+        --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist --minutes 4 --out results/ablations
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from medvq.cli import POSITIVE, JobParser, add_data_flags, add_out_flag, list_value, resolve_data_root, run_job, text_value
+from medvq.cli import (
+    POSITIVE,
+    JobParser,
+    add_data_flags,
+    add_out_flag,
+    list_value,
+    resolve_data_root,
+    run_job,
+    text_value,
+)
 from medvq.errors import RunFailed, UserError
 
 ROWS = {  # name: flags beyond jobs/train.py's defaults
@@ -49,12 +58,20 @@ def train(flags: list[str], epochs: int, out: Path, common: list[str]) -> pd.Dat
 
 
 def probe(name: str, flags: list[str], out: Path, common: list[str]) -> float:
-    """Seconds of one epoch (training and validation) of the row's model, from a one-epoch run."""
-    return float(train(flags, 1, out / "probe" / slug(name), common)["epoch_seconds"].iloc[0])
+    """Seconds of one epoch (training and validation) of the row's model: the second of a two-epoch run, since the
+    first also pays for warming up."""
+    return float(train(flags, 2, out / "probe" / slug(name), common)["epoch_seconds"].iloc[-1])
 
 
-def row(name: str, flags: list[str], epoch_seconds: float, budget: float, out: Path, common: list[str],
-        datasets: tuple[str, ...]) -> dict:
+def row(
+    name: str,
+    flags: list[str],
+    epoch_seconds: float,
+    budget: float,
+    out: Path,
+    common: list[str],
+    datasets: tuple[str, ...],
+) -> dict:
     """Train the row's model for the epochs of `epoch_seconds` that fit the budget; its last epoch's scores."""
     epochs = max(1, math.floor(budget / epoch_seconds))
     started = time.monotonic()
@@ -62,10 +79,17 @@ def row(name: str, flags: list[str], epoch_seconds: float, budget: float, out: P
     last = history.iloc[-1]
     scores = {f"{score}_{d}": last[f"val_{score}_{d}"] for score in SCORES for d in datasets}
     means = {f"mean_{score}": sum(last[f"val_{score}_{d}"] for d in datasets) / len(datasets) for score in SCORES}
-    return {"row": name, **means, **scores, "codes_used": last["val_codes_used"], "epochs": epochs,
-            "epoch_seconds": epoch_seconds, "budget_seconds": epochs * epoch_seconds,
-            "wall_seconds": time.monotonic() - started,
-            "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)])}
+    return {
+        "row": name,
+        **means,
+        **scores,
+        "codes_used": last["val_codes_used"],
+        "epochs": epochs,
+        "epoch_seconds": epoch_seconds,
+        "budget_seconds": epochs * epoch_seconds,
+        "wall_seconds": time.monotonic() - started,
+        "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)]),
+    }
 
 
 def slug(name: str) -> str:
@@ -73,12 +97,29 @@ def slug(name: str) -> str:
 
 
 def markdown(table: pd.DataFrame, datasets: tuple[str, ...]) -> str:
-    columns = ["row", "mean_psnr", "mean_ssim", *(f"psnr_{d}" for d in datasets), "codes_used", "epochs",
-               "epoch_seconds"]
+    columns = [
+        "row",
+        "mean_psnr",
+        "mean_ssim",
+        *(f"psnr_{d}" for d in datasets),
+        "codes_used",
+        "epochs",
+        "epoch_seconds",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for _, r in table.iterrows():
-        lines.append("| " + " | ".join(f"{r[c]:.3f}" if c.endswith("ssim") or c == "codes_used" else
-                                       f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                f"{r[c]:.3f}"
+                if c.endswith("ssim") or c == "codes_used"
+                else f"{r[c]:.2f}"
+                if isinstance(r[c], float)
+                else str(r[c])
+                for c in columns
+            )
+            + " |"
+        )
     commands = [f"- {r['row']}: `{r['command']}`" for _, r in table.iterrows()]
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
@@ -88,8 +129,9 @@ def main() -> None:
     add_data_flags(parser)
     add_out_flag(parser, "folder for the runs and the tables; rows already trained there are read, not rerun")
     parser.add_argument("--minutes", type=POSITIVE, default=4.0, help="training budget per row (default: %(default)s)")
-    parser.add_argument("--rows", type=list_value(text_value), default=tuple(ROWS),
-                        help="comma-separated row names (default: all)")
+    parser.add_argument(
+        "--rows", type=list_value(text_value), default=tuple(ROWS), help="comma-separated row names (default: all)"
+    )
     args = parser.parse_args()
     unknown = [name for name in args.rows if name not in ROWS]
     if unknown:
@@ -98,11 +140,17 @@ def main() -> None:
     out, rows = Path(args.out), []
     # Every row's epoch is timed first, together, so that other work during the long runs cannot skew a budget.
     epoch_seconds = {name: probe(name, ROWS[name], out, common) for name in args.rows}
-    print("seconds per epoch: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in epoch_seconds.items()), flush=True)
+    print(
+        "seconds per epoch: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in epoch_seconds.items()),
+        flush=True,
+    )
     for name in args.rows:
         rows.append(row(name, ROWS[name], epoch_seconds[name], args.minutes * 60, out, common, args.datasets))
-        print(f"{name}: mean val PSNR {rows[-1]['mean_psnr']:.2f} dB, SSIM {rows[-1]['mean_ssim']:.3f} after "
-              f"{rows[-1]['epochs']} epochs", flush=True)
+        print(
+            f"{name}: mean val PSNR {rows[-1]['mean_psnr']:.2f} dB, SSIM {rows[-1]['mean_ssim']:.3f} after "
+            f"{rows[-1]['epochs']} epochs",
+            flush=True,
+        )
         table = pd.DataFrame(rows)  # rewritten after every row: a stopped run keeps the rows it finished
         table.to_csv(out / "ablations.csv", index=False)
         (out / "ablations.md").write_text(markdown(table, args.datasets))
