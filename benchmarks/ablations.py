@@ -10,6 +10,7 @@ table, each row's command).
 from __future__ import annotations
 
 import math
+import statistics
 import subprocess
 import sys
 import time
@@ -44,6 +45,17 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults
     "cosine+ema-decay-0.95": ["--lr-schedule", "cosine", "--ema-decay", "0.95"],
 }
 SCORES = ("psnr", "ssim")
+# Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update
+COST_FREE_FLAGS = {
+    "--lr-schedule",
+    "--learning-rate",
+    "--kmeans-init",
+    "--ema-decay",
+    "--dead-code-threshold",
+    "--gradient",
+    "--commitment-weight",
+    "--seed",
+}
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 
 
@@ -61,6 +73,23 @@ def probe(name: str, flags: list[str], out: Path, common: list[str]) -> float:
     """Seconds of one epoch (training and validation) of the row's model: the second of a two-epoch run, since the
     first also pays for warming up."""
     return float(train(flags, 2, out / "probe" / slug(name), common)["epoch_seconds"].iloc[-1])
+
+
+def cost_key(flags: list[str]) -> tuple[str, ...]:
+    """The flags that change what an epoch costs: rows that differ only in others train the same model."""
+    pairs = [
+        tuple(flags[i : i + 2]) if i + 1 < len(flags) and not flags[i + 1].startswith("--") else (flags[i],)
+        for i, flag in enumerate(flags)
+        if flag.startswith("--")
+    ]
+    return tuple(" ".join(pair) for pair in pairs if pair[0] not in COST_FREE_FLAGS)
+
+
+def shared_epoch_seconds(name: str, probed: dict[str, float]) -> float:
+    """The median probe of the rows whose models cost the same per epoch: one probe varied by +-20% on this
+    machine, which would hand a row of the same model more or fewer epochs than its neighbour."""
+    same = [seconds for other, seconds in probed.items() if cost_key(ROWS[other]) == cost_key(ROWS[name])]
+    return float(statistics.median(same))
 
 
 def row(
@@ -139,7 +168,8 @@ def main() -> None:
     common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
     out, rows = Path(args.out), []
     # Every row's epoch is timed first, together, so that other work during the long runs cannot skew a budget.
-    epoch_seconds = {name: probe(name, ROWS[name], out, common) for name in args.rows}
+    probed = {name: probe(name, ROWS[name], out, common) for name in args.rows}
+    epoch_seconds = {name: shared_epoch_seconds(name, probed) for name in args.rows}
     print(
         "seconds per epoch: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in epoch_seconds.items()),
         flush=True,
