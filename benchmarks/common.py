@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import ray
 import torch
@@ -83,9 +83,12 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
 def add_data_source_flags(parser: JobParser) -> None:
     """--data-root and --datasets as in every medvq job, and --synthetic."""
     add_data_flags(parser)
-    parser.add_argument("--synthetic", action="store_true",
-                        help="time on synthetic files of the official shapes and split sizes, written to a temporary "
-                        "folder (for a machine the real files cannot reach): speeds hold, quality figures mean nothing")
+    parser.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="time on synthetic files of the official shapes and split sizes, written to a temporary "
+        "folder (for a machine the real files cannot reach): speeds hold, quality figures mean nothing",
+    )
 
 
 def data_root(args: argparse.Namespace, work: Path) -> str:

@@ -25,8 +25,9 @@ def cpu_model() -> str:
 
 def commit() -> str:
     """The checkout's commit, with "-dirty" when uncommitted changes may have shaped the figures."""
-    done = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
@@ -46,5 +47,7 @@ def describe() -> dict[str, str | int | None]:
 
 def caption(hardware: dict) -> str:
     """One line for above the table."""
-    return (f"{hardware['cpu']} ({hardware['cpus']} CPUs), GPU: {hardware['gpu'] or 'none'}; torch {hardware['torch']}, "
-            f"ray {hardware['ray']}, lightning {hardware['lightning']}; medvq commit {hardware['commit']}")
+    return (
+        f"{hardware['cpu']} ({hardware['cpus']} CPUs), GPU: {hardware['gpu'] or 'none'}; torch {hardware['torch']}, "
+        f"ray {hardware['ray']}, lightning {hardware['lightning']}; medvq commit {hardware['commit']}"
+    )

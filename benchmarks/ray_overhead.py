@@ -19,13 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import Row, ray_session
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from medvq.config import Config
 from medvq.model import VQVAE
-
-from common import Row, ray_session
 
 WARMUP_STEPS = 3
 
@@ -122,11 +121,14 @@ def rows(results: dict[str, dict]) -> list[Row]:
     table = []
     for result in results.values():
         plain, worker = result["plain"], result["ray_worker"]
-        table.append((
-            "Ray Train's overhead",
-            f"CPU training step (no data, no Lightning), torch on {result['threads']} "
-            f"thread{'s' if result['threads'] > 1 else ''}: this process / a Ray Train worker",
-            f"{1000 * plain['step_seconds']:.0f} / {1000 * worker['step_seconds']:.0f} ms; other processes woke "
-            f"{plain['other_wakeups_per_second']:,.0f} / {worker['other_wakeups_per_second']:,.0f} times/s",
-            f"{worker['step_seconds'] / plain['step_seconds']:.2f}x in the worker"))
+        table.append(
+            (
+                "Ray Train's overhead",
+                f"CPU training step (no data, no Lightning), torch on {result['threads']} "
+                f"thread{'s' if result['threads'] > 1 else ''}: this process / a Ray Train worker",
+                f"{1000 * plain['step_seconds']:.0f} / {1000 * worker['step_seconds']:.0f} ms; other processes woke "
+                f"{plain['other_wakeups_per_second']:,.0f} / {worker['other_wakeups_per_second']:,.0f} times/s",
+                f"{worker['step_seconds'] / plain['step_seconds']:.2f}x in the worker",
+            )
+        )
     return table

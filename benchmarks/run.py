@@ -13,12 +13,6 @@ import json
 import tempfile
 from pathlib import Path
 
-from medvq.cli import POSITIVE_INT, JobParser, list_value, run_job
-from medvq.config import Config
-from medvq.data import check_data
-from medvq.report import LATENTS_DIR
-from medvq.train import CHECKPOINT_NAME
-
 # The sections, beside this script (Ray puts this folder on its workers' path too).
 import encoding
 import projection
@@ -27,6 +21,12 @@ import sweep_job
 import training
 from common import Row, add_data_source_flags, data_root
 from hardware import caption, describe
+
+from medvq.cli import POSITIVE_INT, JobParser, list_value, run_job
+from medvq.config import Config
+from medvq.data import check_data
+from medvq.report import LATENTS_DIR
+from medvq.train import CHECKPOINT_NAME
 
 SECONDS = 60.0  # of steady-state training per contender: long past warm-up, and epochs enough to time
 WARMUP_BATCHES = 5  # first-batch costs (allocator, cuDNN autotuning, lazy imports) are not throughput
@@ -39,15 +39,28 @@ SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch
 def parser() -> JobParser:
     parser = JobParser(__doc__.strip().splitlines()[0])
     add_data_source_flags(parser)
-    parser.add_argument("--seconds", type=float,
-                        help=f"steady-state training seconds per contender (default: {SECONDS:g}; {SMOKE_SECONDS:g} with --smoke)")
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help=f"steady-state training seconds per contender (default: {SECONDS:g}; {SMOKE_SECONDS:g} with --smoke)",
+    )
     parser.add_settings(Config, ("accelerator",))  # for every contender but the 2-CPU-worker run
-    parser.add_argument("--smoke", action="store_true",
-                        help="a tiny medvq model and a few seconds per contender: checks the scripts, measures nothing")
-    parser.add_argument("--no-sweep", action="store_true",
-                        help="leave out the whole-job row (jobs/sweep.py --smoke: minutes on a laptop CPU)")
-    parser.add_argument("--batch-sizes", type=list_value(POSITIVE_INT), default=(),
-                        help="comma-separated: medvq as shipped again at each of these batch sizes (for a GPU: 1024,4096)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a tiny medvq model and a few seconds per contender: checks the scripts, measures nothing",
+    )
+    parser.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="leave out the whole-job row (jobs/sweep.py --smoke: minutes on a laptop CPU)",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        type=list_value(POSITIVE_INT),
+        default=(),
+        help="comma-separated: medvq as shipped again at each of these batch sizes (for a GPU: 1024,4096)",
+    )
     parser.add_argument("--compile", action="store_true", help="and each --batch-sizes run again with torch.compile")
     parser.add_argument("--out", default="benchmark.json", help="raw numbers as JSON (default: %(default)s)")
     return parser
@@ -58,8 +71,9 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
 
 
-def measure_all(config: Config, args: argparse.Namespace, batch_sizes: tuple[int, ...], seconds: float, warmup: int,
-                work: Path) -> dict:
+def measure_all(
+    config: Config, args: argparse.Namespace, batch_sizes: tuple[int, ...], seconds: float, warmup: int, work: Path
+) -> dict:
     """Every section in turn; each leaves what the next needs in `work/run` (checkpoint, metrics, latents)."""
     run = work / "run"
     run.mkdir()
@@ -73,10 +87,13 @@ def measure_all(config: Config, args: argparse.Namespace, batch_sizes: tuple[int
 
 
 def table_rows(results: dict) -> list[Row]:
-    return [*training.rows(results["training"]), *ray_overhead.rows(results["ray_overhead"]),
-            *encoding.rows(results["encoding"]),
-            *projection.rows(results["projection"], results["encoding"]["ray_data"]["images"]),
-            *(sweep_job.rows(results["sweep"]) if "sweep" in results else [])]
+    return [
+        *training.rows(results["training"]),
+        *ray_overhead.rows(results["ray_overhead"]),
+        *encoding.rows(results["encoding"]),
+        *projection.rows(results["projection"], results["encoding"]["ray_data"]["images"]),
+        *(sweep_job.rows(results["sweep"]) if "sweep" in results else []),
+    ]
 
 
 def main() -> None:
@@ -86,15 +103,25 @@ def main() -> None:
     warmup = SMOKE_WARMUP_BATCHES if args.smoke else WARMUP_BATCHES
     hardware = describe()
     with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
-        config = Config(data_root=data_root(args, Path(work)), datasets=args.datasets,
-                        accelerator=args.accelerator, **(SMOKE_CONFIG if args.smoke else {}))
+        config = Config(
+            data_root=data_root(args, Path(work)),
+            datasets=args.datasets,
+            accelerator=args.accelerator,
+            **(SMOKE_CONFIG if args.smoke else {}),
+        )
         check_data(config)
         results = measure_all(config, args, batch_sizes, seconds, warmup, Path(work))
     table = markdown_table(table_rows(results))
-    settings = {"smoke": args.smoke, "synthetic": args.synthetic, "seconds": seconds, "warmup_batches": warmup,
-                "config": config.to_dict()}
-    Path(args.out).write_text(json.dumps({"hardware": hardware, "settings": settings, **results, "table": table},
-                                         indent=2) + "\n")
+    settings = {
+        "smoke": args.smoke,
+        "synthetic": args.synthetic,
+        "seconds": seconds,
+        "warmup_batches": warmup,
+        "config": config.to_dict(),
+    }
+    Path(args.out).write_text(
+        json.dumps({"hardware": hardware, "settings": settings, **results, "table": table}, indent=2) + "\n"
+    )
     data = "synthetic files (speeds only: the quality rows mean nothing)" if args.synthetic else config.data_root
     print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
 

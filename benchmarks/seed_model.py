@@ -37,14 +37,29 @@ class SeedVQVAE(nn.Module):
         super().__init__()
         stem = resnet18(weights=None)
         self.encoder = nn.Sequential(
-            stem.conv1, stem.bn1, stem.relu, stem.maxpool, stem.layer1, stem.layer2,  # (B, 128, 8, 8)
-            nn.Conv2d(128, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(64, LATENT_DIM, 1),  # (B, 2, 4, 4)
+            stem.conv1,
+            stem.bn1,
+            stem.relu,
+            stem.maxpool,
+            stem.layer1,
+            stem.layer2,  # (B, 128, 8, 8)
+            nn.Conv2d(128, 64, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(64, LATENT_DIM, 1),  # (B, 2, 4, 4)
         )
-        self.quantizer = VectorQuantizerEMA(CODEBOOK_SIZE, LATENT_DIM, COMMITMENT_WEIGHT, decay=0.99, dead_code_threshold=1.0)
+        self.quantizer = VectorQuantizerEMA(
+            CODEBOOK_SIZE, LATENT_DIM, COMMITMENT_WEIGHT, decay=0.99, dead_code_threshold=1.0
+        )
         self.decoder = nn.Sequential(
-            nn.Conv2d(LATENT_DIM, 128, 3, padding=1), ResidualBlock(128), ResidualBlock(128), nn.ReLU(),
-            *_upsample(128, 128), *_upsample(128, 64), *_upsample(64, 32),  # 4x4 -> 32x32
-            nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1), nn.Tanh(),  # (B, 3, 64, 64)
+            nn.Conv2d(LATENT_DIM, 128, 3, padding=1),
+            ResidualBlock(128),
+            ResidualBlock(128),
+            nn.ReLU(),
+            *_upsample(128, 128),
+            *_upsample(128, 64),
+            *_upsample(64, 32),  # 4x4 -> 32x32
+            nn.ConvTranspose2d(32, 3, 4, stride=2, padding=1),
+            nn.Tanh(),  # (B, 3, 64, 64)
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
@@ -68,11 +83,14 @@ def seed_transform(side: int | None = SIDE, normalize: bool = True) -> transform
 
 def seed_dataset(datasets: tuple[str, ...], split: str, root: str | Path, transform) -> ConcatDataset:
     """medmnist's own Dataset classes (they read `root/<name>.npz`), concatenated in the order given."""
-    return ConcatDataset([
-        getattr(medmnist, dataset_info(name)["python_class"])(
-            split=split, root=str(root), as_rgb=True, size=28, transform=transform, download=False)
-        for name in datasets
-    ])
+    return ConcatDataset(
+        [
+            getattr(medmnist, dataset_info(name)["python_class"])(
+                split=split, root=str(root), as_rgb=True, size=28, transform=transform, download=False
+            )
+            for name in datasets
+        ]
+    )
 
 
 def seed_loader(dataset: ConcatDataset) -> DataLoader:

@@ -13,10 +13,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import Row, add_data_source_flags, data_root, timed
+
 from medvq.cli import JobParser, run_job
 from medvq.config import Config
-
-from common import Row, add_data_source_flags, data_root, timed
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 codebook sizes x 4 commitment weights, 20 epochs: the sweep the GPU goal is set for.
@@ -32,8 +32,19 @@ def step_seconds(summary: str) -> dict[str, float]:
 
 
 def measure(config: Config, out: Path, flags: tuple[str, ...] = ("--smoke",)) -> dict:
-    command = [sys.executable, "jobs/sweep.py", *flags, "--data-root", config.data_root,
-               "--datasets", ",".join(config.datasets), "--accelerator", config.accelerator, "--out", str(out)]
+    command = [
+        sys.executable,
+        "jobs/sweep.py",
+        *flags,
+        "--data-root",
+        config.data_root,
+        "--datasets",
+        ",".join(config.datasets),
+        "--accelerator",
+        config.accelerator,
+        "--out",
+        str(out),
+    ]
     print("sweep: " + " ".join(command[1:]), flush=True)
     seconds, done = timed(subprocess.run, command, cwd=REPO)  # its output passes through, errors included
     if done.returncode != 0:
@@ -41,7 +52,9 @@ def measure(config: Config, out: Path, flags: tuple[str, ...] = ("--smoke",)) ->
     return {"flags": list(flags), "total_seconds": seconds, "steps": step_seconds((out / "summary.md").read_text())}
 
 
-def rows(results: dict, contender: str = "jobs/sweep.py --smoke (2 tiny trials, encode, UMAP, probes, plots)") -> list[Row]:
+def rows(
+    results: dict, contender: str = "jobs/sweep.py --smoke (2 tiny trials, encode, UMAP, probes, plots)"
+) -> list[Row]:
     steps = ", ".join(f"{name} {value:.1f} s" for name, value in results["steps"].items())
     return [("whole job", contender, f"{results['total_seconds']:.0f} s wall", steps)]
 

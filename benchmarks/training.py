@@ -4,7 +4,7 @@ model reaches in that budget:
 a. the seed pipeline (seed_model.py);
 b. medvq's model on the seed's data path and loop: separates the data path's gain from the model's;
 c. medvq as shipped: Lightning on whole-split tensors (`build_trainer`, `VQVAEModule`, `MedMNISTDataModule`);
-d. medvq under Ray Train (`train_distributed`), 1 worker and 2 CPU workers, timed per epoch;
+d. medvq under Ray Train (`run_on_ray`), 1 worker and 2 CPU workers, timed per epoch;
 e. optionally, (c) at larger batches and with torch.compile (`--batch-sizes`, `--compile`): the GPU goals.
 """
 
@@ -14,27 +14,27 @@ import itertools
 import os
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import Row, SteadyClock, ray_session
 from ray.train import UserCallback
+from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit
 from torch import nn
 from torch.utils.data import DataLoader
 
 from medvq.config import Config
 from medvq.data import MedMNISTDataModule, load_splits, to_float_images
-from medvq.model import VQVAE
-from medvq.module import VQVAEModule, image_scores
 from medvq.devices import resolve_accelerator
-from medvq.train import LocalCheckpoints, build_trainer, train_distributed
-
-from common import Row, SteadyClock, ray_session
-from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit
+from medvq.metrics import image_scores
+from medvq.model import VQVAE
+from medvq.module import VQVAEModule
+from medvq.train import LocalCheckpoints, build_trainer, run_on_ray
 
 VAL_IMAGES = 256  # the fixed validation batch every model is scored on
 UNCAPPED_EPOCHS = 1_000_000  # the budget callback ends the Lightning run; the epoch cap must stay out of its way
@@ -48,7 +48,9 @@ def val_rows(n: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def score(model: nn.Module, x: torch.Tensor, unit: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict[str, float]:
+def score(
+    model: nn.Module, x: torch.Tensor, unit: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+) -> dict[str, float]:
     """Mean val PSNR and SSIM of `model` on `x`, both mapped to [0, 1] by `unit`; leaves the model in train mode."""
     model.eval()
     recon, _ = model(x)
@@ -86,8 +88,9 @@ def seed_loop(model: nn.Module, loader: DataLoader, seconds: float, warmup: int,
 def seed_pipeline(config: Config, seconds: float, warmup: int, device: torch.device) -> dict:
     """(a) The seed's model and data path; scored at 64x64 after undoing its Normalize."""
     model, transform = SeedVQVAE().to(device), seed_transform()
-    clock = seed_loop(model, seed_loader(seed_dataset(config.datasets, "train", config.data_root, transform)),
-                      seconds, warmup, device)
+    clock = seed_loop(
+        model, seed_loader(seed_dataset(config.datasets, "train", config.data_root, transform)), seconds, warmup, device
+    )
     val = seed_dataset(config.datasets, "val", config.data_root, transform)
     x = torch.stack([val[int(row)][0] for row in val_rows(len(val))]).to(device)
     return {**throughput(clock), **score(model, x, to_unit)}
@@ -129,12 +132,18 @@ def lightning_run(config: Config, seconds: float, warmup: int, device: torch.dev
     L.seed_everything(config.seed, verbose=False)
     val = load_splits(config.datasets, "val", config.data_root, config.size)
     budget = Budget(SteadyClock(warmup, device), seconds, val[val_rows(len(val))]["image"])
-    trainer = build_trainer(config.with_changes(epochs=UNCAPPED_EPOCHS), progress_bar=False,
-                            callbacks=[budget, LocalCheckpoints(out)])
-    trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config))
-    return {**throughput(budget.clock), **budget.scores, "accelerator": device.type.replace("cuda", "gpu"),
-            "batch_size": config.batch_size, "epochs": len(budget.epoch_ends),
-            "epoch_seconds": float(np.diff(budget.epoch_ends).mean())}
+    trainer = build_trainer(
+        config.with_changes(epochs=UNCAPPED_EPOCHS), progress_bar=False, callbacks=[budget, LocalCheckpoints(out)]
+    )
+    trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config))
+    return {
+        **throughput(budget.clock),
+        **budget.scores,
+        "accelerator": device.type.replace("cuda", "gpu"),
+        "batch_size": config.batch_size,
+        "epochs": len(budget.epoch_ends),
+        "epoch_seconds": float(np.diff(budget.epoch_ends).mean()),
+    }
 
 
 class ReportTimes(UserCallback):
@@ -152,18 +161,24 @@ class ReportTimes(UserCallback):
 
 
 def ray_run(config: Config, workers: int, accelerator: str, epochs: int, work: Path) -> dict:
-    """(d) `train_distributed` as the sweep runs it; epoch time = the mean gap between epoch reports after the first."""
+    """(d) `run_on_ray` as the sweep runs it; epoch time = the mean gap between epoch reports after the first."""
     gpu = accelerator == "gpu"
     # Every core for the run, as the Lightning run has: Ray caps a worker's threads at the CPUs it holds.
-    config = config.with_changes(workers=workers, epochs=epochs, cpus_per_worker=os.cpu_count() / workers,
-                                 gpus_per_worker=1.0 if gpu else 0.0)
+    config = config.with_changes(
+        workers=workers, epochs=epochs, cpus_per_worker=os.cpu_count() / workers, gpus_per_worker=1.0 if gpu else 0.0
+    )
     name = f"bench-{workers}x{accelerator}-{uuid.uuid4().hex[:8]}"
     times = work / f"{name}.times"
     started = time.time()
-    train_distributed(config, storage=str(work / "ray_results"), name=name, callbacks=[ReportTimes(times)])
+    run_on_ray(config, storage=str(work / "ray_results"), name=name, callbacks=[ReportTimes(times)])
     reports = np.loadtxt(times, ndmin=1)
-    return {"workers": workers, "accelerator": accelerator, "epochs": epochs,
-            "epoch_seconds": float(np.diff(reports).mean()), "total_seconds": time.time() - started}
+    return {
+        "workers": workers,
+        "accelerator": accelerator,
+        "epochs": epochs,
+        "epoch_seconds": float(np.diff(reports).mean()),
+        "total_seconds": time.time() - started,
+    }
 
 
 def ray_runs(config: Config, plain: dict, work: Path) -> dict[str, dict]:
@@ -179,8 +194,15 @@ def ray_runs(config: Config, plain: dict, work: Path) -> dict[str, dict]:
         return {label: ray_run(config, workers, kind, epochs(kind), work) for label, (workers, kind) in runs.items()}
 
 
-def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path, batch_sizes: tuple[int, ...] = (),
-            compile_model: bool = False) -> dict:
+def measure(
+    config: Config,
+    seconds: float,
+    warmup: int,
+    out: Path,
+    work: Path,
+    batch_sizes: tuple[int, ...] = (),
+    compile_model: bool = False,
+) -> dict:
     device = torch.device("cuda" if resolve_accelerator(config.accelerator) == "gpu" else "cpu")
     results = {"seconds": seconds, "warmup_batches": warmup}
     for label, contender in (("seed_pipeline", seed_pipeline), ("medvq_model_seed_data", medvq_model_seed_data)):
@@ -193,8 +215,15 @@ def measure(config: Config, seconds: float, warmup: int, out: Path, work: Path, 
     return {**results, **ray_runs(config, results["lightning"], work)}
 
 
-def batch_runs(config: Config, seconds: float, warmup: int, device: torch.device, batch_sizes: tuple[int, ...],
-               compile_model: bool, work: Path) -> dict[str, dict]:
+def batch_runs(
+    config: Config,
+    seconds: float,
+    warmup: int,
+    device: torch.device,
+    batch_sizes: tuple[int, ...],
+    compile_model: bool,
+    work: Path,
+) -> dict[str, dict]:
     """(e) medvq as shipped at larger batches, and compiled: how far one GPU goes (the learning rate stays)."""
     variants = [(size, False) for size in batch_sizes] + [(size, True) for size in batch_sizes if compile_model]
     results = {}
@@ -203,7 +232,9 @@ def batch_runs(config: Config, seconds: float, warmup: int, device: torch.device
         print(f"training: medvq, {label.replace('_', ' ')}, for {seconds:g} s", flush=True)
         (work / label).mkdir()
         started = time.perf_counter()
-        run = lightning_run(config.with_changes(batch_size=size, compile_model=compiled), seconds, warmup, device, work / label)
+        run = lightning_run(
+            config.with_changes(batch_size=size, compile_model=compiled), seconds, warmup, device, work / label
+        )
         results[label] = {**run, "compiled": compiled, "wall_seconds": time.perf_counter() - started}
     return results
 
@@ -213,7 +244,8 @@ def _images_per_second(result: dict) -> str:
 
 
 def _ray_result(result: dict) -> str:
-    return f"epoch {result['epoch_seconds']:.2f} s ({result['epochs']} epochs, {result['total_seconds']:.0f} s with start-up)"
+    epochs, total = result["epochs"], result["total_seconds"]
+    return f"epoch {result['epoch_seconds']:.2f} s ({epochs} epochs, {total:.0f} s with start-up)"
 
 
 def rows(results: dict) -> list[Row]:
@@ -223,26 +255,55 @@ def rows(results: dict) -> list[Row]:
     versus_seed = lambda result: f"{result['images_per_second'] / seed['images_per_second']:.2f}x seed"
     quality = f"quality after {results['seconds']:g} s of training"
     table = [
-        ("training", "seed pipeline: ResNet-18 stem, medmnist Dataset + PIL transforms, 64x64, batch 16",
-         _images_per_second(seed), "1.00x (baseline)"),
-        ("training", "medvq model, seed data path and loop (28x28, batch 16)", _images_per_second(model_only),
-         versus_seed(model_only)),
-        ("training", f"medvq as shipped: Lightning, one process, batch {plain['batch_size']}",
-         f"{_images_per_second(plain)}; epoch {plain['epoch_seconds']:.2f} s", versus_seed(plain)),
-        ("training", f"medvq, Ray Train, 1 {one['accelerator'].upper()} worker", _ray_result(one),
-         f"{one['epoch_seconds'] / plain['epoch_seconds']:.2f}x Lightning's epoch time (goal <= 1.15x)"),
+        (
+            "training",
+            "seed pipeline: ResNet-18 stem, medmnist Dataset + PIL transforms, 64x64, batch 16",
+            _images_per_second(seed),
+            "1.00x (baseline)",
+        ),
+        (
+            "training",
+            "medvq model, seed data path and loop (28x28, batch 16)",
+            _images_per_second(model_only),
+            versus_seed(model_only),
+        ),
+        (
+            "training",
+            f"medvq as shipped: Lightning, one process, batch {plain['batch_size']}",
+            f"{_images_per_second(plain)}; epoch {plain['epoch_seconds']:.2f} s",
+            versus_seed(plain),
+        ),
+        (
+            "training",
+            f"medvq, Ray Train, 1 {one['accelerator'].upper()} worker",
+            _ray_result(one),
+            f"{one['epoch_seconds'] / plain['epoch_seconds']:.2f}x Lightning's epoch time (goal <= 1.15x)",
+        ),
     ]
     if cpu_one is not one:
         table.append(("training", "medvq, Ray Train, 1 CPU worker", _ray_result(cpu_one), "baseline for 2 CPU workers"))
     table += [
-        ("training", "medvq, Ray Train, 2 CPU workers", _ray_result(two),
-         f"{cpu_one['epoch_seconds'] / two['epoch_seconds']:.2f}x faster than 1 CPU worker"),
-        *[("training", f"medvq as shipped, batch {run['batch_size']}" + (", torch.compile" if run["compiled"] else ""),
-           f"{_images_per_second(run)}; PSNR {run['val_psnr']:.2f} dB after {results['seconds']:g} s",
-           f"{versus_seed(run)} (goal on a GPU: >= 100,000 images/s, >= 20x seed)")
-          for run in results["batches"].values()],
+        (
+            "training",
+            "medvq, Ray Train, 2 CPU workers",
+            _ray_result(two),
+            f"{cpu_one['epoch_seconds'] / two['epoch_seconds']:.2f}x faster than 1 CPU worker",
+        ),
+        *[
+            (
+                "training",
+                f"medvq as shipped, batch {run['batch_size']}" + (", torch.compile" if run["compiled"] else ""),
+                f"{_images_per_second(run)}; PSNR {run['val_psnr']:.2f} dB after {results['seconds']:g} s",
+                f"{versus_seed(run)} (goal on a GPU: >= 100,000 images/s, >= 20x seed)",
+            )
+            for run in results["batches"].values()
+        ],
         (quality, "seed pipeline (64x64)", f"PSNR {seed['val_psnr']:.2f} dB, SSIM {seed['val_ssim']:.3f}", ""),
-        (quality, "medvq as shipped (28x28)", f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}",
-         f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed"),
+        (
+            quality,
+            "medvq as shipped (28x28)",
+            f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}",
+            f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed",
+        ),
     ]
     return table

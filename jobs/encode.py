@@ -1,30 +1,50 @@
 """Encode every image of the chosen datasets (all splits) to Parquet latents with Ray Data.
 
-    python jobs/encode.py --checkpoint runs/dev/model.ckpt --data-root DATA --datasets bloodmnist,breastmnist --out runs/dev
+python jobs/encode.py --checkpoint runs/dev/model.ckpt --data-root DATA --datasets bloodmnist,breastmnist --out runs/dev
 """
 
-from medvq.cli import (NON_NEGATIVE, POSITIVE_INT, JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job,
-                       start_ray, text_value)
+from medvq.cli import (
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    JobParser,
+    add_data_flags,
+    add_out_flag,
+    resolve_data_root,
+    run_job,
+    start_ray,
+    text_value,
+)
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
-from medvq.nodes import check_nodes_see
 from medvq.module import checkpoint_config
-from medvq.report import describe_checkpoint
+from medvq.nodes import check_nodes_see
+from medvq.report import encode_and_measure
 from medvq.storage import absolute, is_file, output_folder
 
 
 def parser() -> JobParser:
     parser = JobParser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, type=text_value,
-                        help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's "
-                        "best.json names")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=text_value,
+        help="a medvq checkpoint, a path or a URI: model.ckpt of jobs/train.py, or the one a sweep's best.json names",
+    )
     add_data_flags(parser, datasets=None)
-    add_out_flag(parser, "output folder (or s3:// URI): latents/, summary.json and summary.md land there (an older "
-                 "latents/ is replaced)")
-    parser.add_argument("--actors", type=POSITIVE_INT, help="encoder actors (default: one per GPU, else one per two CPUs)")
-    parser.add_argument("--gpus-per-actor", type=NON_NEGATIVE,
-                        help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors")
+    add_out_flag(
+        parser,
+        "output folder (or s3:// URI): latents/, summary.json and summary.md land there (an older "
+        "latents/ is replaced)",
+    )
+    parser.add_argument(
+        "--actors", type=POSITIVE_INT, help="encoder actors (default: one per GPU, else one per two CPUs)"
+    )
+    parser.add_argument(
+        "--gpus-per-actor",
+        type=NON_NEGATIVE,
+        help="default: 1 if the cluster has GPUs, else 0; a fraction shares a GPU between actors",
+    )
     return parser
 
 
@@ -46,8 +66,7 @@ def main() -> None:
     check_nodes_see(config)
     with output_folder(args.out) as out:
         out.mkdir(parents=True, exist_ok=True)
-        records, _ = describe_checkpoint(checkpoint, config, out, actors=args.actors,
-                                         gpus_per_actor=args.gpus_per_actor)
+        records, _ = encode_and_measure(checkpoint, config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
         write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
     print(f"wrote latents/, summary.json and summary.md to {args.out}; read the latents with pandas.read_parquet")
 

@@ -13,8 +13,18 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from medvq.cli import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, JobParser, config_from_args, list_value, run_job, start_ray,
-                       storage_from_args, training_parser)
+from medvq.cli import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    JobParser,
+    config_from_args,
+    list_value,
+    run_job,
+    start_ray,
+    storage_from_args,
+    training_parser,
+)
 from medvq.config import Config, SweepConfig, smoke_sweep
 from medvq.data import check_data
 from medvq.devices import uses_gpu
@@ -22,7 +32,7 @@ from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
 from medvq.plots import draw_run
-from medvq.report import describe_checkpoint
+from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
 from medvq.train import CHECKPOINT_NAME
 from medvq.tune import run_sweep, write_sweep_outputs
@@ -38,8 +48,9 @@ def commitment_weights(text: str) -> dict:
     except argparse.ArgumentTypeError:
         low = None
     if low is None:
-        raise argparse.ArgumentTypeError(f"takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, got {text!r}"
+        )
     return {"commitment_range": (low, high)}
 
 
@@ -48,15 +59,28 @@ DEFAULT_COMMITMENT = "{}:{}".format(*SweepConfig.commitment_range)
 
 def parser() -> JobParser:
     parser = training_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="two tiny trials: checks the whole job in minutes on a CPU")
+    parser.add_argument(
+        "--smoke", action="store_true", help="two tiny trials: checks the whole job in minutes on a CPU"
+    )
     parser.add_settings(SweepConfig)
-    parser.add_argument("--commitment-weights", type=commitment_weights, default=commitment_weights(DEFAULT_COMMITMENT),
-                        help=f"LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: {DEFAULT_COMMITMENT})")
-    parser.add_argument("--workers-per-trial", type=POSITIVE_INT, default=Config.workers,
-                        help="DDP workers per trial, one per GPU (default: %(default)s)")
-    parser.add_argument("--gpus-per-trial", type=NON_NEGATIVE,
-                        help="GPUs per trial (default: one per worker if the cluster has GPUs, else 0); "
-                        "a fraction packs several one-worker trials on a GPU")
+    parser.add_argument(
+        "--commitment-weights",
+        type=commitment_weights,
+        default=commitment_weights(DEFAULT_COMMITMENT),
+        help=f"LOW:HIGH, sampled log-uniformly, or a comma-separated grid (default: {DEFAULT_COMMITMENT})",
+    )
+    parser.add_argument(
+        "--workers-per-trial",
+        type=POSITIVE_INT,
+        default=Config.workers,
+        help="DDP workers per trial, one per GPU (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--gpus-per-trial",
+        type=NON_NEGATIVE,
+        help="GPUs per trial (default: one per worker if the cluster has GPUs, else 0); "
+        "a fraction packs several one-worker trials on a GPU",
+    )
     return parser
 
 
@@ -66,7 +90,9 @@ SEARCH_FLAGS = ("codebook_sizes", "commitment_weights", "num_samples")  # what -
 def sweep_from_args(args: argparse.Namespace, flags: JobParser) -> SweepConfig:
     base = config_from_args(flags, args, workers=args.workers_per_trial)
     if args.smoke:
-        given = [f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS if getattr(args, name) != flags.get_default(name)]
+        given = [
+            f"--{name.replace('_', '-')}" for name in SEARCH_FLAGS if getattr(args, name) != flags.get_default(name)
+        ]
         if given:
             raise UserError(f"--smoke runs its own two trials: drop {', '.join(given)}, or drop --smoke")
         return replace(smoke_sweep(base), max_concurrent_trials=args.max_concurrent_trials)
@@ -85,11 +111,14 @@ def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: fl
 def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
     metrics, config = best["metrics"], best["config"]
     statuses = ", ".join(f"{n} {status}" for status, n in best["trials_by_status"].items())
-    return (f"{best['trials']} trials ({statuses}); best {best['trial_id']}: codebook {config['codebook_size']}, "
-            f"commitment {config['commitment_weight']:.3g}, seed {config['seed']}, val_nmse {metrics['val_nmse']:.4f}, val PSNR {metrics['val_psnr']:.2f} dB, "
-            f"SSIM {metrics['val_ssim']:.3f}, codes used {metrics['val_codes_used']:.0%}\n"
-            f"checkpoint {best['checkpoint']} (copied to model.ckpt)\n"
-            f"seconds: " + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items()) + "\n")
+    return (
+        f"{best['trials']} trials ({statuses}); best {best['trial_id']}: codebook {config['codebook_size']}, "
+        f"commitment {config['commitment_weight']:.3g}, seed {config['seed']}, val_nmse {metrics['val_nmse']:.4f}, "
+        f"val PSNR {metrics['val_psnr']:.2f} dB, "
+        f"SSIM {metrics['val_ssim']:.3f}, codes used {metrics['val_codes_used']:.0%}\n"
+        f"checkpoint {best['checkpoint']} (copied to model.ckpt)\n"
+        f"seconds: " + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items()) + "\n"
+    )
 
 
 def main() -> None:
@@ -107,12 +136,16 @@ def main() -> None:
     check_nodes_see(sweep.base, storage, storage_flag)
     check_writable(storage)
     with output_folder(args.out) as out:
-        print(f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
-              f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
-              flush=True)
+        print(
+            f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
+            f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
+            flush=True,
+        )
         search_and_describe(sweep, storage, out, seconds)
-    print(f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
-          f"summary.md and plots/ to {args.out}")
+    print(
+        f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
+        f"summary.md and plots/ to {args.out}"
+    )
 
 
 def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: dict[str, float]) -> None:
@@ -124,7 +157,9 @@ def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: di
     best = write_sweep_outputs(results, sweep, storage, out)
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
-    records, described = describe_checkpoint(str(out / CHECKPOINT_NAME), sweep.base, out, gpus_per_actor=gpus_per_actor)
+    records, described = encode_and_measure(
+        str(out / CHECKPOINT_NAME), Config.from_dict(best["config"]), out, gpus_per_actor=gpus_per_actor
+    )
     seconds.update(described)
     started = time.monotonic()
     draw_run(out)

@@ -20,9 +20,15 @@ from medvq.train import local_resume_point, train_local, train_on_ray
 
 def parser() -> JobParser:
     parser = training_parser(__doc__.strip().splitlines()[0], searched=True)
-    parser.add_argument("--workers", dest="ray_workers", nargs="?", const="all", type=POSITIVE_INT,
-                        help="train under Ray Train with this many DDP workers; alone: one worker per GPU of the "
-                        "cluster (default: no Ray, this process)")
+    parser.add_argument(
+        "--workers",
+        dest="ray_workers",
+        nargs="?",
+        const="all",
+        type=POSITIVE_INT,
+        help="train under Ray Train with this many DDP workers; alone: one worker per GPU of the "
+        "cluster (default: no Ray, this process)",
+    )
     return parser
 
 
@@ -32,7 +38,9 @@ def with_workers(config: Config, workers: int | str, cluster: Capacity) -> Confi
     use_gpu = uses_gpu(config.accelerator, gpus, "the cluster has no GPUs")
     if workers == "all":
         if not use_gpu:
-            raise UserError("--workers alone means one worker per GPU, and the cluster has none: give a number of CPU workers")
+            raise UserError(
+                "--workers alone means one worker per GPU, and the cluster has none: give a number of CPU workers"
+            )
         count = int(gpus)
     else:
         count = workers
@@ -63,9 +71,12 @@ def main() -> None:
         else:
             print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)
             final = train_on_ray(config, out, storage)
-    print(f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "
-          f"codes used {final['val_codes_used']:.0%} of {config.codebook_size} (perplexity {final['val_perplexity']:.1f}), "
-          f"val_nmse {final['val_nmse']:.4f}")
+    print(
+        f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "
+        f"codes used {final['val_codes_used']:.0%} of {config.codebook_size} "
+        f"(perplexity {final['val_perplexity']:.1f}), "
+        f"val_nmse {final['val_nmse']:.4f}"
+    )
     print(f"wrote model.ckpt and metrics.csv to {args.out}")
 
 

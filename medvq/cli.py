@@ -8,7 +8,8 @@ import math
 import os
 import signal
 import sys
-from typing import Any, Callable, Iterable, get_args, get_origin, get_type_hints
+from collections.abc import Callable, Iterable
+from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
 from medmnist.info import DEFAULT_ROOT
@@ -86,13 +87,21 @@ class JobParser(argparse.ArgumentParser):
             if hints[name] is bool:
                 self.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help)
             else:
-                self.add_argument(flag, dest=name, default=default, help=help,
-                                  type=flag_type(hints[name], setting), choices=setting.choices or None)
+                self.add_argument(
+                    flag,
+                    dest=name,
+                    default=default,
+                    help=help,
+                    type=flag_type(hints[name], setting),
+                    choices=setting.choices or None,
+                )
             self.generated.setdefault(config_class, []).append(name)
 
     def build(self, config_class: type, args: argparse.Namespace, **values: Any):
         """`config_class` from the flags `add_settings` made for it, and `values` for the rest."""
-        return config_class(**{**{name: getattr(args, name) for name in self.generated.get(config_class, [])}, **values})
+        return config_class(
+            **{**{name: getattr(args, name) for name in self.generated.get(config_class, [])}, **values}
+        )
 
 
 def flag_type(hint: Any, setting: Setting) -> Callable[[str], Any]:
@@ -109,8 +118,12 @@ def add_data_flags(parser: JobParser, **defaults: Any) -> None:
 
 
 def add_storage_flag(parser: JobParser) -> None:
-    parser.add_argument("--storage", type=text_value, help="Ray Train/Tune storage: a folder, shared mount or s3:// "
-                        "URI (default: OUT/ray_results); the same command resumes from it")
+    parser.add_argument(
+        "--storage",
+        type=text_value,
+        help="Ray Train/Tune storage: a folder, shared mount or s3:// "
+        "URI (default: OUT/ray_results); the same command resumes from it",
+    )
 
 
 def add_out_flag(parser: JobParser, help: str) -> None:
@@ -123,8 +136,14 @@ def training_parser(description: str, *, searched: bool = False) -> JobParser:
     parser = JobParser(description)
     add_out_flag(parser, "output folder, or a URI (s3://...) to upload the outputs to")
     add_storage_flag(parser)
-    parser.add_settings(Config, [name for name, setting in settings(Config).items() if setting.flag != ""
-                                 and (searched or name not in ("codebook_size", "commitment_weight"))])
+    parser.add_settings(
+        Config,
+        [
+            name
+            for name, setting in settings(Config).items()
+            if setting.flag != "" and (searched or name not in ("codebook_size", "commitment_weight"))
+        ],
+    )
     return parser
 
 

@@ -36,8 +36,11 @@ class Setting:
         items = value if isinstance(value, tuple) else (value,)
         if self.choices and any(item not in self.choices for item in items):
             return False
-        return self.bound is None or value is None or all(
-            math.isfinite(item) and BOUNDS[self.bound](item) for item in items)
+        return (
+            self.bound is None
+            or value is None
+            or all(math.isfinite(item) and BOUNDS[self.bound](item) for item in items)
+        )
 
 
 def setting(default: Any, help: str, **how: Any) -> Any:
@@ -63,48 +66,81 @@ def check_settings(config: Any) -> None:
 class Config:
     # --- data ---
     data_root: str | None = setting(
-        None, "folder (on a cluster, every node's: a shared volume) or URI (s3://...) of the MedMNIST .npz files "
-        "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)", shapes_results=False)
+        None,
+        "folder (on a cluster, every node's: a shared volume) or URI (s3://...) of the MedMNIST .npz files "
+        "(default: $MEDVQ_DATA_ROOT, else medmnist's ~/.medmnist)",
+        shapes_results=False,
+    )
     datasets: tuple[str, ...] = setting(DEFAULT_DATASETS, "comma-separated MedMNIST names")
     size: int = setting(28, "image side: 28, or MedMNIST+'s 64, 128, 224", bound="> 0")
-    mixing: str = setting("proportional", "how batches draw from the sets: 'balanced' draws every set equally often, "
-                          "so BreastMNIST (546 images) is not drowned", choices=("proportional", "balanced"))
+    mixing: str = setting(
+        "proportional",
+        "how batches draw from the sets: 'balanced' draws every set equally often, "
+        "so BreastMNIST (546 images) is not drowned",
+        choices=("proportional", "balanced"),
+    )
     # --- model ---
     hidden_channels: int = setting(64, "channels of the encoder and decoder", bound="> 0")
     residual_blocks: int = setting(2, "residual blocks on each side, as in the VQ-VAE paper", bound=">= 0")
     downsample: int = setting(2, "stride-2 stages: 2 turns 28x28 images into a 7x7 latent grid", bound="> 0")
     embedding_dim: int = setting(64, "D, the size of one code vector", bound="> 0")
     codebook_size: int = setting(512, "K, the number of codes", bound="> 0")
-    commitment_weight: float = setting(0.25, "beta of the VQ-VAE paper: how hard the encoder is pulled to its code",
-                                       bound="> 0")
+    commitment_weight: float = setting(
+        0.25, "beta of the VQ-VAE paper: how hard the encoder is pulled to its code", bound="> 0"
+    )
     ema_decay: float = setting(0.99, "decay of the codebook's moving averages", bound="in (0, 1)")
-    dead_code_threshold: float = setting(1.0, "a code whose moving count of vectors falls below this is moved onto "
-                                         "a current encoder output", bound=">= 0")
-    l2_codes: bool = setting(False, "look codes up among l2-normalised vectors (cosine similarity); with a small "
-                             "--embedding-dim, the factorised codes of ViT-VQGAN")
-    kmeans_init: bool = setting(False, "start the codebook as k-means centres of the first batch's encoder outputs, "
-                                "instead of random vectors")
-    gradient: str = setting("straight-through", "how the reconstruction's gradient passes the quantizer to the "
-                            "encoder: copied (straight-through), or through the rotation of the encoder output onto "
-                            "its code (Fifty et al., 2024)", choices=("straight-through", "rotation"))
+    dead_code_threshold: float = setting(
+        1.0,
+        "a code whose moving count of vectors falls below this is moved onto a current encoder output",
+        bound=">= 0",
+    )
+    l2_codes: bool = setting(
+        False,
+        "look codes up among l2-normalised vectors (cosine similarity); with a small "
+        "--embedding-dim, the factorised codes of ViT-VQGAN",
+    )
+    kmeans_init: bool = setting(
+        False, "start the codebook as k-means centres of the first batch's encoder outputs, instead of random vectors"
+    )
+    gradient: str = setting(
+        "straight-through",
+        "how the reconstruction's gradient passes the quantizer to the "
+        "encoder: copied (straight-through), or through the rotation of the encoder output onto "
+        "its code (Fifty et al., 2024)",
+        choices=("straight-through", "rotation"),
+    )
     # --- optimisation ---
     batch_size: int = setting(256, "images per batch and worker", bound="> 0")
     learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
-    lr_schedule: str = setting("constant", "'cosine': a linear warm-up over the first 5%% of steps, then a cosine "
-                               "decay to zero at the last", choices=("constant", "cosine"))
+    lr_schedule: str = setting(
+        "constant",
+        "'cosine': a linear warm-up over the first 5%% of steps, then a cosine decay to zero at the last",
+        choices=("constant", "cosine"),
+    )
     epochs: int = setting(10, "passes over the training images", bound="> 0")
-    limit_batches: int | None = setting(None, "at most this many train and val batches per epoch (smoke runs)",
-                                        bound="> 0")
+    limit_batches: int | None = setting(
+        None, "at most this many train and val batches per epoch (smoke runs)", bound="> 0"
+    )
     seed: int = setting(0, "seeds the weights, the codebook and the batch order", bound=">= 0")
-    accelerator: str = setting("auto", "'auto': the GPU when there is one, else the CPU",
-                               choices=("auto", "cpu", "gpu"))
-    compile_model: bool = setting(False, "torch.compile the encoder and decoder (compiling takes a while first: "
-                                  "see benchmarks/RESULTS.md)", flag="--compile", shapes_results=False)
+    accelerator: str = setting(
+        "auto", "'auto': the GPU when there is one, else the CPU", choices=("auto", "cpu", "gpu")
+    )
+    compile_model: bool = setting(
+        False,
+        "torch.compile the encoder and decoder (compiling takes a while first: see benchmarks/RESULTS.md)",
+        flag="--compile",
+        shapes_results=False,
+    )
     # --- Ray Train workers (ignored by local training) ---
     workers: int = setting(1, "DDP workers, one per GPU", bound="> 0", flag="")
     cpus_per_worker: float = setting(1.0, "CPUs each Ray Train worker holds", bound="> 0", shapes_results=False)
-    gpus_per_worker: float = setting(0.0, "0: CPU workers; a fraction lets several one-worker runs share a GPU",
-                                     bound=">= 0", flag="", shapes_results=False)
+    gpus_per_worker: float = setting(
+        0.0,
+        "0: CPU workers; a fraction lets several one-worker runs share a GPU",
+        bound=">= 0",
+        flag="",
+        shapes_results=False,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "datasets", tuple(self.datasets))
@@ -112,10 +148,15 @@ class Config:
         checks = [
             (len(self.datasets) > 0, "datasets: name at least one dataset"),
             (len(set(self.datasets)) == len(self.datasets), "datasets: a dataset is named twice"),
-            (self.size % 2**self.downsample == 0, f"image size {self.size} is not divisible by 2**downsample = {2**self.downsample}"),
+            (
+                self.size % 2**self.downsample == 0,
+                f"image size {self.size} is not divisible by 2**downsample = {2**self.downsample}",
+            ),
             # NCCL refuses two ranks of one run on the same GPU, so only a one-worker run may share one.
-            (self.workers == 1 or self.gpus_per_worker in (0, int(self.gpus_per_worker)),
-             f"a run of {self.workers} workers needs whole GPUs per worker, got {self.gpus_per_worker}"),
+            (
+                self.workers == 1 or self.gpus_per_worker in (0, int(self.gpus_per_worker)),
+                f"a run of {self.workers} workers needs whole GPUs per worker, got {self.gpus_per_worker}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -150,8 +191,11 @@ class Config:
 def results_shaping(config: Any) -> dict[str, Any]:
     """A config dataclass's values that shape what a run learns (nested configs likewise)."""
     shapes = {name: declared.shapes_results for name, declared in settings(type(config)).items()}
-    return {f.name: results_shaping(value) if is_dataclass(value := getattr(config, f.name)) else value
-            for f in fields(config) if shapes.get(f.name, True)}
+    return {
+        f.name: results_shaping(value) if is_dataclass(value := getattr(config, f.name)) else value
+        for f in fields(config)
+        if shapes.get(f.name, True)
+    }
 
 
 def _digest(config: Any) -> str:
@@ -164,15 +208,22 @@ class SweepConfig:
     """A Ray Tune search over codebook size x commitment weight; every trial trains `base` with those two changed."""
 
     base: Config
-    codebook_sizes: tuple[int, ...] = setting((64, 128, 256, 512, 1024), "comma-separated codebook sizes to search",
-                                              bound="> 0")
-    commitment_range: tuple[float, float] = setting((0.05, 2.0), "commitment weights sampled log-uniformly from "
-                                                    "LOW:HIGH ...", bound="> 0", flag="")
+    codebook_sizes: tuple[int, ...] = setting(
+        (64, 128, 256, 512, 1024), "comma-separated codebook sizes to search", bound="> 0"
+    )
+    commitment_range: tuple[float, float] = setting(
+        (0.05, 2.0), "commitment weights sampled log-uniformly from LOW:HIGH ...", bound="> 0", flag=""
+    )
     commitment_grid: tuple[float, ...] = setting((), "... unless a grid of them is given", bound="> 0", flag="")
-    num_samples: int = setting(3, "sampled commitment weights per codebook size; with a grid of weights, repeats of "
-                               "each cell, with seeds --seed, +1, ...", bound="> 0")
-    max_concurrent_trials: int | None = setting(None, "trials at once (default: as many as the cluster fits)",
-                                                bound="> 0", shapes_results=False)
+    num_samples: int = setting(
+        3,
+        "sampled commitment weights per codebook size; with a grid of weights, repeats of "
+        "each cell, with seeds --seed, +1, ...",
+        bound="> 0",
+    )
+    max_concurrent_trials: int | None = setting(
+        None, "trials at once (default: as many as the cluster fits)", bound="> 0", shapes_results=False
+    )
     grace_period: int = setting(2, "epochs every trial runs before ASHA may stop the poor ones", bound="> 0")
 
     def __post_init__(self) -> None:

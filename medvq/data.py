@@ -12,10 +12,10 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Iterator
 
 import lightning as L
 import medmnist
@@ -50,7 +50,7 @@ def dataset_info(name: str) -> dict:
 
 
 def short_label(name: str) -> str:
-    """"immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
+    """ "immature granulocytes(myelocytes, ...)" -> "immature granulocytes"; long names end in an ellipsis."""
     name = name.split("(")[0].strip()
     return name if len(name) <= LABEL_CHARS else name[: LABEL_CHARS - 1].rstrip() + "\u2026"
 
@@ -131,7 +131,7 @@ def _structure_problem(path: Path, name: str, size: int) -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _verify(path: Path, name: str, size: int, mtime_ns: int) -> None:
     """Check the md5 from medmnist.INFO; on mismatch accept a structurally valid copy with a warning.
 
@@ -235,8 +235,16 @@ class IndexBatches(Sampler):
     one shape, which a compiled model then compiles once.
     """
 
-    def __init__(self, dataset_ids: torch.Tensor, batch_size: int, order: str, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        dataset_ids: torch.Tensor,
+        batch_size: int,
+        order: str,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ):
         """device: where the row numbers go, the arrays' device (the order itself is drawn on the CPU)."""
         self.dataset_ids, self.batch_size, self.order = dataset_ids.cpu(), batch_size, order
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
@@ -290,14 +298,25 @@ class MedMNISTDataModule(L.LightningDataModule):
         needed, (free, _) = self.train_arrays.nbytes + self.val_arrays.nbytes, torch.cuda.mem_get_info(device)
         if needed <= DEVICE_MEMORY_SHARE * free:
             return True
-        log.info("the train and val splits (%.1f GB) stay in host memory: more than %.0f%% of the GPU's free "
-                 "%.1f GB", needed / 1e9, DEVICE_MEMORY_SHARE * 100, free / 1e9)
+        log.info(
+            "the train and val splits (%.1f GB) stay in host memory: more than %.0f%% of the GPU's free %.1f GB",
+            needed / 1e9,
+            DEVICE_MEMORY_SHARE * 100,
+            free / 1e9,
+        )
         return False
 
     def _loader(self, arrays: SplitArrays, order: str) -> DataLoader:
         device = arrays.images.device
-        sampler = IndexBatches(arrays.dataset_ids, self.config.batch_size, order, self.config.seed,
-                               self.trainer.global_rank, self.trainer.world_size, device)
+        sampler = IndexBatches(
+            arrays.dataset_ids,
+            self.config.batch_size,
+            order,
+            self.config.seed,
+            self.trainer.global_rank,
+            self.trainer.world_size,
+            device,
+        )
         # Host arrays: pinned batches copy to a GPU asynchronously. Arrays on the GPU: nothing to copy.
         pin = device.type == "cpu" and torch.cuda.is_available()
         return DataLoader(arrays, sampler=sampler, batch_size=None, pin_memory=pin)

@@ -2,31 +2,28 @@
 
 The driver ships only (dataset, split) names; read tasks load the images from the data root inside the
 pipeline, an actor pool (one GPU per actor, or a fraction, where there are GPUs; CPU actors otherwise)
-runs the trained model on large batches, and the driver writes the rows it streams back to Parquet.
+runs the trained model on large batches, and the rows stream back to the driver.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import torch
 
 from medvq.config import Config
 from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
 from medvq.errors import UserError
-from medvq.module import VQVAEModule, image_scores
+from medvq.metrics import image_scores
+from medvq.module import VQVAEModule
 from medvq.nodes import capacity
 from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
-PARQUET_FILE = "latents.parquet"
 
 
 def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[str, np.ndarray]:
@@ -94,26 +91,26 @@ def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int,
     if actors < 1 or gpus_per_actor < 0:
         raise UserError(f"encoder actors must be >= 1 and GPUs per actor >= 0, got {actors} and {gpus_per_actor}")
     if not most.holds({"CPU": actors, "GPU": actors * gpus_per_actor}, {"CPU": 1, "GPU": gpus_per_actor}):
-        raise UserError(f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit: "
-                        f"{most.describe()}")
+        raise UserError(
+            f"{actors} encoder actors with {gpus_per_actor:g} GPU and 1 CPU each do not fit: {most.describe()}"
+        )
     return actors, gpus_per_actor, max(1, int(up.get("CPU", 0)) // actors)
 
 
-def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: int | None = None,
-                      gpus_per_actor: float | None = None) -> int:
-    """Write the latents of every image of `config.datasets` (all splits) to a fresh Parquet folder;
-    returns the number of rows. Needs Ray initialised.
+def encode_latents(
+    checkpoint: str, config: Config, *, actors: int | None = None, gpus_per_actor: float | None = None
+) -> pa.Table:
+    """One row per image of `config.datasets` (all splits), in the order Ray Data returns them. Needs Ray initialised.
 
-    The encoded rows (a few hundred bytes each) stream back to this driver, which writes the file: so
-    `folder` need only exist here (the head node), not on every node of the cluster.
+    The encoded rows (a few hundred bytes each) stream back to this driver, which writes them: so the output
+    folder need only exist here (the head node), not on every node of the cluster.
     """
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
     actors, gpus_per_actor, cpu_threads = encoder_pool(actors, gpus_per_actor)
     model = ray.put(read_bytes(checkpoint))
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
-    images = splits.map_batches(read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size})
+    images = splits.map_batches(
+        read_split, batch_size=1, fn_kwargs={"data_root": config.data_root, "size": config.size}
+    )
     latents = images.map_batches(
         ImageEncoder,
         fn_constructor_kwargs={"checkpoint": model, "use_gpu": gpus_per_actor > 0, "cpu_threads": cpu_threads},
@@ -123,13 +120,4 @@ def encode_to_parquet(checkpoint: str, config: Config, folder: Path, *, actors: 
         num_cpus=1,
         num_gpus=gpus_per_actor,
     )
-    rows, writer = 0, None
-    try:
-        for batch in latents.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer = writer or pq.ParquetWriter(folder / PARQUET_FILE, batch.schema)
-            writer.write_table(batch)
-            rows += batch.num_rows
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows
+    return pa.concat_tables(latents.iter_batches(batch_size=None, batch_format="pyarrow"))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -21,10 +21,29 @@ import torch
 import torch.nn.functional as F
 from bokeh.embed import file_html
 from bokeh.layouts import column, row
-from bokeh.models import (CategoricalColorMapper, CDSView, ColorBar, ColumnDataSource, CustomJS, CustomJSHover,
-                          DataTable, Div, FixedTicker, GlobalInlineStyleSheet, GroupFilter, HoverTool,
-                          HTMLTemplateFormatter, Legend, LegendItem, LinearColorMapper, NumberFormatter,
-                          RadioButtonGroup, TableColumn, TapTool, UnionFilter)
+from bokeh.models import (
+    CategoricalColorMapper,
+    CDSView,
+    ColorBar,
+    ColumnDataSource,
+    CustomJS,
+    CustomJSHover,
+    DataTable,
+    Div,
+    FixedTicker,
+    GlobalInlineStyleSheet,
+    GroupFilter,
+    HoverTool,
+    HTMLTemplateFormatter,
+    Legend,
+    LegendItem,
+    LinearColorMapper,
+    NumberFormatter,
+    RadioButtonGroup,
+    TableColumn,
+    TapTool,
+    UnionFilter,
+)
 from bokeh.palettes import Category10, Category20, Viridis256
 from bokeh.plotting import figure
 from bokeh.resources import INLINE
@@ -117,23 +136,29 @@ def tile_positions(count: int) -> dict[str, np.ndarray]:
     """Where row t's tile is: its sheet, and its offset in px (x, y) in that sheet."""
     t = np.arange(count)
     within = t % (SHEET_COLUMNS * SHEET_ROWS)
-    return {"sheet": (t // (SHEET_COLUMNS * SHEET_ROWS)).astype(np.uint16),
-            "tx": (within % SHEET_COLUMNS * 2 * THUMB).astype(np.uint16),
-            "ty": (within // SHEET_COLUMNS * THUMB).astype(np.uint16)}
+    return {
+        "sheet": (t // (SHEET_COLUMNS * SHEET_ROWS)).astype(np.uint16),
+        "tx": (within % SHEET_COLUMNS * 2 * THUMB).astype(np.uint16),
+        "ty": (within // SHEET_COLUMNS * THUMB).astype(np.uint16),
+    }
 
 
 def _sheet_variables(sheets: list[bytes]) -> GlobalInlineStyleSheet:
-    variables = "".join(f"--medvq-sheet-{i}:url(data:image/webp;base64,{base64.b64encode(sheet).decode()});"
-                        for i, sheet in enumerate(sheets))
+    variables = "".join(
+        f"--medvq-sheet-{i}:url(data:image/webp;base64,{base64.b64encode(sheet).decode()});"
+        for i, sheet in enumerate(sheets)
+    )
     return GlobalInlineStyleSheet(css=f":root{{{variables}}}")
 
 
 def _thumb(css_class: str, zoom: int, tiles_wide: int, field: Callable[[str], str]) -> str:
     """A point's tile as a <div> (tiles_wide 2: the image and its reconstruction; 1: the image alone); `field`
     writes a column's placeholder in the template language at hand."""
-    return (f'<div class="{css_class}" style="zoom:{zoom};width:{tiles_wide * THUMB}px;height:{THUMB}px;'
-            f'image-rendering:pixelated;background:var(--medvq-sheet-{field("sheet")}) '
-            f'-{field("tx")}px -{field("ty")}px"></div>')
+    return (
+        f'<div class="{css_class}" style="zoom:{zoom};width:{tiles_wide * THUMB}px;height:{THUMB}px;'
+        f"image-rendering:pixelated;background:var(--medvq-sheet-{field('sheet')}) "
+        f'-{field("tx")}px -{field("ty")}px"></div>'
+    )
 
 
 def _palette(n: int) -> list[str]:
@@ -151,8 +176,9 @@ def _points(latents: pd.DataFrame, classes: pd.DataFrame) -> ColumnDataSource:
     """The page's columns of every point: a class is its number in `classes` (names once, not per point)."""
     class_id = latents.merge(classes, on=["dataset", "label"], how="left")["class_id"]
     columns = {name: latents[name].to_numpy() for name in POINT_COLUMNS}
-    columns.update(index=latents["index"].to_numpy(np.int32), class_id=class_id.to_numpy(np.uint16),
-                   **tile_positions(len(latents)))
+    columns.update(
+        index=latents["index"].to_numpy(np.int32), class_id=class_id.to_numpy(np.uint16), **tile_positions(len(latents))
+    )
     return ColumnDataSource(columns, name="points")
 
 
@@ -161,16 +187,26 @@ def _colour_modes(source: ColumnDataSource, classes: pd.DataFrame) -> list[dict]
     datasets = sorted(set(source.data["dataset"]))
     class_colours = [colour for _, group in classes.groupby("dataset", sort=True) for colour in _palette(len(group))]
     # One colour per class number: a linear mapper over [-0.5, n - 0.5] puts class i in the palette's bin i.
-    class_bar = ColorBar(color_mapper=LinearColorMapper(palette=class_colours, low=-0.5, high=len(classes) - 0.5),
-                         ticker=FixedTicker(ticks=list(range(len(classes)))), title="class", visible=False,
-                         major_label_overrides={row.class_id: f"{row.dataset}: {short_label(row.label_name)}"
-                                                for row in classes.itertuples()})
+    class_bar = ColorBar(
+        color_mapper=LinearColorMapper(palette=class_colours, low=-0.5, high=len(classes) - 0.5),
+        ticker=FixedTicker(ticks=list(range(len(classes)))),
+        title="class",
+        visible=False,
+        major_label_overrides={
+            row.class_id: f"{row.dataset}: {short_label(row.label_name)}" for row in classes.itertuples()
+        },
+    )
     low, high = np.percentile(source.data["psnr"], [1, 99])
-    psnr_bar = ColorBar(color_mapper=LinearColorMapper(palette=Viridis256, low=low, high=high), title="PSNR (dB)",
-                        visible=False)
+    psnr_bar = ColorBar(
+        color_mapper=LinearColorMapper(palette=Viridis256, low=low, high=high), title="PSNR (dB)", visible=False
+    )
     return [
-        {"label": "dataset", "field": "dataset", "bar": None,
-         "mapper": CategoricalColorMapper(factors=datasets, palette=_palette(len(datasets)))},
+        {
+            "label": "dataset",
+            "field": "dataset",
+            "bar": None,
+            "mapper": CategoricalColorMapper(factors=datasets, palette=_palette(len(datasets))),
+        },
         {"label": "class", "field": "class_id", "bar": class_bar, "mapper": class_bar.color_mapper},
         {"label": "PSNR", "field": "psnr", "bar": psnr_bar, "mapper": psnr_bar.color_mapper},
     ]
@@ -180,19 +216,38 @@ def _map(source: ColumnDataSource, modes: list[dict], label_names: list[str]):
     """The map: one renderer per dataset and split, which the legend hides or shows, and the pointer's own."""
     width, height = MAP_SIZE
     # match_aspect: a unit of UMAP is as long across as up, so what looks near is near.
-    plot = figure(frame_width=width, frame_height=height, tools="pan,wheel_zoom,box_zoom,reset", match_aspect=True,
-                  active_scroll="wheel_zoom", name="map", toolbar_location="above")
+    plot = figure(
+        frame_width=width,
+        frame_height=height,
+        tools="pan,wheel_zoom,box_zoom,reset",
+        match_aspect=True,
+        active_scroll="wheel_zoom",
+        name="map",
+        toolbar_location="above",
+    )
     plot.axis.visible = plot.grid.visible = False  # UMAP's axes have no units worth reading
     keys = pd.DataFrame({"dataset": source.data["dataset"], "split": source.data["split"]})
     groups, items = [], []
-    for (dataset, split), members in sorted(keys.groupby(["dataset", "split"]).indices.items(),
-                                            key=lambda group: (group[0][0], SPLITS.index(group[0][1]))):
+    for (dataset, split), members in sorted(
+        keys.groupby(["dataset", "split"]).indices.items(), key=lambda group: (group[0][0], SPLITS.index(group[0][1]))
+    ):
         only = GroupFilter(column_name="dataset", group=dataset) & GroupFilter(column_name="split", group=split)
-        groups.append(plot.scatter("umap_x", "umap_y", source=source, view=CDSView(filter=only), size=POINT_SIZE,
-                                   line_color=None, fill_alpha=0.7, nonselection_fill_alpha=0.2,
-                                   fill_color={"field": "dataset", "transform": modes[0]["mapper"]}))
-        items.append(LegendItem(label=f"{dataset} {split} ({len(members):,})", renderers=[groups[-1]],
-                                index=int(members[0])))
+        groups.append(
+            plot.scatter(
+                "umap_x",
+                "umap_y",
+                source=source,
+                view=CDSView(filter=only),
+                size=POINT_SIZE,
+                line_color=None,
+                fill_alpha=0.7,
+                nonselection_fill_alpha=0.2,
+                fill_color={"field": "dataset", "transform": modes[0]["mapper"]},
+            )
+        )
+        items.append(
+            LegendItem(label=f"{dataset} {split} ({len(members):,})", renderers=[groups[-1]], index=int(members[0]))
+        )
     plot.add_layout(Legend(items=items, click_policy="hide", title="click to hide or show", name="legend"), "right")
     for mode in modes[1:]:
         plot.add_layout(mode["bar"], "right")
@@ -204,17 +259,30 @@ def _add_pointer(plot, source: ColumnDataSource, groups: list, label_names: list
     """Hover and tap on one unseen renderer of the points the legend shows: one hit test for both, so the point a
     click lists is the point the tooltip showed, and one tooltip even where splits overlap."""
     shown = UnionFilter(operands=[group.view.filter for group in groups])
-    pointer = plot.scatter("umap_x", "umap_y", source=source, view=CDSView(filter=shown), size=POINT_SIZE, alpha=0,
-                           selection_alpha=0, nonselection_alpha=0, name="pointer")
+    pointer = plot.scatter(
+        "umap_x",
+        "umap_y",
+        source=source,
+        view=CDSView(filter=shown),
+        size=POINT_SIZE,
+        alpha=0,
+        selection_alpha=0,
+        nonselection_alpha=0,
+        name="pointer",
+    )
     follow = CustomJS(args={"groups": groups, "shown": shown, "pointer": pointer}, code=FOLLOW_LEGEND)
     for group in groups:
         group.js_on_change("visible", follow)
-    tooltip = (_thumb("medvq-hover", HOVER_ZOOM, 2, lambda name: f"@{{{name}}}")
-               + "<div><b>@dataset</b> @split #@index</div><div>@class_id{custom}</div>"
-               + "<div>PSNR @psnr{0.00} dB, SSIM @ssim{0.000}</div>")
+    tooltip = (
+        _thumb("medvq-hover", HOVER_ZOOM, 2, lambda name: f"@{{{name}}}")
+        + "<div><b>@dataset</b> @split #@index</div><div>@class_id{custom}</div>"
+        + "<div>PSNR @psnr{0.00} dB, SSIM @ssim{0.000}</div>"
+    )
     label_name = CustomJSHover(args={"names": label_names}, code="return names[value]")
-    plot.add_tools(HoverTool(renderers=[pointer], tooltips=tooltip, formatters={"@class_id": label_name}, limit=1),
-                   TapTool(renderers=[pointer]))
+    plot.add_tools(
+        HoverTool(renderers=[pointer], tooltips=tooltip, formatters={"@class_id": label_name}, limit=1),
+        TapTool(renderers=[pointer]),
+    )
 
 
 def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray):
@@ -226,28 +294,52 @@ def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray):
     listed = ColumnDataSource({name: [] for name in (*source.data, "label_name", "distance")}, name="neighbours")
     plot.scatter("umap_x", "umap_y", source=listed, size=3 * POINT_SIZE, fill_alpha=0, line_color="black", line_width=2)
     k = neighbours.shape[1]
-    source.selected.js_on_change("indices", CustomJS(
-        args={"source": source, "target": listed, "neighbours": neighbours.ravel().astype(np.int32),
-              "distances": distances.ravel().astype(np.float32), "k": k,
-              "label_names": list(classes["label_name"].map(short_label))},
-        code=SHOW_NEIGHBOURS))
+    source.selected.js_on_change(
+        "indices",
+        CustomJS(
+            args={
+                "source": source,
+                "target": listed,
+                "neighbours": neighbours.ravel().astype(np.int32),
+                "distances": distances.ravel().astype(np.float32),
+                "k": k,
+                "label_names": list(classes["label_name"].map(short_label)),
+            },
+            code=SHOW_NEIGHBOURS,
+        ),
+    )
     colour = RadioButtonGroup(labels=[mode["label"] for mode in modes], active=0, name="colour")
     colour.js_on_change("active", CustomJS(args={"modes": modes, "renderers": renderers}, code=RECOLOUR))
-    heading = Div(text=f"<b>{len(latents):,} images</b> of {', '.join(sorted(set(source.data['dataset'])))}, each "
-                  f"at the UMAP position of its latent. Hover a point: the image beside its reconstruction. Click one: "
-                  f"its {k} nearest images in the latent space, listed on the left. Colour by:")
-    table_heading = Div(text="<b>The clicked image and its nearest images</b> (Euclidean distance of their latents, "
-                        "over all datasets)", width=TABLE_WIDTH)
+    heading = Div(
+        text=f"<b>{len(latents):,} images</b> of {', '.join(sorted(set(source.data['dataset'])))}, each "
+        f"at the UMAP position of its latent. Hover a point: the image beside its reconstruction. Click one: "
+        f"its {k} nearest images in the latent space, listed on the left. Colour by:"
+    )
+    table_heading = Div(
+        text="<b>The clicked image and its nearest images</b> (Euclidean distance of their latents, over all datasets)",
+        width=TABLE_WIDTH,
+    )
     return column(row(heading, colour), row(column(table_heading, _neighbour_table(listed, k)), plot))
 
 
 def _neighbour_table(listed: ColumnDataSource, k: int) -> DataTable:
     image = HTMLTemplateFormatter(template=_thumb("medvq-neighbour", TABLE_ZOOM, 1, lambda name: f"<%= {name} %>"))
-    columns = [TableColumn(field="index", title="image", formatter=image, width=TABLE_ZOOM * THUMB + 8),
-               TableColumn(field="dataset", title="dataset", width=105),
-               TableColumn(field="split", title="split", width=40), TableColumn(field="index", title="index", width=45),
-               TableColumn(field="label_name", title="label"),
-               TableColumn(field="distance", title="distance", formatter=NumberFormatter(format="0.000"), width=60)]
+    columns = [
+        TableColumn(field="index", title="image", formatter=image, width=TABLE_ZOOM * THUMB + 8),
+        TableColumn(field="dataset", title="dataset", width=105),
+        TableColumn(field="split", title="split", width=40),
+        TableColumn(field="index", title="index", width=45),
+        TableColumn(field="label_name", title="label"),
+        TableColumn(field="distance", title="distance", formatter=NumberFormatter(format="0.000"), width=60),
+    ]
     row_height = TABLE_ZOOM * THUMB + 4
-    return DataTable(source=listed, columns=columns, row_height=row_height, height=(k + 2) * row_height,
-                     width=TABLE_WIDTH, index_position=None, reorderable=False, sortable=False)
+    return DataTable(
+        source=listed,
+        columns=columns,
+        row_height=row_height,
+        height=(k + 2) * row_height,
+        width=TABLE_WIDTH,
+        index_position=None,
+        reorderable=False,
+        sortable=False,
+    )

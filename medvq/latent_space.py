@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
 
 from medvq.data import load_split
@@ -22,9 +20,17 @@ log = logging.getLogger(__name__)
 KNN_NEIGHBOURS = 10
 NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
 SUMMARY_COLUMNS = {  # record key -> column title in summary.md
-    "dataset": "dataset", "test_images": "test images", "psnr": "PSNR dB", "ssim": "SSIM", "mae": "MAE",
-    "codes_used": "codes used", "perplexity": "perplexity", "knn_latent": "k-NN class (latent)",
-    "knn_pixels": "k-NN class (pixels)", "majority_class": "majority class", "dataset_recovered": "dataset recovered",
+    "dataset": "dataset",
+    "test_images": "test images",
+    "psnr": "PSNR dB",
+    "ssim": "SSIM",
+    "mae": "MAE",
+    "codes_used": "codes used",
+    "perplexity": "perplexity",
+    "knn_latent": "k-NN class (latent)",
+    "knn_pixels": "k-NN class (pixels)",
+    "majority_class": "majority class",
+    "dataset_recovered": "dataset recovered",
 }
 
 
@@ -36,15 +42,11 @@ def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
     return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
-def add_umap_(folder: Path, seed: int = 0) -> float:
-    """Fit a 2-D UMAP on every latent vector and add `umap_x`, `umap_y` to each Parquet file in place
-    (each file replaced whole); returns the seconds it took."""
+def with_umap(table: pa.Table, seed: int = 0) -> pa.Table:
+    """The latents table with `umap_x`, `umap_y`: a 2-D UMAP fit on every row's latent vector."""
     import umap  # imported here: numba compiles on import, which only this step needs
 
-    started = time.monotonic()
-    files = sorted(folder.glob("*.parquet"))
-    tables = [pq.read_table(path) for path in files]
-    points = np.concatenate([vectors(table.column("latent")) for table in tables])
+    points = vectors(table.column("latent"))
     log.info("UMAP of %d latent vectors of dimension %d", *points.shape)
     # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded, which costs little beside
     # numba's compiling in a fresh process (benchmarks/RESULTS.md).
@@ -54,15 +56,7 @@ def add_umap_(folder: Path, seed: int = 0) -> float:
         projection = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(points)
     _log_once(caught)
     projection = projection.astype(np.float32)
-    start = 0
-    for path, table in zip(files, tables):
-        rows = slice(start, start + len(table))
-        start += len(table)
-        table = table.append_column("umap_x", pa.array(projection[rows, 0])).append_column("umap_y", pa.array(projection[rows, 1]))
-        partial = path.with_suffix(".partial")
-        pq.write_table(table, partial)
-        partial.replace(path)
-    return time.monotonic() - started
+    return table.append_column("umap_x", pa.array(projection[:, 0])).append_column("umap_y", pa.array(projection[:, 1]))
 
 
 def _log_once(caught: list[warnings.WarningMessage]) -> None:
@@ -105,33 +99,39 @@ def _split_rows(latents: pd.DataFrame, name: str, split: str) -> pd.DataFrame:
     return rows.sort_values("index")  # the order of the .npz file, to line up with its pixels
 
 
-def dataset_records(latents: pd.DataFrame, datasets: tuple[str, ...], data_root: str, size: int,
-                    codebook_size: int) -> list[dict]:
+def dataset_records(
+    latents: pd.DataFrame, datasets: tuple[str, ...], data_root: str, size: int, codebook_size: int
+) -> list[dict]:
     """One record per dataset, in the order of `datasets` (not the rows' order, which Ray Data does not fix), on
     its test split: reconstruction scores, codebook use, a k-NN class probe on the latent vectors (fit on
     train) beside the same probe on raw pixels, the majority-class share for scale, and the share of test
     images whose dataset a k-NN on latents recovers among all datasets."""
     names = [name for name in datasets if name in set(latents["dataset"])]
     train_all = latents[latents["split"] == "train"]
-    dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(vectors(train_all["latent"]), train_all["dataset"])
+    dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(
+        vectors(train_all["latent"]), train_all["dataset"]
+    )
     records = []
     for name in names:
         train, test = _split_rows(latents, name, "train"), _split_rows(latents, name, "test")
         train_y, test_y = train["label"].to_numpy(), test["label"].to_numpy()
         test_latents = vectors(test["latent"])
         counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
-        records.append({
-            "dataset": name,
-            "test_images": len(test),
-            **{score: float(test[score].mean()) for score in ("psnr", "ssim", "mae", "mse")},
-            "codes_used": float((counts > 0).mean()),
-            "perplexity": perplexity,
-            "knn_latent": knn_accuracy(vectors(train["latent"]), train_y, test_latents, test_y),
-            "knn_pixels": knn_accuracy(_pixels(name, "train", data_root, size), train_y,
-                                       _pixels(name, "test", data_root, size), test_y),
-            "majority_class": float(np.bincount(test_y).max() / len(test_y)),
-            "dataset_recovered": float((dataset_probe.predict(test_latents) == name).mean()),
-        })
+        records.append(
+            {
+                "dataset": name,
+                "test_images": len(test),
+                **{score: float(test[score].mean()) for score in ("psnr", "ssim", "mae", "mse")},
+                "codes_used": float((counts > 0).mean()),
+                "perplexity": perplexity,
+                "knn_latent": knn_accuracy(vectors(train["latent"]), train_y, test_latents, test_y),
+                "knn_pixels": knn_accuracy(
+                    _pixels(name, "train", data_root, size), train_y, _pixels(name, "test", data_root, size), test_y
+                ),
+                "majority_class": float(np.bincount(test_y).max() / len(test_y)),
+                "dataset_recovered": float((dataset_probe.predict(test_latents) == name).mean()),
+            }
+        )
     return records
 
 
@@ -152,7 +152,9 @@ def summary_markdown(records: list[dict]) -> str:
 def write_summary(records: list[dict], out: Path, preface: str = "") -> None:
     """summary.json (the records) and summary.md (a preface, then the table with what its columns mean)."""
     (out / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
-    notes = (f"Test split of each dataset. k-NN: {KNN_NEIGHBOURS} neighbours fit on the train split, on the "
-             "latent vectors or on raw pixels; majority class: the accuracy of always guessing the commonest "
-             "class; dataset recovered: share of test images a k-NN on latents assigns to their own dataset.\n")
+    notes = (
+        f"Test split of each dataset. k-NN: {KNN_NEIGHBOURS} neighbours fit on the train split, on the "
+        "latent vectors or on raw pixels; majority class: the accuracy of always guessing the commonest "
+        "class; dataset recovered: share of test images a k-NN on latents assigns to their own dataset.\n"
+    )
     (out / "summary.md").write_text(preface + ("\n" if preface else "") + summary_markdown(records) + "\n" + notes)

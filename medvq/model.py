@@ -15,7 +15,6 @@ from torch import nn
 
 from medvq.config import Config
 
-
 # --- small helpers, so the quantizer reads as the algorithm -------------------------------------
 
 
@@ -60,7 +59,8 @@ def index_counts(indices: torch.Tensor, size: int, dtype: torch.dtype) -> torch.
     """How often each index in [0, size) occurs (code indices, dataset ids): (N,) -> (size,). A scatter-add, not
     torch.bincount, which on a GPU reads the largest index back to the CPU and so waits for every queued kernel."""
     return torch.zeros(size, dtype=dtype, device=indices.device).index_add_(
-        0, indices.flatten(), torch.ones(indices.numel(), dtype=dtype, device=indices.device))
+        0, indices.flatten(), torch.ones(indices.numel(), dtype=dtype, device=indices.device)
+    )
 
 
 def squared_distances(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -149,7 +149,9 @@ class EMACodebook(nn.Module):
 
     def rank_spread(self) -> torch.Tensor:
         """How far the ranks' codebooks differ (0 when DDP kept them equal), over all three buffers."""
-        return torch.stack([rank_spread(buffer) for buffer in (self.embedding, self.cluster_size, self.embed_sum)]).max()
+        return torch.stack(
+            [rank_spread(buffer) for buffer in (self.embedding, self.cluster_size, self.embed_sum)]
+        ).max()
 
     def reseed_dead_codes_(self, x: torch.Tensor) -> None:
         """Move codes that have stopped winning onto random current encoder outputs.
@@ -176,8 +178,17 @@ class Quantized(NamedTuple):
 class VectorQuantizerEMA(nn.Module):
     """Nearest-code quantization with an EMA codebook; the gradient passes it straight through, or rotated."""
 
-    def __init__(self, codebook_size: int, dim: int, commitment_weight: float, *, decay: float,
-                 dead_code_threshold: float, l2: bool = False, rotation: bool = False):
+    def __init__(
+        self,
+        codebook_size: int,
+        dim: int,
+        commitment_weight: float,
+        *,
+        decay: float,
+        dead_code_threshold: float,
+        l2: bool = False,
+        rotation: bool = False,
+    ):
         super().__init__()
         self.commitment_weight, self.l2, self.rotation = commitment_weight, l2, rotation
         self.codebook = EMACodebook(codebook_size, dim, decay, dead_code_threshold, l2=l2)
@@ -218,8 +229,10 @@ class ResidualBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(channels, channels // 2, 3, padding=1),
-            nn.ReLU(), nn.Conv2d(channels // 2, channels, 1),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels // 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(channels // 2, channels, 1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,8 +254,11 @@ class Encoder(nn.Module):
             out = hidden if stage == downsample - 1 else hidden // 2
             layers += [nn.Conv2d(channels, out, 4, stride=2, padding=1), nn.ReLU()]
             channels = out
-        layers += [nn.Conv2d(hidden, hidden, 3, padding=1), _residual_stack(hidden, residual_blocks),
-                   nn.Conv2d(hidden, dim, 1)]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            _residual_stack(hidden, residual_blocks),
+            nn.Conv2d(hidden, dim, 1),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -272,9 +288,15 @@ class VQVAE(nn.Module):
         super().__init__()
         c = config
         self.encoder = Encoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
-        self.quantizer = VectorQuantizerEMA(c.codebook_size, c.embedding_dim, c.commitment_weight, decay=c.ema_decay,
-                                            dead_code_threshold=c.dead_code_threshold, l2=c.l2_codes,
-                                            rotation=c.gradient == "rotation")
+        self.quantizer = VectorQuantizerEMA(
+            c.codebook_size,
+            c.embedding_dim,
+            c.commitment_weight,
+            decay=c.ema_decay,
+            dead_code_threshold=c.dead_code_threshold,
+            l2=c.l2_codes,
+            rotation=c.gradient == "rotation",
+        )
         self.decoder = Decoder(c.hidden_channels, c.residual_blocks, c.downsample, c.embedding_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Quantized]:

@@ -31,8 +31,10 @@ def neighbour_table(latents: pd.DataFrame, dataset: str, split: str, index: int,
     in_split = (latents["dataset"] == dataset) & (latents["split"] == split)
     row = np.flatnonzero(in_split & (latents["index"] == index))
     if len(row) == 0:
-        raise UserError(f"--index {index} is out of range: the run has {in_split.sum()} images of {dataset} {split}, "
-                        f"0 to {in_split.sum() - 1}")
+        raise UserError(
+            f"--index {index} is out of range: the run has {in_split.sum()} images of {dataset} {split}, "
+            f"0 to {in_split.sum() - 1}"
+        )
     if not 1 <= k < len(latents):
         raise UserError(f"--k takes 1 to {len(latents) - 1} (the run's other images), got {k}")
     found, distances = nearest(vectors(latents["latent"]), k, row)
@@ -40,22 +42,26 @@ def neighbour_table(latents: pd.DataFrame, dataset: str, split: str, index: int,
     return table[TABLE_COLUMNS].reset_index(drop=True)
 
 
-def neighbours_of(run_dir: str | Path, dataset: str, split: str, index: int, k: int,
-                  data_root: str | Path | None = None) -> tuple[pd.DataFrame, str]:
+def neighbours_of(
+    run_dir: str | Path, dataset: str, split: str, index: int, k: int, data_root: str | Path | None = None
+) -> tuple[pd.DataFrame, str]:
     """`neighbour_table` of a run folder (or URI) with latents/, and where its grid was drawn:
     RUN/plots/neighbours_<dataset>_<split>_<index>.png, the images read from `data_root` (default: the
     model's own)."""
     name = f"neighbours_{dataset}_{split}_{index}.png"
     with local_folder(str(run_dir), skip=("ray_results",)) as run:
         if not any((run / LATENTS_DIR).glob("*.parquet")):
-            raise UserError(f"{run_dir} has no {LATENTS_DIR}/: point --run at the --out folder of jobs/sweep.py "
-                            "or jobs/encode.py")
+            raise UserError(
+                f"{run_dir} has no {LATENTS_DIR}/: point --run at the --out folder of jobs/sweep.py or jobs/encode.py"
+            )
         table = neighbour_table(pd.read_parquet(run / LATENTS_DIR), dataset, split, index, k)
         checkpoint = find_checkpoint(run)
         # The model's own data root and image size, unless the run has no checkpoint to say them.
         config = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").config if checkpoint else Config()
-        splits = {key: rgb(load_split(*key, data_root or config.data_root, config.size)[0])
-                  for key in set(zip(table["dataset"], table["split"]))}
+        splits = {
+            key: rgb(load_split(*key, data_root or config.data_root, config.size)[0])
+            for key in set(zip(table["dataset"], table["split"]))
+        }
         images = np.stack([splits[key][i] for key, i in zip(zip(table["dataset"], table["split"]), table["index"])])
         (run / "plots").mkdir(exist_ok=True)
         draw_neighbours(table, images, run / "plots" / name)

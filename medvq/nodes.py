@@ -47,8 +47,9 @@ class Capacity:
 
     def holds(self, total: dict[str, float], each: dict[str, float]) -> bool:
         """Whether the cluster can hold `total`, made of pieces of `each` that must each fit on one node."""
-        on_one_node = any(all(shape.get(kind, 0) + 1e-9 >= amount for kind, amount in each.items())
-                          for shape in self.node_shapes)
+        on_one_node = any(
+            all(shape.get(kind, 0) + 1e-9 >= amount for kind, amount in each.items()) for shape in self.node_shapes
+        )
         fits = on_one_node and all(self.totals.get(kind, 0) + 1e-9 >= amount for kind, amount in total.items())
         return fits or not self.known
 
@@ -57,8 +58,10 @@ class Capacity:
         worker = {"CPU": config.cpus_per_worker, "GPU": config.gpus_per_worker}
         run = {kind: config.workers * amount for kind, amount in worker.items()}
         if not self.holds(run, worker):
-            raise UserError(f"one run needs {run['CPU']:g} CPUs and {run['GPU']:g} GPUs ({config.workers} workers of "
-                            f"{worker['CPU']:g} CPUs and {worker['GPU']:g} GPUs), but {self.describe()}")
+            raise UserError(
+                f"one run needs {run['CPU']:g} CPUs and {run['GPU']:g} GPUs ({config.workers} workers of "
+                f"{worker['CPU']:g} CPUs and {worker['GPU']:g} GPUs), but {self.describe()}"
+            )
         if not self.known:
             return sys.maxsize
         return min(math.floor(self.totals.get(kind, 0) / amount + 1e-9) for kind, amount in run.items() if amount > 0)
@@ -66,8 +69,10 @@ class Capacity:
     def describe(self) -> str:
         largest = {kind: max((shape.get(kind, 0) for shape in self.node_shapes), default=0) for kind in ("CPU", "GPU")}
         grows = "can grow to" if self.autoscaling else "has"
-        return (f"the cluster {grows} {self.totals.get('CPU', 0):g} CPUs and {self.totals.get('GPU', 0):g} GPUs, "
-                f"at most {largest['CPU']:g} CPUs and {largest['GPU']:g} GPUs on one node")
+        return (
+            f"the cluster {grows} {self.totals.get('CPU', 0):g} CPUs and {self.totals.get('GPU', 0):g} GPUs, "
+            f"at most {largest['CPU']:g} CPUs and {largest['GPU']:g} GPUs on one node"
+        )
 
 
 def capacity() -> Capacity:
@@ -78,8 +83,10 @@ def capacity() -> Capacity:
     if node_types is None:
         return Capacity(alive, totals)
     if not node_types:
-        log.warning("an autoscaler runs, but its node types cannot be read from here: trials are not checked "
-                    "against them and wait for the nodes it adds (give --gpus-per-trial for GPU trials)")
+        log.warning(
+            "an autoscaler runs, but its node types cannot be read from here: trials are not checked "
+            "against them and wait for the nodes it adds (give --gpus-per-trial for GPU trials)"
+        )
         return Capacity(alive, totals, autoscaling=True, known=False)
     for resources, most in node_types:
         for kind, amount in resources.items():
@@ -95,16 +102,22 @@ def autoscaler_node_types() -> list[NodeType] | None:
     (a monitor without a config file only reports the nodes there are)."""
     published = ray_state.get_cluster_config()
     if published is not None and published.node_group_configs:
-        return [(dict(group.resources), group.max_count) for group in published.node_group_configs
-                if "node:__internal_head__" not in group.resources]
+        return [
+            (dict(group.resources), group.max_count)
+            for group in published.node_group_configs
+            if "node:__internal_head__" not in group.resources
+        ]
     monitor = _local_monitor_command()
     if monitor is None:
         return [] if _internal_kv_get(DEBUG_AUTOSCALING_STATUS) else None
     if "--autoscaling-config" not in monitor:
         return None
     config = yaml.safe_load(Path(monitor[monitor.index("--autoscaling-config") + 1]).read_text())
-    return [(dict(node_type.get("resources", {})), int(node_type.get("max_workers", config.get("max_workers", 0))))
-            for name, node_type in config["available_node_types"].items() if name != config["head_node_type"]]
+    return [
+        (dict(node_type.get("resources", {})), int(node_type.get("max_workers", config.get("max_workers", 0))))
+        for name, node_type in config["available_node_types"].items()
+        if name != config["head_node_type"]
+    ]
 
 
 def _local_monitor_command() -> list[str] | None:
@@ -135,8 +148,11 @@ def check_nodes_see(config: Config, storage: str | None = None, storage_flag: st
     node will do). Workers write to the storage: a probe file made here must show there. URIs are skipped
     (every node reaches them alike); a folder this made is removed again on refusal."""
     nodes = _other_nodes()
-    files = [] if is_uri(config.data_root) else [ensure_file(name, config.data_root, config.size)
-                                                 for name in config.datasets]
+    files = (
+        []
+        if is_uri(config.data_root)
+        else [ensure_file(name, config.data_root, config.size) for name in config.datasets]
+    )
     folder = None if storage is None or is_uri(storage) else Path(storage)
     if not nodes or not (files or folder):
         return
@@ -151,10 +167,14 @@ def check_nodes_see(config: Config, storage: str | None = None, storage_flag: st
                 raise UserError(f"storage {storage} is not writable: {error}") from None
         for node, missing in _unseen_by_node(nodes, [str(probe)] if probe else [], files).items():
             if probe and str(probe) in missing:
-                raise UserError(f"{storage_flag} is a folder only this node has (node {node} cannot see it): "
-                                f"use a folder every node mounts (a shared volume) or a URI such as s3://bucket/path")
-            raise UserError(f"--data-root {config.data_root} is not on every node (node {node} lacks {missing[0]}): "
-                            f"use a folder every node has (a shared volume) or a URI such as s3://bucket/medmnist")
+                raise UserError(
+                    f"{storage_flag} is a folder only this node has (node {node} cannot see it): "
+                    f"use a folder every node mounts (a shared volume) or a URI such as s3://bucket/path"
+                )
+            raise UserError(
+                f"--data-root {config.data_root} is not on every node (node {node} lacks {missing[0]}): "
+                f"use a folder every node has (a shared volume) or a URI such as s3://bucket/medmnist"
+            )
     except UserError:
         if made:
             shutil.rmtree(made, ignore_errors=True)
@@ -169,9 +189,12 @@ def _unseen_by_node(nodes: list[dict], probes: list[str], files: list[Path]) -> 
     """One tiny task pinned to each node: {node address and id: what it cannot see} for the nodes that miss any."""
     sizes = {str(path): path.stat().st_size for path in files}
     check = ray.remote(num_cpus=0)(_unseen)
-    refs = {f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})":
-            check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
-            .remote(probes, sizes) for node in nodes}
+    refs = {
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})": check.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(probes, sizes)
+        for node in nodes
+    }
     missing = dict(zip(refs, ray.get(list(refs.values()), timeout=NODE_CHECK_SECONDS), strict=True))
     return {node: paths for node, paths in missing.items() if paths}
 

@@ -73,8 +73,9 @@ def _colours(n: int) -> list:
 
 def _scatter(ax, points: pd.DataFrame, colour, label: str) -> None:
     """One call per group: 35k points draw in well under a second, rasterised so the PNG stays small."""
-    ax.scatter(points["umap_x"], points["umap_y"], s=2, color=colour, alpha=0.6, linewidths=0,
-               rasterized=True, label=label)
+    ax.scatter(
+        points["umap_x"], points["umap_y"], s=2, color=colour, alpha=0.6, linewidths=0, rasterized=True, label=label
+    )
 
 
 def _blank_axes(ax) -> None:
@@ -133,8 +134,10 @@ def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
     repeat a dot): left, after the grace epochs every trial ran (the fair comparison); right, at each trial's
     end, hollow where ASHA stopped it early. Trials that diverged or failed have no model and are not drawn."""
     if "status" not in trials:
-        raise UserError("trials.csv has no status column (an older medvq wrote it): run the sweep command again; "
-                        "it resumes the finished sweep and rewrites its outputs")
+        raise UserError(
+            "trials.csv has no status column (an older medvq wrote it): run the sweep command again; "
+            "it resumes the finished sweep and rewrites its outputs"
+        )
     figure = Figure(figsize=SWEEP_SIZE, layout="constrained")
     at_grace, final = figure.subplots(1, 2)  # own y ranges: the early differences are small
     usable = trials[trials["status"].isin(MODEL_STATUSES)].sort_values("commitment_weight")
@@ -145,20 +148,34 @@ def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
         at_grace.scatter(group["commitment_weight"], group[GRACE_OBJECTIVE], s=24, color=colour, zorder=3)
         final.plot(means.index, means["val_nmse"], color=colour)
         for stopped, part in group.groupby(group["status"] == "stopped"):
-            final.scatter(part["commitment_weight"], part["val_nmse"], s=36, edgecolors=colour,
-                          facecolors="white" if stopped else colour, zorder=3)
+            final.scatter(
+                part["commitment_weight"],
+                part["val_nmse"],
+                s=36,
+                edgecolors=colour,
+                facecolors="white" if stopped else colour,
+                zorder=3,
+            )
     at_grace.legend(title="codebook size")
-    hollow_key = Line2D([], [], linestyle="", marker="o", color="grey", markerfacecolor="white",
-                        label="stopped early by ASHA")
+    hollow_key = Line2D(
+        [], [], linestyle="", marker="o", color="grey", markerfacecolor="white", label="stopped early by ASHA"
+    )
     final.legend(handles=[hollow_key])
     repeats = int(usable.groupby(["codebook_size", "commitment_weight"]).size().max()) if len(usable) else 0
-    at_grace.set(xscale="log", xlabel="commitment weight", ylabel="val_nmse (lower is better)",
-                 title=f"after {int(trials['grace_epochs'].iloc[0])} epochs: {len(usable)} trials"
-                 + (f", up to {repeats} seeds a cell" if repeats > 1 else ""))
+    at_grace.set(
+        xscale="log",
+        xlabel="commitment weight",
+        ylabel="val_nmse (lower is better)",
+        title=f"after {int(trials['grace_epochs'].iloc[0])} epochs: {len(usable)} trials"
+        + (f", up to {repeats} seeds a cell" if repeats > 1 else ""),
+    )
     without_model = len(trials) - len(usable)
-    final.set(xscale="log", xlabel="commitment weight",
-              title=f"at the end: {int((usable['status'] == 'stopped').sum())} stopped early (hollow)"
-              + (f"; {without_model} diverged or failed, not drawn" if without_model else ""))
+    final.set(
+        xscale="log",
+        xlabel="commitment weight",
+        title=f"at the end: {int((usable['status'] == 'stopped').sum())} stopped early (hollow)"
+        + (f"; {without_model} diverged or failed, not drawn" if without_model else ""),
+    )
     _save(figure, path)
 
 
@@ -189,8 +206,13 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> No
     ax = figure.subplots()
     # Unused codes cannot sit on a log axis: they are the empty stretch on the right, up to K.
     ax.bar(np.arange(used), np.sort(counts)[::-1][:used], width=1.0, align="edge")
-    ax.set(yscale="log", xlim=(0, codebook_size), xlabel="code, most used first", ylabel="uses",
-           title=f"{used} of {codebook_size} codes used ({used / codebook_size:.0%}), perplexity {perplexity:.1f}")
+    ax.set(
+        yscale="log",
+        xlim=(0, codebook_size),
+        xlabel="code, most used first",
+        ylabel="uses",
+        title=f"{used} of {codebook_size} codes used ({used / codebook_size:.0%}), perplexity {perplexity:.1f}",
+    )
     _save(figure, path)
 
 
@@ -205,8 +227,10 @@ def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None
         ax.imshow(image)
         _blank_axes(ax)
         first = "the image" if record.Index == 0 else f"{record.Index}. d = {record.distance:.3f}"
-        ax.set_title(f"{first}\n{record.dataset}\n{record.split} {record.index}\n{short_label(record.label_name)}",
-                     fontsize="small")
+        ax.set_title(
+            f"{first}\n{record.dataset}\n{record.split} {record.index}\n{short_label(record.label_name)}",
+            fontsize="small",
+        )
     for ax in axes[len(table) :]:
         ax.set_axis_off()
     _save(figure, path)
@@ -236,7 +260,9 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
     """Draw every figure whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
     files written. data_root: the MedMNIST files for the reconstructions (default: the model's own)."""
     if not is_uri(run_dir) and not Path(run_dir).is_dir():
-        raise UserError(f"run folder {run_dir} does not exist: point --run at the --out folder of a sweep or a training run")
+        raise UserError(
+            f"run folder {run_dir} does not exist: point --run at the --out folder of a sweep or a training run"
+        )
     # Ray's storage under the run holds every trial's checkpoints: none of it is drawn.
     with local_folder(str(run_dir), skip=("ray_results",)) as run:
         written = _draw_folder(run, data_root)
@@ -250,21 +276,32 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
     latents = pd.read_parquet(run / "latents") if has_latents else None
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:
-        raise UserError(f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
-                        "point --run at the --out folder of a sweep or a training run")
+        raise UserError(
+            f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
+            "point --run at the --out folder of a sweep or a training run"
+        )
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
         ("latent_space.png", latents is not None, lambda p: draw_latent_space(latents, p)),
         ("latent_by_class.png", latents is not None, lambda p: draw_latent_by_class(latents, p)),
-        ("codebook_usage.png", codes is not None,
-         lambda p: draw_codebook_usage(codes, _codebook_size(run, module, codes), p)),
+        (
+            "codebook_usage.png",
+            codes is not None,
+            lambda p: draw_codebook_usage(codes, _codebook_size(run, module, codes), p),
+        ),
         ("curves.png", bool(histories), lambda p: draw_curves(read_history(histories[0]), p)),
         ("sweep.png", trials_path.exists(), lambda p: draw_sweep(pd.read_csv(trials_path), p)),
-        ("reconstructions.png", module is not None,
-         lambda p: draw_reconstructions(module, data_root or module.config.data_root, p)),
-        ("explorer.html", latents is not None and module is not None,
-         lambda p: draw_explorer(latents, module, data_root or module.config.data_root, p)),
+        (
+            "reconstructions.png",
+            module is not None,
+            lambda p: draw_reconstructions(module, data_root or module.config.data_root, p),
+        ),
+        (
+            "explorer.html",
+            latents is not None and module is not None,
+            lambda p: draw_explorer(latents, module, data_root or module.config.data_root, p),
+        ),
     ]
     (run / "plots").mkdir(exist_ok=True)
     written = []

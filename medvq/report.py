@@ -1,6 +1,6 @@
-"""After training, for any checkpoint: latents (Ray Data) -> UMAP -> the per-dataset measures.
+"""After training, for any checkpoint: latents (Ray Data) -> UMAP -> one Parquet file -> the per-dataset measures.
 
-The latents are written to a staging folder and moved into place only once complete, so a failed
+The latents are written once, to a staging folder moved into place only once complete, so a failed
 or interrupted run never leaves a half-written `latents/` behind, and a re-run replaces the old one
 without a moment in which neither is whole.
 """
@@ -11,14 +11,14 @@ import shutil
 import time
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from medvq.config import Config
-from medvq.encode import encode_to_parquet
-from medvq.latent_space import add_umap_, dataset_records
-from medvq.module import checkpoint_config
+from medvq.encode import encode_latents
+from medvq.latent_space import dataset_records, with_umap
 
-LATENTS_DIR = "latents"
+LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -32,20 +32,34 @@ def replace_folder(new: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def describe_checkpoint(checkpoint: str, config: Config, out: Path, *, actors: int | None = None,
-                        gpus_per_actor: float | None = None) -> tuple[list[dict], dict[str, float]]:
-    """Encode every image of `config.datasets` to OUT/latents/ and project it; returns the per-dataset
-    records (see `dataset_records`) and the seconds each step took. Needs Ray initialised."""
+def write_latents(table: pa.Table, out: Path) -> Path:
+    """OUT/latents/latents.parquet, written once, whole: staged beside, then moved into place."""
     staging, latents = out / f"{LATENTS_DIR}.partial", out / LATENTS_DIR
-    seconds, started = {}, time.monotonic()
-    rows = encode_to_parquet(checkpoint, config, staging, actors=actors, gpus_per_actor=gpus_per_actor)
-    seconds["encode"] = time.monotonic() - started
-    seconds["umap"] = add_umap_(staging, seed=config.seed)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    pq.write_table(table, staging / PARQUET_FILE)
     replace_folder(staging, latents)
+    return latents
+
+
+def encode_and_measure(
+    checkpoint: str, config: Config, out: Path, *, actors: int | None = None, gpus_per_actor: float | None = None
+) -> tuple[list[dict], dict[str, float]]:
+    """Encode every image of `config.datasets` (Ray Data), project the latents (UMAP), write them to OUT/latents/ and
+    measure them per dataset. `config` is the one the checkpoint was trained with (its data root may differ).
+    Returns the per-dataset records (see `dataset_records`) and the seconds each step took. Needs Ray initialised."""
+    seconds, started = {}, time.monotonic()
+    table = encode_latents(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
+    seconds["encode"], started = time.monotonic() - started, time.monotonic()
+    table = with_umap(table, seed=config.seed)
+    seconds["umap"] = time.monotonic() - started
+    latents = write_latents(table, out)
     started = time.monotonic()
-    records = dataset_records(pd.read_parquet(latents), config.datasets, config.data_root, config.size,
-                              checkpoint_config(checkpoint).codebook_size)
+    records = dataset_records(table.to_pandas(), config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
-    print(f"encoded {rows} images to {latents} in {seconds['encode']:.1f} s; UMAP {seconds['umap']:.1f} s; "
-          f"probes {seconds['probes']:.1f} s", flush=True)
+    print(
+        f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; UMAP {seconds['umap']:.1f} s; "
+        f"probes {seconds['probes']:.1f} s",
+        flush=True,
+    )
     return records, seconds

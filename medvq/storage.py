@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 
@@ -112,7 +112,7 @@ def local_folder(location: str, skip: tuple[str, ...] = ()) -> Iterator[Path]:
     selector = pafs.FileSelector(root, recursive=True)
     with tempfile.TemporaryDirectory(prefix="medvq-run-") as local:
         for entry in filesystem.get_file_info(selector):
-            relative = entry.path[len(root.rstrip("/")) + 1:]
+            relative = entry.path[len(root.rstrip("/")) + 1 :]
             if entry.type == pafs.FileType.File and relative.split("/")[0] not in skip:
                 (Path(local) / relative).parent.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(entry.path, str(Path(local) / relative), source_filesystem=filesystem)

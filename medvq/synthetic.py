@@ -28,8 +28,7 @@ def synthetic_images(n: int, size: int, channels: int, labels: np.ndarray, rng: 
     return (images[..., None] * tint).astype(np.uint8)
 
 
-def write_synthetic_npz(root: str | Path, name: str, size: int = 28, seed: int = 0,
-                        flat_labels: bool = False) -> Path:
+def write_synthetic_npz(root: str | Path, name: str, size: int = 28, seed: int = 0, flat_labels: bool = False) -> Path:
     """Write `root/<medmnist file name>` for dataset `name` and return its path.
 
     flat_labels writes labels as (N,) instead of the official (N, 1), a layout seen in re-saved copies.

@@ -9,7 +9,6 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import pandas as pd
@@ -29,7 +28,11 @@ CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves i
 TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
 METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
-DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = "diverged", "epochs_done", "epoch_seconds"  # reported to Ray Train and Tune beside the metrics
+DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = (
+    "diverged",
+    "epochs_done",
+    "epoch_seconds",
+)  # reported to Ray Train and Tune beside the metrics
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
@@ -60,8 +63,11 @@ class EpochRecorder(L.Callback):
         self.epoch_started = time.monotonic()
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {"epoch": trainer.current_epoch, **{k: float(v) for k, v in trainer.callback_metrics.items()},
-               EPOCH_SECONDS: time.monotonic() - self.epoch_started}  # training and validation
+        row = {
+            "epoch": trainer.current_epoch,
+            **{k: float(v) for k, v in trainer.callback_metrics.items()},
+            EPOCH_SECONDS: time.monotonic() - self.epoch_started,
+        }  # training and validation
         non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
         if non_finite:
             self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"
@@ -120,8 +126,9 @@ class RayTrainReport(EpochRecorder):
         return {**row, EPOCHS_DONE: row["epoch"] + 1}
 
 
-def build_trainer(config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=(),
-                  progress_bar: bool = True) -> L.Trainer:
+def build_trainer(
+    config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=(), progress_bar: bool = True
+) -> L.Trainer:
     """The one place a Lightning Trainer is configured; local and Ray runs differ only in strategy."""
     accelerator = resolve_accelerator(config.accelerator)
     return L.Trainer(
@@ -156,8 +163,10 @@ def local_resume_point(config: Config, out: Path) -> Path | None:
     if trained.run_name() != config.run_name():
         wanted, had = results_shaping(config), results_shaping(trained)
         differing = ", ".join(name for name in wanted if wanted[name] != had[name])
-        raise UserError(f"--out {out} holds a run with other settings ({differing}): choose a new folder, "
-                        "or repeat that run's flags to continue it")
+        raise UserError(
+            f"--out {out} holds a run with other settings ({differing}): choose a new folder, "
+            "or repeat that run's flags to continue it"
+        )
     done = saved["epoch"] + 1
     if done >= config.epochs:
         raise UserError(f"--out {out} holds this run, finished ({done} epochs): nothing to train; choose a new folder")
@@ -174,11 +183,13 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     recorder = LocalCheckpoints(out_dir)
     trainer = build_trainer(config, callbacks=[recorder])
     try:
-        trainer.fit(VQVAEModule(config.to_dict()), datamodule=MedMNISTDataModule(config), ckpt_path=resume)
+        trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config), ckpt_path=resume)
     except SystemExit:  # Lightning's answer to Ctrl-C (and so to SIGTERM, see cli.run_job)
         if trainer.interrupted:
-            raise Stopped(f"stopped in epoch {trainer.current_epoch}: {out_dir / CHECKPOINT_NAME} holds "
-                          f"{len(recorder.rows)} epochs; the same command continues") from None
+            raise Stopped(
+                f"stopped in epoch {trainer.current_epoch}: {out_dir / CHECKPOINT_NAME} holds "
+                f"{len(recorder.rows)} epochs; the same command continues"
+            ) from None
         raise
     if recorder.diverged:
         raise RunFailed(f"training diverged: {recorder.diverged}; {kept(recorder.rows, out_dir / CHECKPOINT_NAME)}")
@@ -192,20 +203,15 @@ def kept(rows: list[dict], checkpoint: Path | str) -> str:
     return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
 
 
-def train_worker(config_dict: dict) -> str | None:
-    """Ray Train's per-worker function: why the run diverged, or None (Ray forbids returning tensors from it;
-    rank zero's return value is the run's `return_value`, while its metrics are those of its last checkpoint)."""
-    return fit_worker(config_dict)[1]
+def train_worker(loop_config: dict) -> str | None:
+    """Ray Train's per-worker function: the local trainer with Ray's DDP strategy, on one worker. Reports metrics and
+    a checkpoint every epoch; when Ray Train resumes the run (same name and storage) or retries it after a worker
+    failed, training continues from the newest checkpoint.
 
-
-def fit_worker(config_dict: dict) -> tuple[VQVAEModule, str | None]:
-    """The local trainer with Ray's DDP strategy, on one Ray Train worker; returns the fitted module and why it
-    diverged (None if it did not).
-
-    Reports metrics and a checkpoint every epoch. When Ray Train resumes a run (same name and storage)
-    or retries after a worker failure, training continues from the newest checkpoint.
+    `loop_config` is `Config.to_dict()` (Ray hands each worker a dict). Returns why the run diverged, or None: rank
+    zero's return value is the run's `return_value`, while its metrics are those of its last checkpoint.
     """
-    config = Config.from_dict(config_dict)
+    config = Config.from_dict(loop_config)
     L.seed_everything(config.seed, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-worker banners in the driver log
     trainer = build_trainer(
@@ -219,24 +225,23 @@ def fit_worker(config_dict: dict) -> tuple[VQVAEModule, str | None]:
         progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
     )
     trainer = prepare_trainer(trainer)
-    module, data = VQVAEModule(config.to_dict()), MedMNISTDataModule(config)
+    module, data = VQVAEModule(config), MedMNISTDataModule(config)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         trainer.fit(module, datamodule=data)
     else:
         with checkpoint.as_directory() as directory:
             trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / TRAIN_CHECKPOINT)
-    return module, recorder.diverged
+    return recorder.diverged
 
 
-def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
-                      per_worker: Callable[[dict], object] = train_worker) -> ray.train.Result:
-    """Run `per_worker` on `config.workers` Ray Train workers (Lightning DDP: NCCL on GPU, gloo on CPU).
-
-    The run lives at storage/name; calling again with the same name resumes it from its last checkpoint.
+def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.train.Result:
+    """Run `train_worker` on `config.workers` Ray Train workers (Lightning DDP: NCCL on GPU, gloo on CPU), from any
+    driver: jobs/train.py's process or a Tune trial. The run lives at storage/name; calling again with the same
+    name resumes it from its last checkpoint.
     """
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
-    use_gpu = config.gpus_per_worker > 0
+    use_gpu = config.gpus_per_worker > 0  # decided by the job (medvq.devices); here only carried out
     # Explicit, never guessed: a CPU worker may still see the node's GPUs.
     config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
     # One worker per GPU; several one-worker runs may share a GPU through fractional gpus_per_worker.
@@ -244,17 +249,27 @@ def train_distributed(config: Config, *, storage: str, name: str, callbacks=(),
     scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
     # Two newest checkpoints: the last one resumes the run, and the one before still exists if Tune (ASHA)
     # stops a trial whose run has already written one more epoch. Retry failed workers twice.
-    run = RunConfig(name=name, storage_path=storage, checkpoint_config=CheckpointConfig(num_to_keep=2),
-                    failure_config=FailureConfig(max_failures=2), callbacks=list(callbacks))
-    trainer = TorchTrainer(per_worker, train_loop_config=config.to_dict(), scaling_config=scaling, run_config=run,
-                           torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"))
+    run = RunConfig(
+        name=name,
+        storage_path=storage,
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
+        failure_config=FailureConfig(max_failures=2),
+        callbacks=list(callbacks),
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=scaling,
+        run_config=run,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+    )
     return trainer.fit()
 
 
 def train_on_ray(config: Config, out_dir: Path, storage: str) -> dict[str, float]:
     """A Ray Train run named after its config: model.ckpt and metrics.csv land in out_dir as for a local
     run. Running the same config again resumes it from its last checkpoint in `storage`."""
-    result = train_distributed(config, storage=storage, name=config.run_name())
+    result = run_on_ray(config, storage=storage, name=config.run_name())
     rows = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as directory:

@@ -21,7 +21,7 @@ from medvq.config import Config, SweepConfig
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.nodes import capacity
 from medvq.storage import join, read_bytes, uri_on
-from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, train_distributed
+from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, run_on_ray
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight", "seed")
@@ -33,27 +33,37 @@ TRIAL_RETRIES = 1
 
 
 def search_space(sweep: SweepConfig) -> dict:
-    commitment = (tune.grid_search(list(sweep.commitment_grid)) if sweep.commitment_grid
-                  else tune.loguniform(*sweep.commitment_range))
-    return {"codebook_size": tune.grid_search(list(sweep.codebook_sizes)), "commitment_weight": commitment,
-            "seed": tune.grid_search(list(sweep.seeds))}
+    commitment = (
+        tune.grid_search(list(sweep.commitment_grid))
+        if sweep.commitment_grid
+        else tune.loguniform(*sweep.commitment_range)
+    )
+    return {
+        "codebook_size": tune.grid_search(list(sweep.codebook_sizes)),
+        "commitment_weight": commitment,
+        "seed": tune.grid_search(list(sweep.seeds)),
+    }
 
 
-def run_trial(params: dict, base: dict, storage: str) -> None:
+def run_trial(params: dict, base: Config, storage: str) -> None:
     """One Tune trial = one Ray Train run, reporting to Tune every epoch.
 
     Its Train run is named after the trial, so a resumed sweep (or a retried trial) resumes an unfinished
     trial's run from its last checkpoint.
     """
-    config = Config.from_dict(base).with_changes(**{name: params[name] for name in SEARCHED})
+    config = base.with_changes(**{name: params[name] for name in SEARCHED})
     context = tune.get_context()
-    train_distributed(config, storage=storage, name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
-                      callbacks=[TuneReportCallback()])
+    run_on_ray(
+        config,
+        storage=storage,
+        name=f"{context.get_experiment_name()}-{context.get_trial_id()}",
+        callbacks=[TuneReportCallback()],
+    )
 
 
 def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     """A new Tuner, or the stored one when this sweep already ran here: finished trials are not run again."""
-    trainable = tune.with_parameters(run_trial, base=sweep.base.to_dict(), storage=storage)
+    trainable = tune.with_parameters(run_trial, base=sweep.base, storage=storage)
     # The trial function only drives its Train run: the Train workers hold the CPUs and GPUs, so the
     # driver asks for a little memory only (Tune needs some request) and never blocks a worker's CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
@@ -66,12 +76,20 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     return tune.Tuner(
         trainable,
         param_space=search_space(sweep),
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode=MODE, scheduler=scheduler,
-                                    # a grid's repeats are its seeds; sampled weights are drawn num_samples times
-                                    num_samples=1 if sweep.commitment_grid else sweep.num_samples,
-                                    max_concurrent_trials=limit),
-        run_config=tune.RunConfig(name=sweep.run_name(), storage_path=storage, verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES)),
+        tune_config=tune.TuneConfig(
+            metric=OBJECTIVE,
+            mode=MODE,
+            scheduler=scheduler,
+            # a grid's repeats are its seeds; sampled weights are drawn num_samples times
+            num_samples=1 if sweep.commitment_grid else sweep.num_samples,
+            max_concurrent_trials=limit,
+        ),
+        run_config=tune.RunConfig(
+            name=sweep.run_name(),
+            storage_path=storage,
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+        ),
     )
 
 
@@ -105,8 +123,10 @@ def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
     with stopped_gracefully_by_signals() as received:
         results = _tuner(sweep, storage).fit()
     if received:
-        raise Stopped(f"the sweep was stopped by {signal.Signals(received[0]).name}; its state is saved in "
-                      f"{results.experiment_path}: the same command resumes it")
+        raise Stopped(
+            f"the sweep was stopped by {signal.Signals(received[0]).name}; its state is saved in "
+            f"{results.experiment_path}: the same command resumes it"
+        )
     return results
 
 
@@ -139,8 +159,14 @@ def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str)
     checkpoint's full location (s3://... when `storage` is a URI: Ray reports paths without their scheme)."""
     last = result.metrics or {}
     status, reason = trial_status(result, epochs)
-    row = {"trial_id": last.get("trial_id", Path(result.path).name), **{name: result.config[name] for name in SEARCHED},
-           "status": status, "error": reason, "epochs_run": last.get(EPOCHS_DONE), "grace_epochs": grace_epochs}
+    row = {
+        "trial_id": last.get("trial_id", Path(result.path).name),
+        **{name: result.config[name] for name in SEARCHED},
+        "status": status,
+        "error": reason,
+        "epochs_run": last.get(EPOCHS_DONE),
+        "grace_epochs": grace_epochs,
+    }
     checkpoint = uri_on(storage, last[CHECKPOINT_PATH_KEY]) if CHECKPOINT_PATH_KEY in last else None
     at_grace = pd.Series(dtype=float)
     try:
@@ -161,8 +187,12 @@ def trial_table(results: tune.ResultGrid, grace_epochs: int, epochs: int, storag
     table = table.reindex(columns=[*table.columns, *{OBJECTIVE} - set(table.columns)])  # no trial reported one
     table["epochs_run"] = table["epochs_run"].astype("Int64")  # whole numbers, also beside a trial that ran none
     without_model = ~table["status"].isin(MODEL_STATUSES)
-    return table.assign(_order=without_model).sort_values(["_order", OBJECTIVE]).drop(columns="_order") \
+    return (
+        table.assign(_order=without_model)
+        .sort_values(["_order", OBJECTIVE])
+        .drop(columns="_order")
         .reset_index(drop=True)
+    )
 
 
 def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: str, out: Path) -> dict:
@@ -174,8 +204,9 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: s
     usable = table[table["status"].isin(MODEL_STATUSES)]
     if usable.empty:
         counts = ", ".join(f"{n} {status}" for status, n in table["status"].value_counts().items())
-        raise RunFailed(f"no trial left a model ({counts}); first reason: {table['error'].iloc[0]}; "
-                        f"see {out / 'trials.csv'}")
+        raise RunFailed(
+            f"no trial left a model ({counts}); first reason: {table['error'].iloc[0]}; see {out / 'trials.csv'}"
+        )
     best_row = usable.iloc[0]
     read_trial_history(best_row[CHECKPOINT_PATH_KEY]).to_csv(out / "best_metrics.csv", index=False)
     config = sweep.base.with_changes(**{name: type(getattr(sweep.base, name))(best_row[name]) for name in SEARCHED})

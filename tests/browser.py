@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 import shutil
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -68,7 +68,8 @@ def open_page(driver: webdriver.Chrome, page: Path) -> None:
     """Load the page from its file:// URL and wait until Bokeh has drawn it."""
     driver.get(page.resolve().as_uri())
     WebDriverWait(driver, LOAD_SECONDS).until(
-        lambda d: d.execute_script("return window.Bokeh?.documents?.[0]?.is_idle === true"))
+        lambda d: d.execute_script("return window.Bokeh?.documents?.[0]?.is_idle === true")
+    )
 
 
 def point_positions(driver: webdriver.Chrome) -> np.ndarray:
@@ -119,8 +120,11 @@ def lone_row(driver: webdriver.Chrome, dataset: str | None = None, split: str | 
     pixel the pointer lands."""
     data = driver.execute_script('return Bokeh.documents[0].get_model_by_name("points").data')
     alone = crowding(point_positions(driver), POINT_SIZE / 2 + 1) == 1
-    return next(row for row, (name, part) in enumerate(zip(data["dataset"], data["split"]))
-                if alone[row] and dataset in (None, name) and split in (None, part))
+    return next(
+        row
+        for row, (name, part) in enumerate(zip(data["dataset"], data["split"]))
+        if alone[row] and dataset in (None, name) and split in (None, part)
+    )
 
 
 def main() -> None:

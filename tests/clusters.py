@@ -26,6 +26,7 @@ import urllib.request
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
+
 import boto3
 import pyarrow.fs as pafs
 
@@ -93,8 +94,9 @@ class Processes:
 
     def start(self, command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         with open(log, "w") as output:
-            process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+            process = subprocess.Popen(
+                command, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
         process.log = log  # for wait_for's messages
         self.started.append(process)
         return process
@@ -111,8 +113,14 @@ class Processes:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-NODE_PORTS = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-              "metrics-export-port", "runtime-env-agent-port")
+NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+)
 
 
 def _node_ports(ports: list[int] | None = None) -> list[str]:
@@ -120,8 +128,11 @@ def _node_ports(ports: list[int] | None = None) -> list[str]:
     lie below the kernel's ephemeral ports, which free_ports() hands out, and above Ray's client port 10001."""
     first = 10200 + PORTS_PER_NODE * (next(_WORKER_RANGES) % 48)
     ports = ports or free_ports(len(NODE_PORTS))
-    return [*(f"--{name}={port}" for name, port in zip(NODE_PORTS, ports, strict=True)),
-            f"--min-worker-port={first}", f"--max-worker-port={first + PORTS_PER_NODE - 1}"]
+    return [
+        *(f"--{name}={port}" for name, port in zip(NODE_PORTS, ports, strict=True)),
+        f"--min-worker-port={first}",
+        f"--max-worker-port={first + PORTS_PER_NODE - 1}",
+    ]
 
 
 @dataclass
@@ -133,44 +144,92 @@ class Cluster:
 
     def nodes(self) -> list[dict]:
         """The alive nodes, as `ray list nodes` reports them."""
-        listed = subprocess.run([RAY, "list", "nodes", "--address", self.address, "--format", "json"],
-                                env=self.env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [RAY, "list", "nodes", "--address", self.address, "--format", "json"],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr[-2000:]
         nodes = json.loads(listed.stdout) if listed.stdout.lstrip().startswith("[") else []  # else "No resource"
         return [node for node in nodes if node["state"] == "ALIVE"]
 
     def actors(self, class_name: str) -> list[dict]:
         """Every actor of that class the cluster has had, alive or dead, with its node and process id."""
-        listed = subprocess.run([RAY, "list", "actors", "--address", self.address, "--format", "json", "--detail",
-                                 "--filter", f"class_name={class_name}"],
-                                env=self.env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run(
+            [
+                RAY,
+                "list",
+                "actors",
+                "--address",
+                self.address,
+                "--format",
+                "json",
+                "--detail",
+                "--filter",
+                f"class_name={class_name}",
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert listed.returncode == 0, listed.stderr[-2000:]
         return json.loads(listed.stdout) if listed.stdout.lstrip().startswith("[") else []
 
     def job_status(self, job_id: str) -> str:
         """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED; UNKNOWN when the job API did not answer."""
-        status = subprocess.run([RAY, "job", "status", "--address", self.dashboard, job_id],
-                                env=self.env, capture_output=True, text=True, timeout=60)
+        status = subprocess.run(
+            [RAY, "job", "status", "--address", self.dashboard, job_id],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         said = (status.stdout + status.stderr).lower()  # "Job 'raysubmit_...' succeeded", "... is currently running"
-        return next((word.upper() for word in ("succeeded", "failed", "stopped", "running", "pending") if word in said),
-                    "UNKNOWN")
+        return next(
+            (word.upper() for word in ("succeeded", "failed", "stopped", "running", "pending") if word in said),
+            "UNKNOWN",
+        )
 
     def job_logs(self, job_id: str) -> str:
-        logs = subprocess.run([RAY, "job", "logs", "--address", self.dashboard, job_id],
-                              env=self.env, capture_output=True, text=True, timeout=60)
+        logs = subprocess.run(
+            [RAY, "job", "logs", "--address", self.dashboard, job_id],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return logs.stdout + logs.stderr
 
-    def submit(self, *command: str, timeout: float = 600, working_dir: bool = True,
-               wait: bool = True) -> subprocess.CompletedProcess:
+    def submit(
+        self, *command: str, timeout: float = 600, working_dir: bool = True, wait: bool = True
+    ) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .` of `command`, from the repository root, to the end (or, not `wait`ing,
         until it is submitted). Without `working_dir` the job runs in this checkout, for clusters whose
         nodes all share this machine's files (Ray's fake autoscaler: there, the job's unpacked working_dir
         vanished under its driver once the trials ended)."""
         shipped = ["--working-dir", "."] if working_dir else []
         command = command if working_dir else ("sh", "-c", f"cd {shlex.quote(str(REPO))} && {shlex.join(command)}")
-        return subprocess.run([RAY, "job", "submit", "--address", self.dashboard, *shipped,
-                               *([] if wait else ["--no-wait"]), "--", *command],
-                              cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [
+                RAY,
+                "job",
+                "submit",
+                "--address",
+                self.dashboard,
+                *shipped,
+                *([] if wait else ["--no-wait"]),
+                "--",
+                *command,
+            ],
+            cwd=REPO,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 def start_head(processes: Processes, env: dict[str, str], *flags: str, port: int | None = None) -> Cluster:
@@ -183,10 +242,25 @@ def start_head(processes: Processes, env: dict[str, str], *flags: str, port: int
     # RAY_ADDRESS where the cluster starts: its processes then find it even if other instances run here.
     env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     head = processes.start(
-        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-         f"--ray-client-server-port={client}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         "--include-dashboard=true", f"--temp-dir={temp_dir}", "--object-store-memory=400000000", *_node_ports(node_ports),
-         *flags], env, temp_dir / "head.log")
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            f"--ray-client-server-port={client}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            "--include-dashboard=true",
+            f"--temp-dir={temp_dir}",
+            "--object-store-memory=400000000",
+            *_node_ports(node_ports),
+            *flags,
+        ],
+        env,
+        temp_dir / "head.log",
+    )
     cluster = Cluster(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard}", env, temp_dir)
     wait_for(lambda: answers(f"{cluster.dashboard}/api/version"), "ray start --head", process=head)
     wait_for(cluster.nodes, "the head node listed", process=head)
@@ -197,8 +271,18 @@ def start_private_node(processes: Processes, cluster: Cluster, cpus: int) -> Non
     """A worker node in its own mount namespace with an empty tmpfs on /tmp: it sees the machine's files but
     none of the head's /tmp, as a node of a real cluster sees none of the head's local disk."""
     known = len(cluster.nodes())
-    start = shlex.join([RAY, "start", "--block", f"--address={cluster.address}", "--node-ip-address=127.0.0.1",
-                        f"--num-cpus={cpus}", "--object-store-memory=400000000", *_node_ports()])
+    start = shlex.join(
+        [
+            RAY,
+            "start",
+            "--block",
+            f"--address={cluster.address}",
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={cpus}",
+            "--object-store-memory=400000000",
+            *_node_ports(),
+        ]
+    )
     log = cluster.logs / f"node-{known}.log"
     private_tmp = "mount -t tmpfs tmpfs /tmp"
     if REPO.is_relative_to("/tmp"):  # a checkout (and its .venv) in /tmp: every node still runs its code
@@ -212,13 +296,26 @@ def start_s3(processes: Processes, bucket: str) -> dict[str, str]:
     """moto's S3 server on 127.0.0.1 with one bucket; returns the environment that points AWS SDKs (and so
     pyarrow and Ray) at it, the way every AWS SDK reads it."""
     port = free_port()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-    server = processes.start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                             {**os.environ, **env}, processes.folder("moto-") / "moto.log")
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    server = processes.start(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        {**os.environ, **env},
+        processes.folder("moto-") / "moto.log",
+    )
     wait_for(lambda: answers(env["AWS_ENDPOINT_URL"]), "moto_server", process=server)
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                 aws_secret_access_key="testing", region_name="us-east-1").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
     return env
 
 

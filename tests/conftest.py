@@ -15,14 +15,32 @@ REPO = Path(__file__).resolve().parents[1]
 # Two small sets, one grayscale and one RGB, so every test covers the channel replication.
 SYNTHETIC_DATASETS = ("breastmnist", "retinamnist")
 # A model small enough that a CPU epoch of a few batches takes about a second.
-TINY = dict(datasets=SYNTHETIC_DATASETS, hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64,
-            epochs=1, limit_batches=3, accelerator="cpu")
+TINY = dict(
+    datasets=SYNTHETIC_DATASETS,
+    hidden_channels=16,
+    embedding_dim=8,
+    codebook_size=32,
+    batch_size=64,
+    epochs=1,
+    limit_batches=3,
+    accelerator="cpu",
+)
 
 
 def smoke_command(data_root: Path | str, out: Path | str, *extra: str) -> list[str]:
     """The smoke sweep on the synthetic sets, as a user types it."""
-    return ["python", "jobs/sweep.py", "--smoke", "--data-root", str(data_root),
-            "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", str(out), *extra]
+    return [
+        "python",
+        "jobs/sweep.py",
+        "--smoke",
+        "--data-root",
+        str(data_root),
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -17,9 +17,18 @@ from tests.conftest import REPO, SYNTHETIC_DATASETS
 pytestmark = pytest.mark.integration
 
 CONTENDERS = (
-    "seed pipeline", "medvq model, seed data path", "medvq as shipped", "Ray Train, 1 CPU worker",
-    "Ray Train, 2 CPU workers", "plain torch loop", "Ray Data, end to end", "Ray Data, Ray already running",
-    "Ray Data, steady", "UMAP", "draw_run", "medvq as shipped, batch 32",
+    "seed pipeline",
+    "medvq model, seed data path",
+    "medvq as shipped",
+    "Ray Train, 1 CPU worker",
+    "Ray Train, 2 CPU workers",
+    "plain torch loop",
+    "Ray Data, end to end",
+    "Ray Data, Ray already running",
+    "Ray Data, steady",
+    "UMAP",
+    "draw_run",
+    "medvq as shipped, batch 32",
     "this process / a Ray Train worker",
 )
 TRAINING = ("seed_pipeline", "medvq_model_seed_data", "lightning")
@@ -30,8 +39,21 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
     """(stdout, the JSON) of one smoke run on the CPU; the whole-job row is left out (tests/test_jobs.py runs
     that job, and the line it is read from is tested below)."""
     out = tmp_path_factory.mktemp("benchmark") / "benchmark.json"
-    command = [sys.executable, "benchmarks/run.py", "--smoke", "--no-sweep", "--accelerator", "cpu", "--synthetic",
-               "--datasets", ",".join(SYNTHETIC_DATASETS), "--batch-sizes", "32", "--out", str(out)]
+    command = [
+        sys.executable,
+        "benchmarks/run.py",
+        "--smoke",
+        "--no-sweep",
+        "--accelerator",
+        "cpu",
+        "--synthetic",
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--batch-sizes",
+        "32",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout, json.loads(out.read_text())
@@ -70,9 +92,14 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from sweep_job import step_seconds
 
-    best = {"trials": 2, "trials_by_status": {"finished": 2}, "trial_id": "a", "checkpoint": "model.ckpt",
-            "config": {"codebook_size": 32, "commitment_weight": 0.25, "seed": 0},
-            "metrics": {"val_nmse": 0.5, "val_psnr": 20.0, "val_ssim": 0.5, "val_codes_used": 0.5}}
+    best = {
+        "trials": 2,
+        "trials_by_status": {"finished": 2},
+        "trial_id": "a",
+        "checkpoint": "model.ckpt",
+        "config": {"codebook_size": 32, "commitment_weight": 0.25, "seed": 0},
+        "metrics": {"val_nmse": 0.5, "val_psnr": 20.0, "val_ssim": 0.5, "val_codes_used": 0.5},
+    }
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}

@@ -8,11 +8,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import tomllib
 import yaml
 
 from tests.conftest import REPO
@@ -21,8 +21,11 @@ CLUSTER = REPO / "cluster"
 KUBERAY = CLUSTER / "kuberay"
 README = (CLUSTER / "README.md").read_text()
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-RAY_VERSION = next(re.fullmatch(r"ray\[[\w,]+\]==([\w.]+)", dep)[1]
-                   for dep in PYPROJECT["project"]["dependencies"] if dep.startswith("ray["))
+RAY_VERSION = next(
+    re.fullmatch(r"ray\[[\w,]+\]==([\w.]+)", dep)[1]
+    for dep in PYPROJECT["project"]["dependencies"]
+    if dep.startswith("ray[")
+)
 KUBERNETES_VERSION = "1.30"  # an old-enough API server: the manifests must not need newer pod fields
 SHARED = "/mnt/shared"  # where every KubeRay pod mounts the shared volume
 TOKEN_SECRET = "medvq-ray-token"
@@ -63,29 +66,76 @@ def _obj(properties: dict, required=()) -> dict:
 _ANY, _STR, _INT, _BOOL = {"type": "object"}, {"type": "string"}, {"type": "integer"}, {"type": "boolean"}
 _STR_MAP = {"type": "object", "additionalProperties": _STR}
 _GROUP = {"template": _ANY, "rayStartParams": _STR_MAP, "resources": _STR_MAP, "labels": _STR_MAP}
-RAY_CLUSTER_SPEC = _obj({
-    "authOptions": _obj({"mode": {"enum": ["disabled", "token"]}, "secretName": _STR, "enableK8sTokenAuth": _BOOL}),
-    "autoscalerOptions": _obj({"idleTimeoutSeconds": _INT, "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
-                               "version": {"enum": ["v1", "v2"]}, "resources": _ANY, "image": _STR,
-                               "imagePullPolicy": _STR, "securityContext": _ANY, "env": {"type": "array"},
-                               "envFrom": {"type": "array"}, "volumeMounts": {"type": "array"}}),
-    "enableInTreeAutoscaling": _BOOL, "rayVersion": _STR, "suspend": _BOOL, "managedBy": _STR,
-    "headServiceAnnotations": _STR_MAP, "gcsFaultToleranceOptions": _ANY, "upgradeStrategy": _ANY,
-    "headGroupSpec": _obj({**_GROUP, "headService": _ANY, "enableIngress": _BOOL, "serviceType": _STR},
-                          required=["template"]),
-    "workerGroupSpecs": {"type": "array", "items": _obj(
-        {**_GROUP, "groupName": _STR, "replicas": _INT, "minReplicas": _INT, "maxReplicas": _INT,
-         "idleTimeoutSeconds": _INT, "numOfHosts": _INT, "suspend": _BOOL, "scaleStrategy": _ANY},
-        required=["groupName", "template"])},
-}, required=["headGroupSpec"])
-RAY_JOB_SPEC = _obj({
-    "entrypoint": _STR, "runtimeEnvYAML": _STR, "jobId": _STR, "rayClusterSpec": RAY_CLUSTER_SPEC,
-    "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
-    "shutdownAfterJobFinishes": _BOOL, "ttlSecondsAfterFinished": _INT, "activeDeadlineSeconds": _INT,
-    "backoffLimit": _INT, "suspend": _BOOL, "clusterSelector": _STR_MAP, "metadata": _STR_MAP,
-    "submitterPodTemplate": _ANY, "submitterConfig": _ANY, "deletionStrategy": _ANY, "managedBy": _STR,
-    "entrypointNumCpus": {"type": "number"}, "entrypointNumGpus": {"type": "number"}, "entrypointResources": _STR,
-})
+RAY_CLUSTER_SPEC = _obj(
+    {
+        "authOptions": _obj({"mode": {"enum": ["disabled", "token"]}, "secretName": _STR, "enableK8sTokenAuth": _BOOL}),
+        "autoscalerOptions": _obj(
+            {
+                "idleTimeoutSeconds": _INT,
+                "upscalingMode": {"enum": ["Default", "Aggressive", "Conservative"]},
+                "version": {"enum": ["v1", "v2"]},
+                "resources": _ANY,
+                "image": _STR,
+                "imagePullPolicy": _STR,
+                "securityContext": _ANY,
+                "env": {"type": "array"},
+                "envFrom": {"type": "array"},
+                "volumeMounts": {"type": "array"},
+            }
+        ),
+        "enableInTreeAutoscaling": _BOOL,
+        "rayVersion": _STR,
+        "suspend": _BOOL,
+        "managedBy": _STR,
+        "headServiceAnnotations": _STR_MAP,
+        "gcsFaultToleranceOptions": _ANY,
+        "upgradeStrategy": _ANY,
+        "headGroupSpec": _obj(
+            {**_GROUP, "headService": _ANY, "enableIngress": _BOOL, "serviceType": _STR}, required=["template"]
+        ),
+        "workerGroupSpecs": {
+            "type": "array",
+            "items": _obj(
+                {
+                    **_GROUP,
+                    "groupName": _STR,
+                    "replicas": _INT,
+                    "minReplicas": _INT,
+                    "maxReplicas": _INT,
+                    "idleTimeoutSeconds": _INT,
+                    "numOfHosts": _INT,
+                    "suspend": _BOOL,
+                    "scaleStrategy": _ANY,
+                },
+                required=["groupName", "template"],
+            ),
+        },
+    },
+    required=["headGroupSpec"],
+)
+RAY_JOB_SPEC = _obj(
+    {
+        "entrypoint": _STR,
+        "runtimeEnvYAML": _STR,
+        "jobId": _STR,
+        "rayClusterSpec": RAY_CLUSTER_SPEC,
+        "submissionMode": {"enum": ["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"]},
+        "shutdownAfterJobFinishes": _BOOL,
+        "ttlSecondsAfterFinished": _INT,
+        "activeDeadlineSeconds": _INT,
+        "backoffLimit": _INT,
+        "suspend": _BOOL,
+        "clusterSelector": _STR_MAP,
+        "metadata": _STR_MAP,
+        "submitterPodTemplate": _ANY,
+        "submitterConfig": _ANY,
+        "deletionStrategy": _ANY,
+        "managedBy": _STR,
+        "entrypointNumCpus": {"type": "number"},
+        "entrypointNumGpus": {"type": "number"},
+        "entrypointResources": _STR,
+    }
+)
 KUBERAY_SCHEMAS = {"RayCluster": RAY_CLUSTER_SPEC, "RayJob": RAY_JOB_SPEC}
 
 
@@ -206,7 +256,9 @@ def test_aws_has_a_cpu_head_and_gpu_workers_with_token_auth():
 
 
 def test_the_data_upload_command_imports_what_exists():
-    imports = re.findall(r"from ([\w.]+) import (\w+)", next(line for line in README.splitlines() if "verified_file" in line))
+    imports = re.findall(
+        r"from ([\w.]+) import (\w+)", next(line for line in README.splitlines() if "verified_file" in line)
+    )
     assert imports
     for module, name in imports:
         assert hasattr(importlib.import_module(module), name), f"aws.yaml imports {module}.{name}"
@@ -236,8 +288,11 @@ def flags(argv: list[str]) -> dict[str, str | None]:
 def gpu_demand(flag: dict) -> tuple[float, float, float]:
     """(GPUs for all concurrent trials, GPUs of one worker, CPUs of one worker) a sweep command asks for."""
     workers, gpus_per_trial = int(flag.get("--workers-per-trial", 1)), float(flag["--gpus-per-trial"])
-    return (gpus_per_trial * int(flag["--max-concurrent-trials"]), gpus_per_trial / workers,
-            float(flag.get("--cpus-per-worker", 1)))
+    return (
+        gpus_per_trial * int(flag["--max-concurrent-trials"]),
+        gpus_per_trial / workers,
+        float(flag.get("--cpus-per-worker", 1)),
+    )
 
 
 def kuberay_capacity(spec: dict) -> tuple[float, float, float]:
@@ -268,8 +323,11 @@ def test_the_aws_command_keeps_everything_on_s3_as_the_multinode_test_runs_it():
 def test_every_sweep_command_fills_the_cluster_it_is_written_for(source, argv):
     flag = flags(argv)
     storage = flag.get("--storage") or f"{flag['--out']}/ray_results"
-    capacities = ([kuberay_capacity(spec) for spec in KUBERAY_CLUSTERS.values()]
-                  if storage.startswith(SHARED) else [aws_capacity()])
+    capacities = (
+        [kuberay_capacity(spec) for spec in KUBERAY_CLUSTERS.values()]
+        if storage.startswith(SHARED)
+        else [aws_capacity()]
+    )
     assert storage.startswith((SHARED, "s3://")), "cluster storage must be shared by every node"
     assert flag["--data-root"].startswith((SHARED, "s3://")), "every node reads the data"
     total, per_worker, cpus = gpu_demand(flag)
@@ -279,10 +337,17 @@ def test_every_sweep_command_fills_the_cluster_it_is_written_for(source, argv):
 
 
 def test_the_readme_table_has_the_manifests_numbers():
-    rows = {cells[0]: cells[1:] for line in README.splitlines() if line.startswith("| ")
-            for cells in [[cell.strip() for cell in line.strip("|").split("|")]]}
-    rayjob_gpus, raycluster_gpus, aws_gpus = (kuberay_capacity(KUBERAY_CLUSTERS["rayjob"])[0],
-                                              kuberay_capacity(RAYCLUSTER["spec"])[0], aws_capacity()[0])
+    rows = {
+        cells[0]: cells[1:]
+        for line in README.splitlines()
+        if line.startswith("| ")
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    rayjob_gpus, raycluster_gpus, aws_gpus = (
+        kuberay_capacity(KUBERAY_CLUSTERS["rayjob"])[0],
+        kuberay_capacity(RAYCLUSTER["spec"])[0],
+        aws_capacity()[0],
+    )
     assert rows["GPUs, at most"] == [f"{rayjob_gpus:g}", f"{raycluster_gpus:g}", f"{aws_gpus:g}"]
     for cell, spec in zip(rows["head"], KUBERAY_CLUSTERS.values()):
         limits = ray_container(spec["headGroupSpec"]["template"])["resources"]["limits"]
@@ -296,15 +361,17 @@ def test_the_readme_table_has_the_manifests_numbers():
     head, worker = AWS["available_node_types"]["head"], AWS["available_node_types"]["gpu_worker"]
     assert rows["head"][2].startswith(f"{head['node_config']['InstanceType']}: {head['resources']['CPU']} vCPUs")
     assert rows["GPU workers"][2].startswith(
-        f"{worker['min_workers']} to {worker['max_workers']} {worker['node_config']['InstanceType']}")
+        f"{worker['min_workers']} to {worker['max_workers']} {worker['node_config']['InstanceType']}"
+    )
     assert rows["each GPU worker"][2].startswith(f"{worker['resources']['GPU']} ")
     assert f"{worker['resources']['CPU']} vCPUs" in rows["each GPU worker"][2]
 
 
 @pytest.mark.integration
 def test_jobs_sweep_accepts_every_flag_the_cluster_docs_use():
-    help_text = subprocess.run([sys.executable, "jobs/sweep.py", "--help"], cwd=REPO, capture_output=True,
-                               text=True, timeout=300, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "jobs/sweep.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=300, check=True
+    ).stdout
     for source, argv in sweep_commands().items():
         for name in flags(argv):
             assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", help_text), f"{source}: {name} is not a flag"
@@ -313,6 +380,7 @@ def test_jobs_sweep_accepts_every_flag_the_cluster_docs_use():
 # ---- what goes into the image, and what never goes into a file
 def dockerignored(path: str, patterns: list[str]) -> bool:
     """Docker's rule: a path is left out when it, or a folder above it, matches a pattern."""
+
     def regex(pattern: str) -> str:
         parts = re.split(r"(\*\*/|\*|\?)", pattern)
         return "".join({"**/": "(?:.*/)?", "*": "[^/]*", "?": "[^/]"}.get(part, re.escape(part)) for part in parts)
@@ -325,12 +393,22 @@ def test_dockerignore_keeps_data_and_outputs_out_and_the_code_in():
     lines = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     patterns = [line for line in lines if line and not line.startswith("#")]
     assert not any(pattern.startswith("!") for pattern in patterns)  # keeps the matcher above exact
-    for path in ("out/model.ckpt", "runs/sweep/latents/part-0.parquet", "results/plot.png", "bloodmnist.npz",
-                 "data/medmnist/bloodmnist.npz", ".venv/bin/python", ".git/HEAD", "medvq/__pycache__/data.pyc",
-                 "runs/sweep/ray_results/x.json", "lightning_logs/version_0/hparams.yaml"):
+    for path in (
+        "out/model.ckpt",
+        "runs/sweep/latents/part-0.parquet",
+        "results/plot.png",
+        "bloodmnist.npz",
+        "data/medmnist/bloodmnist.npz",
+        ".venv/bin/python",
+        ".git/HEAD",
+        "medvq/__pycache__/data.pyc",
+        "runs/sweep/ray_results/x.json",
+        "lightning_logs/version_0/hparams.yaml",
+    ):
         assert dockerignored(path, patterns), f"{path} would go into the image"
-    needed = ["pyproject.toml", "README.md"] + [str(path.relative_to(REPO)) for folder in ("medvq", "jobs")
-                                                for path in (REPO / folder).glob("*.py")]
+    needed = ["pyproject.toml", "README.md"] + [
+        str(path.relative_to(REPO)) for folder in ("medvq", "jobs") for path in (REPO / folder).glob("*.py")
+    ]
     for path in needed:
         assert not dockerignored(path, patterns), f"{path} is needed in the image"
 
@@ -347,8 +425,11 @@ SECRET_PATTERNS = {
 }
 
 
-@pytest.mark.parametrize("path", [p for p in sorted(CLUSTER.rglob("*")) if p.is_file()] + [REPO / ".dockerignore"],
-                         ids=lambda path: str(path.relative_to(REPO)))
+@pytest.mark.parametrize(
+    "path",
+    [p for p in sorted(CLUSTER.rglob("*")) if p.is_file()] + [REPO / ".dockerignore"],
+    ids=lambda path: str(path.relative_to(REPO)),
+)
 def test_no_secrets_in_cluster_files(path):
     text = path.read_text()
     for what, pattern in SECRET_PATTERNS.items():

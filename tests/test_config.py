@@ -16,24 +16,49 @@ def test_a_sweeps_name_ignores_how_it_runs(changes):
     assert sweep(**changes).run_name() == sweep().run_name()
 
 
-@pytest.mark.parametrize("base_changes", [dict(gpus_per_worker=1.0), dict(cpus_per_worker=4.0),
-                                          dict(data_root="s3://bucket/medmnist"), dict(compile_model=True)])
+@pytest.mark.parametrize(
+    "base_changes",
+    [
+        dict(gpus_per_worker=1.0),
+        dict(cpus_per_worker=4.0),
+        dict(data_root="s3://bucket/medmnist"),
+        dict(compile_model=True),
+    ],
+)
 def test_a_runs_name_ignores_where_its_data_lives_and_which_hardware_is_up(base_changes):
     plain = sweep()
     moved = SweepConfig(plain.base.with_changes(**base_changes), codebook_sizes=(64, 128), commitment_grid=(0.25,))
     assert moved.run_name() == plain.run_name() and moved.base.run_name() == plain.base.run_name()
 
 
-@pytest.mark.parametrize("base_changes", [dict(epochs=11), dict(seed=1), dict(codebook_size=256), dict(workers=2),
-                                          dict(datasets=("bloodmnist",)), dict(size=64), dict(batch_size=128)])
+@pytest.mark.parametrize(
+    "base_changes",
+    [
+        dict(epochs=11),
+        dict(seed=1),
+        dict(codebook_size=256),
+        dict(workers=2),
+        dict(datasets=("bloodmnist",)),
+        dict(size=64),
+        dict(batch_size=128),
+    ],
+)
 def test_a_runs_name_changes_with_what_shapes_its_results(base_changes):
     plain = Config(datasets=("breastmnist",))
     assert plain.with_changes(**base_changes).run_name() != plain.run_name()
 
 
 def test_a_sweeps_name_changes_with_its_search_space():
-    assert len({sweep().run_name(), sweep(num_samples=2).run_name(),
-                SweepConfig(sweep().base, codebook_sizes=(64,), commitment_grid=(0.25,)).run_name()}) == 3
+    assert (
+        len(
+            {
+                sweep().run_name(),
+                sweep(num_samples=2).run_name(),
+                SweepConfig(sweep().base, codebook_sizes=(64,), commitment_grid=(0.25,)).run_name(),
+            }
+        )
+        == 3
+    )
 
 
 def test_repeats_of_a_grid_get_their_own_seeds_and_sampled_weights_share_one():

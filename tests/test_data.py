@@ -64,8 +64,9 @@ def test_flat_labels_load_like_official_layout(tmp_path):
     with np.load(official) as a, np.load(flat) as b:
         assert a["train_labels"].ndim == 2 and b["train_labels"].ndim == 1
     for split in SPLITS:
-        (images_a, labels_a), (images_b, labels_b) = (load_split("retinamnist", split, path.parent)
-                                                      for path in (official, flat))
+        (images_a, labels_a), (images_b, labels_b) = (
+            load_split("retinamnist", split, path.parent) for path in (official, flat)
+        )
         assert np.array_equal(images_a, images_b) and np.array_equal(labels_a, labels_b)
         assert labels_b.shape == (INFO["retinamnist"]["n_samples"][split],)
 
@@ -165,13 +166,16 @@ def test_broken_file_is_refused_with_a_clear_message(tmp_path, write, problem):
 # --- names, splits and sizes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, split, size", [
-    ("nosuchmnist", "train", 28),
-    ("organmnist3d", "train", 28),  # 3D
-    ("chestmnist", "train", 28),  # multi-label
-    ("breastmnist", "training", 28),
-    ("breastmnist", "train", 32),
-])
+@pytest.mark.parametrize(
+    "name, split, size",
+    [
+        ("nosuchmnist", "train", 28),
+        ("organmnist3d", "train", 28),  # 3D
+        ("chestmnist", "train", 28),  # multi-label
+        ("breastmnist", "training", 28),
+        ("breastmnist", "train", 32),
+    ],
+)
 def test_bad_request_is_a_user_error_and_writes_nothing(tmp_path, offline, name, split, size):
     with pytest.raises(UserError):
         load_split(name, split, tmp_path / "data", size)
@@ -187,7 +191,7 @@ def test_missing_file_offline_says_what_where_and_how(tmp_path, offline, size):
     assert file_name("breastmnist", size) in message and str(root) in message
     assert "--data-root" in message and "MEDVQ_DATA_ROOT" in message
     assert INFO["breastmnist"]["url" if size == 28 else f"url_{size}"] in message
-    (tried, tried_size), = offline  # into a folder beside the file, moved into place only when complete
+    ((tried, tried_size),) = offline  # into a folder beside the file, moved into place only when complete
     assert Path(tried).parent == root and Path(tried).name.startswith(".medvq-download-") and tried_size == size
     assert [path for path in tmp_path.rglob("*") if path != root] == []
 
@@ -303,6 +307,7 @@ def test_batches_of_rows_go_to_the_arrays_device():
 
 
 # --- a data root that is a URI (file:// here; s3:// in tests/test_multinode.py) -------------------------
+
 
 def test_a_uri_data_root_is_read_through_a_local_copy_with_the_same_checks(tmp_path):
     remote = tmp_path / "bucket"

@@ -14,15 +14,16 @@ from medmnist import INFO
 
 from medvq.config import Config
 from medvq.data import SPLITS, load_split
-from medvq.encode import encode_to_parquet, encoder_pool
+from medvq.encode import encode_latents, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
 from medvq.module import checkpoint_config
-from medvq.report import describe_checkpoint, replace_folder
+from medvq.report import encode_and_measure, replace_folder, write_latents
 from medvq.train import train_local
 from tests.conftest import SYNTHETIC_DATASETS, TINY
 
 pytestmark = pytest.mark.integration
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Run in a fresh interpreter: proves the Parquet needs nothing but pandas (no Ray extension types).
 PLAIN_PANDAS_READER = """
@@ -56,9 +57,15 @@ def image_count(datasets) -> int:
 
 def test_latents_parquet_reads_back_with_plain_pandas(ray_instance, checkpoint, tmp_path):
     config = checkpoint_config(checkpoint)
-    rows = encode_to_parquet(checkpoint, config, tmp_path / "latents", actors=2)
-    read = subprocess.run([sys.executable, "-c", PLAIN_PANDAS_READER, str(tmp_path / "latents")],
-                          capture_output=True, text=True, check=True)
+    latents = encode_latents(checkpoint, config, actors=2)
+    rows = latents.num_rows
+    write_latents(latents, tmp_path)
+    read = subprocess.run(
+        [sys.executable, "-c", PLAIN_PANDAS_READER, str(tmp_path / "latents")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     table = json.loads(read.stdout)
     expected = image_count(SYNTHETIC_DATASETS)
     assert rows == table["rows"] == table["unique_keys"] == expected
@@ -71,8 +78,7 @@ def test_latents_parquet_reads_back_with_plain_pandas(ray_instance, checkpoint, 
 
 def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tmp_path):
     config = checkpoint_config(checkpoint).with_changes(datasets=("breastmnist",))
-    encode_to_parquet(checkpoint, config, tmp_path / "latents", actors=1)
-    frame = pd.read_parquet(tmp_path / "latents")
+    frame = encode_latents(checkpoint, config, actors=1).to_pandas()
     test = frame[frame["split"] == "test"].sort_values("index")
     _, labels = load_split("breastmnist", "test", config.data_root)
     np.testing.assert_array_equal(test["label"].to_numpy(), labels)
@@ -80,14 +86,15 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
     assert (np.stack(frame["codes"].to_numpy()) < config.codebook_size).all()
 
 
-def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
+def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
     # The datasets in the other order than the model's: the summary follows the order asked for.
     config = checkpoint_config(checkpoint).with_changes(datasets=tuple(reversed(SYNTHETIC_DATASETS)))
     for _ in range(2):  # a re-run replaces the latents rather than appending to them
-        records, seconds = describe_checkpoint(checkpoint, config, tmp_path, actors=2)
+        records, seconds = encode_and_measure(checkpoint, config, tmp_path, actors=2)
     write_summary(records, tmp_path)
     assert set(seconds) == {"encode", "umap", "probes"}
     frame = pd.read_parquet(tmp_path / "latents")
+    assert [path.name for path in (tmp_path / "latents").iterdir()] == ["latents.parquet"]  # written once, whole
     assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
     assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0
     assert not (tmp_path / "latents.partial").exists() and not (tmp_path / "latents.old").exists()
@@ -99,6 +106,12 @@ def test_describe_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
             assert 0 <= record[key] <= 1
     table = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in SYNTHETIC_DATASETS)
+    # The README's pandas snippet, as a user would paste it, on these latents
+    snippet = README.read_text().split("```python\n")[1].split("```")[0]
+    assert '"runs/smoke/latents"' in snippet
+    snippet = snippet.replace('"runs/smoke/latents"', repr(str(tmp_path / "latents")))
+    shown = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
+    assert shown.startswith(f"{len(frame)} ({len(frame)}, {config.embedding_dim})") and "label_name" in shown
 
 
 def test_replacing_the_latents_keeps_a_whole_folder_if_it_stops_half_way(tmp_path, monkeypatch):

@@ -88,7 +88,8 @@ def test_the_page_opens_from_disk_and_draws_one_point_per_parquet_row(run, page,
     assert not re.search(r"<(script|link)\b[^>]*\b(src|href)=", html)  # every script and style is inlined
     data = points_data(page, "points")
     assert sorted(zip(data["dataset"], data["split"], data["index"])) == sorted(
-        zip(latents["dataset"], latents["split"], latents["index"]))
+        zip(latents["dataset"], latents["split"], latents["index"])
+    )
     assert sum(page.execute_script(DRAWN)) == page.execute_script(POINTABLE) == len(latents)
     for mode in (1, 2, 0):  # class, PSNR, back to dataset: each recolours every point without an error
         page.execute_script(f'Bokeh.documents[0].get_model_by_name("colour").active = {mode}')
@@ -99,11 +100,13 @@ def hover_text(driver, thumb) -> str:
     return driver.execute_script("return arguments[0].parentElement.innerText", thumb)
 
 
-def test_hovering_a_point_shows_that_rows_image_beside_its_reconstruction(run, page, latents, lone_point,
-                                                                         synthetic_root):
+def test_hovering_a_point_shows_that_rows_image_beside_its_reconstruction(
+    run, page, latents, lone_point, synthetic_root
+):
     hover(page, lone_point)
-    tile, text = read_hover(page, lambda driver, thumb: (shown_tile(driver, thumb).astype(int),
-                                                         hover_text(driver, thumb)), WAIT_SECONDS)
+    tile, text = read_hover(
+        page, lambda driver, thumb: (shown_tile(driver, thumb).astype(int), hover_text(driver, thumb)), WAIT_SECONDS
+    )
     record = latents.iloc[lone_point]
     images = rgb(load_split(record["dataset"], record["split"], synthetic_root)[0])
     errors = np.abs(images - tile[:, :THUMB]).mean(axis=(1, 2, 3))  # against every image of its split
@@ -122,11 +125,14 @@ def test_clicking_a_point_lists_the_neighbours_jobs_neighbours_finds(page, laten
     record = latents.iloc[lone_point]
     expected = neighbour_table(latents, record["dataset"], record["split"], record["index"], NEIGHBOURS)
     assert list(zip(shown["dataset"], shown["split"], shown["index"])) == list(
-        zip(expected["dataset"], expected["split"], expected["index"]))
+        zip(expected["dataset"], expected["split"], expected["index"])
+    )
     assert np.allclose(shown["distance"], expected["distance"], atol=1e-5)
     # The table shows each listed row's own tile: where tile_positions put that row on its sheet.
-    rows = [latents.index[(latents["dataset"] == d) & (latents["split"] == s) & (latents["index"] == i)][0]
-            for d, s, i in zip(shown["dataset"], shown["split"], shown["index"])]
+    rows = [
+        latents.index[(latents["dataset"] == d) & (latents["split"] == s) & (latents["index"] == i)][0]
+        for d, s, i in zip(shown["dataset"], shown["split"], shown["index"])
+    ]
     tiles = tile_positions(len(latents))
     offsets = [tile_offset(page, element) for element in find(page, "medvq-neighbour")]
     assert offsets == [(tiles["tx"][row], tiles["ty"][row]) for row in rows]

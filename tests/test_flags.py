@@ -53,10 +53,20 @@ TRAIN = [
 ]
 SWEEP = [
     (["--codebook-sizes", ","], "the search space is empty"),
-    (["--codebook-sizes", "64,0"], f"argument --codebook-sizes: takes a comma-separated list; each item {WHOLE}, got '0'"),
+    (
+        ["--codebook-sizes", "64,0"],
+        f"argument --codebook-sizes: takes a comma-separated list; each item {WHOLE}, got '0'",
+    ),
     (["--codebook-sizes", "64;128"], f"argument --codebook-sizes: takes a comma-separated list; each item {WHOLE}"),
-    (["--commitment-weights", "0.1,-1"], f"argument --commitment-weights: takes a comma-separated list; each item {POSITIVE}"),
-    (["--commitment-weights", ","], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, got ','"),
+    (
+        ["--commitment-weights", "0.1,-1"],
+        f"argument --commitment-weights: takes a comma-separated list; each item {POSITIVE}",
+    ),
+    (
+        ["--commitment-weights", ","],
+        "argument --commitment-weights: takes LOW:HIGH (two numbers > 0) or a comma-separated list of numbers > 0, "
+        "got ','",
+    ),
     (["--commitment-weights", "2:0.5"], "commitment range must satisfy 0 < low <= high"),
     (["--commitment-weights", "1:2:3"], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0)"),
     (["--commitment-weights", ":2"], "argument --commitment-weights: takes LOW:HIGH (two numbers > 0)"),
@@ -87,8 +97,12 @@ PLOT = [
     (["--run", "{out}"], "does not exist: point --run at the --out folder"),
     (["--data-root", ""], "argument --data-root: takes a non-empty value"),
 ]
-CASES = [*(("train", *case) for case in TRAINING + TRAIN), *(("sweep", *case) for case in TRAINING + SWEEP),
-         *(("encode", *case) for case in ENCODE), *(("plot", *case) for case in PLOT)]
+CASES = [
+    *(("train", *case) for case in TRAINING + TRAIN),
+    *(("sweep", *case) for case in TRAINING + SWEEP),
+    *(("encode", *case) for case in ENCODE),
+    *(("plot", *case) for case in PLOT),
+]
 
 
 class Unsafe:
@@ -98,23 +112,30 @@ class Unsafe:
 @pytest.fixture
 def files(synthetic_root, tmp_path) -> dict[str, str]:
     checkpoint = tmp_path / "model.ckpt"
-    module = VQVAEModule(Config(**{**TINY, "data_root": str(synthetic_root)}).to_dict())
+    module = VQVAEModule(Config(**{**TINY, "data_root": str(synthetic_root)}))
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, checkpoint)
     (tmp_path / "garbage.ckpt").write_bytes(b"not a checkpoint")
     torch.save({"hyper_parameters": {}, "extra": Unsafe()}, tmp_path / "unsafe.ckpt")
     (tmp_path / "truncated.ckpt").write_bytes(checkpoint.read_bytes()[:1000])
-    return {"root": str(synthetic_root), "out": str(tmp_path / "out"), "checkpoint": str(checkpoint),
-            "garbage": str(tmp_path / "garbage.ckpt"), "unsafe": str(tmp_path / "unsafe.ckpt"),
-            "truncated": str(tmp_path / "truncated.ckpt")}
+    return {
+        "root": str(synthetic_root),
+        "out": str(tmp_path / "out"),
+        "checkpoint": str(checkpoint),
+        "garbage": str(tmp_path / "garbage.ckpt"),
+        "unsafe": str(tmp_path / "unsafe.ckpt"),
+        "truncated": str(tmp_path / "truncated.ckpt"),
+    }
 
 
 def base_flags(job: str, files: dict[str, str]) -> list[str]:
     """Good flags that the case's bad one is added to (argparse keeps the last of a repeated flag)."""
     data = ["--data-root", files["root"]]
-    return {"train": [*data, "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", files["out"]],
-            "sweep": [*data, "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", files["out"]],
-            "encode": ["--checkpoint", files["checkpoint"], *data, "--out", files["out"]],
-            "plot": ["--run", files["out"]]}[job]
+    return {
+        "train": [*data, "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", files["out"]],
+        "sweep": [*data, "--datasets", ",".join(SYNTHETIC_DATASETS), "--out", files["out"]],
+        "encode": ["--checkpoint", files["checkpoint"], *data, "--out", files["out"]],
+        "plot": ["--run", files["out"]],
+    }[job]
 
 
 @pytest.mark.parametrize("job, flags, message", CASES, ids=[f"{job}{' '.join(flags)}" for job, flags, _ in CASES])

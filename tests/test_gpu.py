@@ -29,7 +29,7 @@ def test_gpu_training_keeps_splits_on_the_gpu_and_the_codebook_in_float32(tiny_c
     config = tiny_config(accelerator="gpu", epochs=2, compile_model=compile_model)
     devices = BatchDevices()
     trainer = build_trainer(config, callbacks=[devices], progress_bar=False)
-    module = VQVAEModule(config.to_dict())
+    module = VQVAEModule(config)
     trainer.fit(module, datamodule=MedMNISTDataModule(config))
     assert trainer.precision == "bf16-mixed"
     assert devices.seen == {("cuda", "cuda")}

@@ -1,5 +1,6 @@
 """The jobs as users run them: a sweep driver stopped by signals resumes, and a Ray Train run of jobs/train.py
-survives a killed worker and resumes instead of starting over. (`ray job submit` against `ray start` clusters: tests/test_multinode.py.)"""
+survives a killed worker and resumes instead of starting over. (`ray job submit` against `ray start` clusters:
+tests/test_multinode.py.)"""
 
 from __future__ import annotations
 
@@ -30,8 +31,10 @@ def finished_trial_results(storage: Path) -> dict[str, int]:
         return {}
     trials = json.loads(states[-1].read_text())["trial_data"]
     finished = [json.loads(state)["trial_id"] for state, _ in trials if '"TERMINATED"' in state]
-    return {trial: len((next(storage.glob(f"medvq-sweep-*/run_trial_{trial}*")) / "result.json").read_text().splitlines())
-            for trial in finished}
+    return {
+        trial: len((next(storage.glob(f"medvq-sweep-*/run_trial_{trial}*")) / "result.json").read_text().splitlines())
+        for trial in finished
+    }
 
 
 def epochs_saved(storage: Path, trial: int) -> int:
@@ -54,26 +57,60 @@ def stop_when(driver: subprocess.Popen, condition, what: str, signum: int, group
 
 def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_once(synthetic_root, tmp_path):
     out, storage = tmp_path / "out", tmp_path / "out" / "ray_results"
-    command = [sys.executable, "jobs/sweep.py", "--data-root", str(synthetic_root), "--datasets",
-               ",".join(SYNTHETIC_DATASETS), "--out", str(out), "--epochs", "6", "--limit-batches", "8", "--batch-size",
-               "32", "--codebook-sizes", "16,32", "--commitment-weights", "0.25", "--num-samples", "1",
-               "--max-concurrent-trials", "1", "--accelerator", "cpu"]
-    start = lambda name: subprocess.Popen(command, cwd=REPO, stdout=open(tmp_path / f"{name}.log", "w"),
-                                          stderr=subprocess.STDOUT, start_new_session=True)
+    command = [
+        sys.executable,
+        "jobs/sweep.py",
+        "--data-root",
+        str(synthetic_root),
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--out",
+        str(out),
+        "--epochs",
+        "6",
+        "--limit-batches",
+        "8",
+        "--batch-size",
+        "32",
+        "--codebook-sizes",
+        "16,32",
+        "--commitment-weights",
+        "0.25",
+        "--num-samples",
+        "1",
+        "--max-concurrent-trials",
+        "1",
+        "--accelerator",
+        "cpu",
+    ]
+    start = lambda name: subprocess.Popen(
+        command, cwd=REPO, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     # Ctrl-C once the first trial has saved an epoch; SIGTERM (as `ray job stop` sends) once it has saved one more.
-    first = stop_when(start("sigint"), lambda: epochs_saved(storage, 0) >= 1, "a first checkpoint",
-                      signal.SIGINT, group=True)
+    first = stop_when(
+        start("sigint"), lambda: epochs_saved(storage, 0) >= 1, "a first checkpoint", signal.SIGINT, group=True
+    )
     saved = epochs_saved(storage, 0)
-    second = stop_when(start("sigterm"), lambda: epochs_saved(storage, 0) > saved, "a checkpoint after the resume",
-                       signal.SIGTERM, group=False)
+    second = stop_when(
+        start("sigterm"),
+        lambda: epochs_saved(storage, 0) > saved,
+        "a checkpoint after the resume",
+        signal.SIGTERM,
+        group=False,
+    )
     for code, name in ((first, "sigint"), (second, "sigterm")):
         log = (tmp_path / f"{name}.log").read_text()
         assert code == 130, log[-3000:]
         assert "the same command resumes it" in log.strip().splitlines()[-1] and "Traceback" not in log, log[-3000:]
     assert epochs_saved(storage, 0) < 6, "the first trial finished before the second stop: nothing was tested"
     # SIGKILL of the driver and the Ray instance it started (as if its node died) in the middle of the second trial.
-    stop_when(start("sigkill"), lambda: finished_trial_results(storage) and epochs_saved(storage, 1) >= 1,
-              "the first trial finished and the second saved an epoch", signal.SIGKILL, group=True)
+    stop_when(
+        start("sigkill"),
+        lambda: finished_trial_results(storage) and epochs_saved(storage, 1) >= 1,
+        "the first trial finished and the second saved an epoch",
+        signal.SIGKILL,
+        group=True,
+    )
     assert not (out / "trials.csv").exists(), "the run finished before it was killed: nothing was tested"
     finished = finished_trial_results(storage)
 
@@ -102,8 +139,17 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
 )
 def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_path, flags, message):
     out = tmp_path / "out"
-    command = [sys.executable, "jobs/sweep.py", "--data-root", str(synthetic_root), "--out", str(out),
-               "--datasets", ",".join(SYNTHETIC_DATASETS), *flags]
+    command = [
+        sys.executable,
+        "jobs/sweep.py",
+        "--data-root",
+        str(synthetic_root),
+        "--out",
+        str(out),
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        *flags,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
@@ -120,14 +166,33 @@ def train_worker_pids() -> list[int]:
     return pids
 
 
-def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_rerun_trains_nothing(synthetic_root,
-                                                                                                    tmp_path):
+def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_rerun_trains_nothing(
+    synthetic_root, tmp_path
+):
     out = tmp_path / "out"
-    command = [sys.executable, "jobs/train.py", "--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS),
-               "--workers", "2", "--accelerator", "cpu", "--epochs", "5", "--limit-batches", "8", "--batch-size", "32",
-               "--out", str(out)]
-    saved = lambda: max((len(pd.read_csv(path)) for path in out.glob("ray_results/medvq-train-*/checkpoint_*/metrics.csv")),
-                        default=0)
+    command = [
+        sys.executable,
+        "jobs/train.py",
+        "--data-root",
+        str(synthetic_root),
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--workers",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--epochs",
+        "5",
+        "--limit-batches",
+        "8",
+        "--batch-size",
+        "32",
+        "--out",
+        str(out),
+    ]
+    saved = lambda: max(
+        (len(pd.read_csv(path)) for path in out.glob("ray_results/medvq-train-*/checkpoint_*/metrics.csv")), default=0
+    )
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for(lambda: saved() >= 2 and train_worker_pids(), "two epochs saved", 300, job)
     os.kill(train_worker_pids()[-1], signal.SIGKILL)

@@ -18,11 +18,13 @@ def test_perplexity_is_the_number_of_evenly_used_codes():
 
 
 def test_repeated_umap_warnings_become_one_line_each(caplog):
-    spectral = "Spectral initialisation failed! The eigenvector solver\nfailed.\n\nFalling back to random initialisation!"
+    spectral = (
+        "Spectral initialisation failed! The eigenvector solver\nfailed.\n\nFalling back to random initialisation!"
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for message in (spectral, spectral, "another warning", spectral):
-            warnings.warn(message, UserWarning)
+            warnings.warn(message, UserWarning, stacklevel=1)
     with caplog.at_level(logging.WARNING, logger="medvq.latent_space"):
         _log_once(caught)
     assert caplog.messages == [

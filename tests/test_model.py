@@ -185,7 +185,7 @@ def test_the_rotation_trick_gives_the_codes_and_turns_the_gradient_without_stret
     upstream = torch.randn(5, 6, generator=generator)
     rotated.backward(upstream)
     # The gradient is R^T upstream scaled by |c|/|x|: a rotation keeps its length, so only the scale changes it.
-    scale = (codes.norm(dim=1) / x.detach().norm(dim=1))
+    scale = codes.norm(dim=1) / x.detach().norm(dim=1)
     assert torch.allclose(x.grad.norm(dim=1), upstream.norm(dim=1) * scale, rtol=1e-4)
     assert not torch.allclose(x.grad, upstream * scale[:, None])  # not a copy: turned
 

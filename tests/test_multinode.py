@@ -21,10 +21,18 @@ from medmnist import INFO
 
 from medvq.module import VQVAEModule
 from medvq.storage import read_bytes
-from medvq.tune import read_trial_history
 from medvq.synthetic import write_synthetic_npz
-from tests.clusters import (Cluster, Processes, client_env, s3_filesystem, start_head, start_private_node, start_s3,
-                            wait_for)
+from medvq.tune import read_trial_history
+from tests.clusters import (
+    Cluster,
+    Processes,
+    client_env,
+    s3_filesystem,
+    start_head,
+    start_private_node,
+    start_s3,
+    wait_for,
+)
 from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
 
 pytestmark = pytest.mark.integration
@@ -63,8 +71,14 @@ def multinode(synthetic_root):
 
 def driver(cluster: Cluster, *command: str) -> subprocess.CompletedProcess:
     """A job's driver started here (the head's node), joining the cluster by RAY_ADDRESS."""
-    return subprocess.run([sys.executable, *command], cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, *command],
+        cwd=REPO,
+        env={**cluster.env, "RAY_ADDRESS": cluster.address},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def s3_path(uri: str) -> str:
@@ -95,8 +109,16 @@ def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
     assert sorted(latents["dataset"].unique()) == sorted(SYNTHETIC_DATASETS)
 
     # Another process re-encodes from the checkpoint's URI: the same codes for every image.
-    encode = driver(multinode.cluster, "jobs/encode.py", "--checkpoint", best["checkpoint"],
-                    "--data-root", multinode.s3_data, "--out", str(tmp_path / "again"))
+    encode = driver(
+        multinode.cluster,
+        "jobs/encode.py",
+        "--checkpoint",
+        best["checkpoint"],
+        "--data-root",
+        multinode.s3_data,
+        "--out",
+        str(tmp_path / "again"),
+    )
     assert encode.returncode == 0, encode.stderr[-3000:]
     again = read_latents(tmp_path / "again" / "latents")
     assert again[["dataset", "split", "index"]].equals(latents[["dataset", "split", "index"]])
@@ -104,8 +126,14 @@ def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
 
     # The figures are redrawn from the run's URI, no Ray needed.
     s3_filesystem().delete_file(s3_path(f"{out}/plots/latent_space.png"))
-    plot = subprocess.run([sys.executable, "jobs/plot.py", "--run", out], cwd=REPO, env=multinode.cluster.env,
-                          capture_output=True, text=True, timeout=300)
+    plot = subprocess.run(
+        [sys.executable, "jobs/plot.py", "--run", out],
+        cwd=REPO,
+        env=multinode.cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert plot.returncode == 0 and f"wrote {out}/plots/latent_space.png" in plot.stdout, plot.stderr[-3000:]
     assert s3_filesystem().get_file_info(s3_path(f"{out}/plots/latent_space.png")).size > 0
 
@@ -135,8 +163,9 @@ def test_the_sweep_with_everything_on_a_shared_volume(multinode):
 
 
 @pytest.mark.parametrize("what", ["out", "data-root"])
-def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(multinode, synthetic_root, tmp_path,
-                                                                                what):
+def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(
+    multinode, synthetic_root, tmp_path, what
+):
     if what == "out":  # head-local --out and no --storage: Ray's storage would be OUT/ray_results, here only
         out, expected = tmp_path / "out", "is a folder only this node has"
         flags = smoke_command(multinode.shared_data, out)
@@ -184,18 +213,40 @@ def kill_tree(root: int) -> None:
 def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finishes(multinode):
     """Last in this file: the cluster has one worker node fewer after it."""
     cluster, out = multinode.cluster, f"s3://{BUCKET}/runs/node-lost"
-    submitted = cluster.submit("python", "jobs/sweep.py", "--data-root", multinode.s3_data, "--datasets",
-                               ",".join(SYNTHETIC_DATASETS), "--out", out, "--epochs", "8", "--limit-batches", "8",
-                               "--batch-size", "32", "--codebook-sizes", "16", "--commitment-weights", "0.25",
-                               "--num-samples", "1", "--accelerator", "cpu", wait=False)
+    submitted = cluster.submit(
+        "python",
+        "jobs/sweep.py",
+        "--data-root",
+        multinode.s3_data,
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--out",
+        out,
+        "--epochs",
+        "8",
+        "--limit-batches",
+        "8",
+        "--batch-size",
+        "32",
+        "--codebook-sizes",
+        "16",
+        "--commitment-weights",
+        "0.25",
+        "--num-samples",
+        "1",
+        "--accelerator",
+        "cpu",
+        wait=False,
+    )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout)[0]
     checkpoints = pafs.FileSelector(s3_path(f"{out}/ray_results"), recursive=True, allow_not_found=True)
-    saved = lambda: [info.path for info in s3_filesystem().get_file_info(checkpoints) if info.path.endswith("/metrics.csv")]
+    saved = lambda: [
+        info.path for info in s3_filesystem().get_file_info(checkpoints) if info.path.endswith("/metrics.csv")
+    ]
     workers = []  # the trial's Train worker, once it has saved an epoch
     found = lambda: saved() and workers.extend(a for a in cluster.actors("RayTrainWorker") if a["state"] == "ALIVE")
-    wait_for(lambda: found() or workers or cluster.job_status(job_id) in ENDED,
-             "the trial's first checkpoint", 300)
+    wait_for(lambda: found() or workers or cluster.job_status(job_id) in ENDED, "the trial's first checkpoint", 300)
     assert workers, cluster.job_logs(job_id)[-3000:]
     lost = workers[0]
     kill_tree(started_ancestor(lost["pid"], {process.pid for process in multinode.processes.started}))

@@ -35,13 +35,31 @@ def test_an_image_is_never_its_own_neighbour_even_among_exact_copies():
 
 
 def test_the_job_prints_the_image_and_its_neighbours_and_draws_them(run):
-    done = subprocess.run([sys.executable, str(JOB), "--run", str(run), "--dataset", "retinamnist", "--split", "val",
-                           "--index", "5", "--k", "3"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(JOB),
+            "--run",
+            str(run),
+            "--dataset",
+            "retinamnist",
+            "--split",
+            "val",
+            "--index",
+            "5",
+            "--k",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     expected = neighbour_table(pd.read_parquet(run / "latents"), "retinamnist", "val", 5, 3)
     printed = done.stdout.splitlines()[2:6]  # a heading, the column names, then one line per image
-    assert [line.split()[:3] for line in printed] == [[d, s, str(i)] for d, s, i in
-                                                      zip(expected["dataset"], expected["split"], expected["index"])]
+    assert [line.split()[:3] for line in printed] == [
+        [d, s, str(i)] for d, s, i in zip(expected["dataset"], expected["split"], expected["index"])
+    ]
     assert printed[0].split()[:4] == ["retinamnist", "val", "5", str(expected["label"][0])]
     picture = run / "plots" / "neighbours_retinamnist_val_5.png"
     assert done.stdout.splitlines()[-1] == f"wrote {picture}"
@@ -50,18 +68,28 @@ def test_the_job_prints_the_image_and_its_neighbours_and_draws_them(run):
         assert image.size == (round(min(4, NEIGHBOUR_COLUMNS) * width * DPI), round(height * DPI))
 
 
-@pytest.mark.parametrize("dataset, index, drop_latents, message", [
-    ("bloodmnist", 0, False, "--dataset 'bloodmnist' is not in this run's latents: choose from breastmnist, "
-                             "retinamnist"),
-    ("breastmnist", 999, False, "--index 999 is out of range"),
-    ("breastmnist", 0, True, "has no latents/"),
-], ids=["unknown-dataset", "index-out-of-range", "run-without-latents"])
-def test_bad_input_is_one_line_and_exit_2_with_nothing_written(run, dataset, index, drop_latents, message,
-                                                               monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "dataset, index, drop_latents, message",
+    [
+        (
+            "bloodmnist",
+            0,
+            False,
+            "--dataset 'bloodmnist' is not in this run's latents: choose from breastmnist, retinamnist",
+        ),
+        ("breastmnist", 999, False, "--index 999 is out of range"),
+        ("breastmnist", 0, True, "has no latents/"),
+    ],
+    ids=["unknown-dataset", "index-out-of-range", "run-without-latents"],
+)
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(
+    run, dataset, index, drop_latents, message, monkeypatch, capsys
+):
     if drop_latents:
         shutil.rmtree(run / "latents")
-    monkeypatch.setattr(sys, "argv", [str(JOB), "--run", str(run), "--dataset", dataset, "--split", "test",
-                                      "--index", str(index)])
+    monkeypatch.setattr(
+        sys, "argv", [str(JOB), "--run", str(run), "--dataset", dataset, "--split", "test", "--index", str(index)]
+    )
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(JOB), run_name="__main__")
     error = capsys.readouterr().err.strip()

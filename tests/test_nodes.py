@@ -37,16 +37,21 @@ def test_an_autoscaler_whose_node_types_cannot_be_read_refuses_nothing(tiny_conf
     assert any("cannot be read from here" in message for message in caplog.messages)
 
 
-@pytest.mark.parametrize("monitor, expected", [
-    (["python", "monitor.py", "--gcs-address", "10.0.0.1:6379"], None),  # Ray's own monitor, no autoscaler
-    (["python", "monitor.py", "--autoscaling-config", "CONFIG"], [({"CPU": 8, "GPU": 1}, 4), ({"CPU": 2}, 3)]),
-])
+@pytest.mark.parametrize(
+    "monitor, expected",
+    [
+        (["python", "monitor.py", "--gcs-address", "10.0.0.1:6379"], None),  # Ray's own monitor, no autoscaler
+        (["python", "monitor.py", "--autoscaling-config", "CONFIG"], [({"CPU": 8, "GPU": 1}, 4), ({"CPU": 2}, 3)]),
+    ],
+)
 def test_the_node_types_come_from_the_autoscaler_monitors_config_file(monkeypatch, tmp_path, monitor, expected):
     config = tmp_path / "bootstrap.yaml"
-    config.write_text("max_workers: 3\nhead_node_type: head\navailable_node_types:\n"
-                      "  head: {resources: {CPU: 8, GPU: 0}}\n"
-                      "  gpu_worker: {resources: {CPU: 8, GPU: 1}, max_workers: 4}\n"
-                      "  cpu_worker: {resources: {CPU: 2}}\n")  # no limit of its own: the cluster's
+    config.write_text(
+        "max_workers: 3\nhead_node_type: head\navailable_node_types:\n"
+        "  head: {resources: {CPU: 8, GPU: 0}}\n"
+        "  gpu_worker: {resources: {CPU: 8, GPU: 1}, max_workers: 4}\n"
+        "  cpu_worker: {resources: {CPU: 2}}\n"
+    )  # no limit of its own: the cluster's
     monkeypatch.setattr(nodes.ray_state, "get_cluster_config", lambda: None)
     monkeypatch.setattr(nodes, "_local_monitor_command", lambda: [str(config) if w == "CONFIG" else w for w in monitor])
     assert nodes.autoscaler_node_types() == expected

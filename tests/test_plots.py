@@ -24,8 +24,15 @@ from medvq.errors import UserError
 from medvq.module import VQVAEModule
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
-EVERY_FIGURE = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "curves.png", "sweep.png",
-                "reconstructions.png", "explorer.html")
+EVERY_FIGURE = (
+    "latent_space.png",
+    "latent_by_class.png",
+    "codebook_usage.png",
+    "curves.png",
+    "sweep.png",
+    "reconstructions.png",
+    "explorer.html",
+)
 METRICS = ("loss", "mae", "psnr", "ssim")
 
 
@@ -38,18 +45,27 @@ def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> 
         names = INFO[name]["label"]
         labels = rng.integers(0, len(names), rows_per_dataset)
         splits = pd.Series(rng.choice(["train", "val", "test"], rows_per_dataset))
-        frames.append(pd.DataFrame({
-            "dataset": name,
-            "split": splits,
-            "index": splits.groupby(splits).cumcount().astype(np.int64),
-            "label": labels.astype(np.int64),
-            "label_name": [names[str(label)] for label in labels],
-            "codes": list(rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)),
-            "latent": list(rng.normal(size=(rows_per_dataset, config.embedding_dim)).astype(np.float32)),
-            **{score: rng.random(rows_per_dataset, dtype=np.float32) for score in ("mse", "mae", "psnr", "ssim")},
-            "umap_x": rng.normal(size=rows_per_dataset).astype(np.float32),
-            "umap_y": rng.normal(size=rows_per_dataset).astype(np.float32),
-        }))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "dataset": name,
+                    "split": splits,
+                    "index": splits.groupby(splits).cumcount().astype(np.int64),
+                    "label": labels.astype(np.int64),
+                    "label_name": [names[str(label)] for label in labels],
+                    "codes": list(
+                        rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)
+                    ),
+                    "latent": list(rng.normal(size=(rows_per_dataset, config.embedding_dim)).astype(np.float32)),
+                    **{
+                        score: rng.random(rows_per_dataset, dtype=np.float32)
+                        for score in ("mse", "mae", "psnr", "ssim")
+                    },
+                    "umap_x": rng.normal(size=rows_per_dataset).astype(np.float32),
+                    "umap_y": rng.normal(size=rows_per_dataset).astype(np.float32),
+                }
+            )
+        )
     folder.mkdir()
     table = pd.concat(frames, ignore_index=True)
     for part, rows in enumerate(np.array_split(np.arange(len(table)), 2)):
@@ -63,9 +79,15 @@ def history(epochs: int) -> pd.DataFrame:
 
 def save_checkpoint(config: Config, path: Path) -> None:
     """What Lightning's checkpoint holds for `load_from_checkpoint`, without running a Trainer."""
-    module = VQVAEModule(config.to_dict())
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": lightning.__version__}, path)
+    module = VQVAEModule(config)
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        path,
+    )
 
 
 def encoded_run(run: Path, config: Config) -> Path:
@@ -96,16 +118,18 @@ def sweep_run(tiny_config, tmp_path) -> Path:
     save_checkpoint(config, checkpoint)
     (run / "best.json").write_text(json.dumps({"config": config.to_dict(), "checkpoint": str(checkpoint)}))
     weights = [0.1, 0.3, 1.0]
-    pd.DataFrame({
-        "codebook_size": np.repeat([32, 64], 3),
-        "commitment_weight": weights * 2,
-        "seed": 0,
-        "status": ["finished", "stopped", "finished", "finished", "finished", "diverged"],
-        "epochs_run": [3, 1, 3, 3, 3, 1],
-        "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, float("nan")],
-        "grace_epochs": 1,
-        "val_nmse_at_grace": [0.35, 0.40, 0.38, 0.33, 0.34, 0.30],
-    }).to_csv(run / "trials.csv", index=False)
+    pd.DataFrame(
+        {
+            "codebook_size": np.repeat([32, 64], 3),
+            "commitment_weight": weights * 2,
+            "seed": 0,
+            "status": ["finished", "stopped", "finished", "finished", "finished", "diverged"],
+            "epochs_run": [3, 1, 3, 3, 3, 1],
+            "val_nmse": [0.20, 0.40, 0.25, 0.15, 0.18, float("nan")],
+            "grace_epochs": 1,
+            "val_nmse_at_grace": [0.35, 0.40, 0.38, 0.33, 0.34, 0.30],
+        }
+    ).to_csv(run / "trials.csv", index=False)
     return run
 
 
@@ -159,7 +183,8 @@ def test_a_run_without_latents_gets_no_explorer_and_one_line_saying_so(train_run
     caplog.set_level(logging.INFO, logger=plots.__name__)
     assert "explorer.html" not in [Path(path).name for path in plots.draw_run(train_run, data_root=synthetic_root)]
     assert [line for line in caplog.messages if "explorer.html" in line] == [
-        f"skipped explorer.html: its input is not in {train_run}"]
+        f"skipped explorer.html: its input is not in {train_run}"
+    ]
 
 
 def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(sweep_run, caplog):
@@ -169,9 +194,11 @@ def test_a_trial_table_from_an_older_medvq_skips_the_sweep_figure_with_a_reason(
     assert any("run the sweep command again" in message for message in caplog.messages)
 
 
-@pytest.mark.parametrize("make", [lambda path: None, lambda path: path.mkdir(),
-                                  lambda path: (path / "latents").mkdir(parents=True)],
-                         ids=["missing", "empty", "empty-latents"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda path: None, lambda path: path.mkdir(), lambda path: (path / "latents").mkdir(parents=True)],
+    ids=["missing", "empty", "empty-latents"],
+)
 def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make):
     make(tmp_path / "run")
     with pytest.raises(UserError):
@@ -179,8 +206,9 @@ def test_a_folder_that_is_not_a_run_is_a_user_error(tmp_path, make):
 
 
 def test_plot_job_writes_the_figures_or_stops_with_one_line(train_run, tmp_path):
-    job = lambda run: subprocess.run([sys.executable, "jobs/plot.py", "--run", str(run)], cwd=REPO,
-                                     capture_output=True, text=True, timeout=300)
+    job = lambda run: subprocess.run(
+        [sys.executable, "jobs/plot.py", "--run", str(run)], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     (tmp_path / "empty").mkdir()
     failed = job(tmp_path / "empty")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr

@@ -38,8 +38,10 @@ def test_storage_defaults_to_ray_results_under_out(tmp_path):
 
 
 def test_a_path_ray_reports_gets_back_the_scheme_of_its_storage():
-    assert uri_on("s3://bucket/storage", "bucket/storage/trial/checkpoint_000001") == \
-        "s3://bucket/storage/trial/checkpoint_000001"
+    assert (
+        uri_on("s3://bucket/storage", "bucket/storage/trial/checkpoint_000001")
+        == "s3://bucket/storage/trial/checkpoint_000001"
+    )
     assert uri_on("file:///srv/storage", "/srv/storage/x") == "file:///srv/storage/x"
     assert uri_on("/srv/storage", "/srv/storage/x") == "/srv/storage/x"
     assert uri_on("s3://bucket/storage", "s3://bucket/storage/x") == "s3://bucket/storage/x"

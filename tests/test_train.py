@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from medvq.errors import RunFailed
-from medvq.module import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, VQVAEModule
+from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics
+from medvq.module import VQVAEModule
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
@@ -24,8 +25,9 @@ def test_normalized_mse_is_mse_over_variance_averaged_over_datasets():
     ids = torch.tensor([0, 0, 0, 1, 1, 1])
     metric = MeanNormalizedMSE(2)
     metric.update(recon, target, ids)
-    expected = [((recon[ids == d] - target[ids == d]) ** 2).mean() / target[ids == d].var(unbiased=False)
-                for d in (0, 1)]
+    expected = [
+        ((recon[ids == d] - target[ids == d]) ** 2).mean() / target[ids == d].var(unbiased=False) for d in (0, 1)
+    ]
     assert metric.compute() == pytest.approx(float(sum(expected) / 2), rel=1e-5)
 
 
@@ -64,7 +66,7 @@ def test_stage_metrics_score_only_the_first_rows_when_asked(tiny_config):
 
 
 def test_codebook_is_not_trained_by_gradient(tiny_config):
-    module = VQVAEModule(tiny_config().to_dict())
+    module = VQVAEModule(tiny_config())
     optimiser = module.configure_optimizers()
     trained = {id(p) for group in optimiser.param_groups for p in group["params"]}
     assert id(module.model.quantizer.codebook.embedding) not in trained
@@ -95,7 +97,7 @@ def test_a_compiled_model_trains_and_its_checkpoint_loads_into_an_eager_one(tiny
     final = train_local(config, tmp_path)
     assert torch.isfinite(torch.tensor(final["val_nmse"]))
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["state_dict"]
-    VQVAEModule(config.with_changes(compile_model=False).to_dict()).load_state_dict(state)  # strict: same keys
+    VQVAEModule(config.with_changes(compile_model=False)).load_state_dict(state)  # strict: same keys
 
 
 def run_train_job(*args: str) -> subprocess.CompletedProcess:
@@ -121,10 +123,25 @@ def test_local_training_that_diverges_stops_and_keeps_no_non_finite_checkpoint(t
 
 def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_folders(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    flags = ["--data-root", str(synthetic_root), "--datasets", ",".join(SYNTHETIC_DATASETS), "--epochs", "6",
-             "--batch-size", "32", "--limit-batches", "6", "--accelerator", "cpu", "--out", str(out)]
-    job = subprocess.Popen([sys.executable, "jobs/train.py", *flags], cwd=REPO, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+    flags = [
+        "--data-root",
+        str(synthetic_root),
+        "--datasets",
+        ",".join(SYNTHETIC_DATASETS),
+        "--epochs",
+        "6",
+        "--batch-size",
+        "32",
+        "--limit-batches",
+        "6",
+        "--accelerator",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    job = subprocess.Popen(
+        [sys.executable, "jobs/train.py", *flags], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(lambda: (out / METRICS_NAME).exists(), "the first epoch", 120, job)
     job.send_signal(signal.SIGTERM)
     stderr = job.communicate(timeout=120)[1]
@@ -139,7 +156,9 @@ def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_f
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"continuing the run in {out}" in resumed.stdout
     assert pd.read_csv(out / METRICS_NAME)["epoch"].tolist() == list(range(6))  # each epoch once
-    for extra, message in [([], "holds this run, finished (6 epochs): nothing to train"),
-                           (["--codebook-size", "64"], "holds a run with other settings (codebook_size)")]:
+    for extra, message in [
+        ([], "holds this run, finished (6 epochs): nothing to train"),
+        (["--codebook-size", "64"], "holds a run with other settings (codebook_size)"),
+    ]:
         refused = run_train_job(*flags, *extra)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
