@@ -60,7 +60,8 @@ def number_value(kind: type, bound: str | None) -> Callable[[str], Any]:
     return flag_value(kind, f"{what} {bound}" if bound else what, BOUNDS[bound] if bound else lambda value: True)
 
 
-POSITIVE_INT, POSITIVE, NON_NEGATIVE = number_value(int, "> 0"), number_value(float, "> 0"), number_value(float, ">= 0")
+POSITIVE_INT, NON_NEGATIVE_INT = number_value(int, "> 0"), number_value(int, ">= 0")
+POSITIVE, NON_NEGATIVE = number_value(float, "> 0"), number_value(float, ">= 0")
 
 
 class JobParser(argparse.ArgumentParser):
@@ -115,6 +116,21 @@ def flag_type(hint: Any, setting: Setting) -> Callable[[str], Any]:
 def add_data_flags(parser: JobParser, **defaults: Any) -> None:
     """--data-root and --datasets, with the same names and meanings in every job."""
     parser.add_settings(Config, ("data_root", "datasets"), **defaults)
+
+
+def add_run_flags(parser: JobParser) -> None:
+    """--run and --data-root of a job that reads what a run left (its figures, its latents)."""
+    parser.add_argument(
+        "--run",
+        required=True,
+        type=text_value,
+        help="the --out folder (or URI) of jobs/sweep.py, train.py or encode.py",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=text_value,
+        help="MedMNIST files for the pictures of images (default: the data root the model was trained on)",
+    )
 
 
 def add_storage_flag(parser: JobParser) -> None:
