@@ -34,8 +34,8 @@ from medvq.nodes import capacity, check_nodes_see
 from medvq.plots import draw_run
 from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
-from medvq.train import CHECKPOINT_NAME
-from medvq.tune import run_sweep, write_sweep_outputs
+from medvq.train import CHECKPOINT_NAME, train_on_ray
+from medvq.tune import run_sweep, write_final_fit, write_sweep_outputs
 
 
 def commitment_weights(text: str) -> dict:
@@ -111,13 +111,29 @@ def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: fl
 def sweep_summary(best: dict, seconds: dict[str, float]) -> str:
     metrics, config = best["metrics"], best["config"]
     statuses = ", ".join(f"{n} {status}" for status, n in best["trials_by_status"].items())
+    shipped = "model.ckpt is the final fit's" if "final_fit" in best else "copied to model.ckpt"
     return (
         f"{best['trials']} trials ({statuses}); best {best['trial_id']}: codebook {config['codebook_size']}, "
-        f"commitment {config['commitment_weight']:.3g}, seed {config['seed']}, val_nmse {metrics['val_nmse']:.4f}, "
-        f"val PSNR {metrics['val_psnr']:.2f} dB, "
-        f"SSIM {metrics['val_ssim']:.3f}, codes used {metrics['val_codes_used']:.0%}\n"
-        f"checkpoint {best['checkpoint']} (copied to model.ckpt)\n"
-        f"seconds: " + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items()) + "\n"
+        f"commitment {config['commitment_weight']:.3g}, seed {config['seed']}, {scores(metrics)}\n"
+        + final_fit_line(best)
+        + f"checkpoint {best['checkpoint']} ({shipped})\n"
+        + "seconds: "
+        + ", ".join(f"{step} {value:.1f}" for step, value in seconds.items())
+        + "\n"
+    )
+
+
+def scores(metrics: dict[str, float]) -> str:
+    return (
+        f"val_nmse {metrics['val_nmse']:.4f}, val PSNR {metrics['val_psnr']:.2f} dB, SSIM {metrics['val_ssim']:.3f}, "
+        f"codes used {metrics['val_codes_used']:.0%}"
+    )
+
+
+def final_fit_line(best: dict) -> str:
+    final = best.get("final_fit")
+    return (
+        f"final fit of those settings (--final-epochs {final['epochs']}): {scores(final['metrics'])}\n" if final else ""
     )
 
 
@@ -143,8 +159,8 @@ def main() -> None:
         )
         search_and_describe(sweep, storage, out, seconds)
     print(
-        f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, latents/, summary.json, "
-        f"summary.md and plots/ to {args.out}"
+        f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, metrics.csv, latents/, "
+        f"summary.json, summary.md and plots/ to {args.out}"
     )
 
 
@@ -155,11 +171,15 @@ def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: di
     seconds["search"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     best = write_sweep_outputs(results, sweep, storage, out)
+    config = Config.from_dict(best["config"])
+    if sweep.final_epochs:
+        started, config = time.monotonic(), config.with_changes(epochs=sweep.final_epochs)
+        print(f"final fit {config.run_name()}: the best trial's settings, --final-epochs {config.epochs}", flush=True)
+        best = write_final_fit(best, config, train_on_ray(config, out, storage), out)
+        seconds["final_fit"] = time.monotonic() - started
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
-    records, described = encode_and_measure(
-        str(out / CHECKPOINT_NAME), Config.from_dict(best["config"]), out, gpus_per_actor=gpus_per_actor
-    )
+    records, described = encode_and_measure(str(out / CHECKPOINT_NAME), config, out, gpus_per_actor=gpus_per_actor)
     seconds.update(described)
     started = time.monotonic()
     draw_run(out)

@@ -225,6 +225,12 @@ class SweepConfig:
         None, "trials at once (default: as many as the cluster fits)", bound="> 0", shapes_results=False
     )
     grace_period: int = setting(2, "epochs every trial runs before ASHA may stop the poor ones", bound="> 0")
+    final_epochs: int = setting(
+        30,
+        "after the search, train the best trial's settings afresh for this many epochs and ship that model "
+        "(0: ship the best trial as it stopped)",
+        bound=">= 0",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "codebook_sizes", tuple(self.codebook_sizes))
@@ -259,4 +265,6 @@ class SweepConfig:
 def smoke_sweep(base: Config) -> SweepConfig:
     """Two tiny trials that finish in a few minutes on two CPU cores: checks the whole job, learns little."""
     tiny = base.with_changes(epochs=2, limit_batches=4, batch_size=128, hidden_channels=32, embedding_dim=16)
-    return SweepConfig(tiny, codebook_sizes=(32, 64), commitment_grid=(0.25,), num_samples=1, grace_period=1)
+    return SweepConfig(
+        tiny, codebook_sizes=(32, 64), commitment_grid=(0.25,), num_samples=1, grace_period=1, final_epochs=1
+    )

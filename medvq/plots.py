@@ -271,7 +271,8 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
 
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
-    histories = [path for path in (run / "best_metrics.csv", run / "metrics.csv") if path.exists()]
+    # The shipped model's history first: a training run's, or a sweep's final fit; else the best trial's
+    histories = [path for path in (run / "metrics.csv", run / "best_metrics.csv") if path.exists()]
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
     latents = pd.read_parquet(run / "latents") if has_latents else None

@@ -223,3 +223,18 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: s
     # A local copy beside the tables: storage may be s3://, and the output folder should stand alone.
     (out / CHECKPOINT_NAME).write_bytes(read_bytes(best["checkpoint"]))
     return best
+
+
+def write_final_fit(best: dict, config: Config, final: dict[str, float], out: Path) -> dict:
+    """best.json with the final fit of the best trial's settings (`config`, its last epoch's metrics `final`) added:
+    model.ckpt and metrics.csv are then that run's (train.train_on_ray wrote them)."""
+    best = {
+        **best,
+        "final_fit": {
+            "run": config.run_name(),
+            "epochs": config.epochs,
+            "metrics": {k: float(v) for k, v in final.items() if k.startswith(("val_", "train_"))},
+        },
+    }
+    (out / "best.json").write_text(json.dumps(best, indent=2) + "\n")
+    return best

@@ -72,6 +72,8 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
         "8",
         "--batch-size",
         "32",
+        "--final-epochs",
+        "0",
         "--codebook-sizes",
         "16,32",
         "--commitment-weights",

@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 from medmnist import INFO
 
-from medvq.module import VQVAEModule
+from medvq.module import VQVAEModule, read_checkpoint
 from medvq.storage import read_bytes
 from medvq.synthetic import write_synthetic_npz
 from medvq.tune import read_trial_history
@@ -105,15 +105,20 @@ def test_the_sweep_with_data_and_outputs_on_s3(multinode, tmp_path):
     assert len(trials) == 2 and trials["checkpoint_path"].str.startswith(f"{out}/ray_results/").all()
     restored = VQVAEModule.load_from_checkpoint(best["checkpoint"])  # as best.json names it
     assert restored.config.codebook_size == best["config"]["codebook_size"]
+    # The shipped model is the final fit of the best trial's settings (the smoke's: one epoch), on the cluster too
+    shipped = read_checkpoint(f"{out}/model.ckpt")
+    assert shipped["epoch"] == 0 and best["final_fit"]["epochs"] == 1
+    trained = shipped["hyper_parameters"]["config"]
+    assert all(trained[name] == best["config"][name] for name in ("codebook_size", "commitment_weight", "seed"))
     latents = read_latents(f"{out}/latents")
     assert sorted(latents["dataset"].unique()) == sorted(SYNTHETIC_DATASETS)
 
-    # Another process re-encodes from the checkpoint's URI: the same codes for every image.
+    # Another process re-encodes from the shipped checkpoint's URI: the same codes for every image.
     encode = driver(
         multinode.cluster,
         "jobs/encode.py",
         "--checkpoint",
-        best["checkpoint"],
+        f"{out}/model.ckpt",
         "--data-root",
         multinode.s3_data,
         "--out",
@@ -228,6 +233,8 @@ def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finish
         "8",
         "--batch-size",
         "32",
+        "--final-epochs",
+        "0",
         "--codebook-sizes",
         "16",
         "--commitment-weights",
