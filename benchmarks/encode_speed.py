@@ -1,6 +1,8 @@
-"""How fast medvq encodes: every image (all datasets, all splits) to Parquet with medvq's Ray Data pipeline
-(`encode_latents`) against a plain torch loop over the same read step (`read_split`) and encoder (`ImageEncoder`)
-writing the same columns to one file; then the UMAP (`with_umap`) and the figures (`draw_run`) of the result.
+"""How fast medvq encodes every image to Parquet, against a plain torch loop; and its UMAP and plots.
+
+Every image (all datasets, all splits) with medvq's Ray Data pipeline (`encode_latents`), against a plain torch
+loop over the same read step (`read_split`) and encoder (`ImageEncoder`) writing the same columns to one file;
+then the UMAP (`with_umap`) and the figures (`draw_run`) of the result.
 The model encoded is medvq as shipped, trained as in train_speed.py (60 s, or --seconds).
 
     python benchmarks/encode_speed.py --data-root DATA --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist

@@ -1,6 +1,7 @@
-"""What Ray costs: medvq's training step timed in this process and in a Ray Train worker, with torch on every core
-and on one thread, with how often the machine's other processes woke up meanwhile; and the whole job,
-`jobs/sweep.py` in a subprocess, as a user runs it, with the per-step seconds it writes to summary.md.
+"""What Ray costs: medvq's training step in this process against a Ray Train worker; and the whole job.
+
+The step is timed with torch on every core and on one thread, with how often the machine's other processes woke up
+meanwhile; the whole job is `jobs/sweep.py` in a subprocess, as a user runs it, with the seconds of its steps.
 
 A step with torch on every core waits at each parallel operation for its slowest thread, so a thread that loses
 its core to another process for a moment holds up the whole step. Ray's processes wake up many times a second

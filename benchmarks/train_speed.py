@@ -1,5 +1,6 @@
-"""How fast medvq trains: images/s after warm-up over a fixed budget of training seconds, and the quality reached
-in that budget, for
+"""How fast medvq trains, against the seed pipeline, in one process and under Ray Train.
+
+Images/s after warm-up over a fixed budget of training seconds, and the quality reached in that budget, for
 
 a. the seed pipeline (seed_model.py);
 b. medvq's model on the seed's data path and loop: separates the data path's gain from the model's;
