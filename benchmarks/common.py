@@ -1,21 +1,35 @@
-"""What the benchmark scripts share: a steady-state clock, a Ray session, the data flags, the table's row type."""
+"""What the benchmark scripts share: their flags and run (data, table, raw JSON), a steady-state clock, a Ray
+session, the bare training step and the hardware caption."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 import ray
 import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
 
 from medvq.cli import JobParser, add_data_flags, resolve_data_root
+from medvq.config import Config
+from medvq.data import check_data
+from medvq.devices import resolve_accelerator
 from medvq.synthetic import write_synthetic_npz
 
 Row = tuple[str, str, str, str]  # one line of the results table: step, contender, result, compared
+# The tests' tiny model, epochs of 8 batches: a smoke run checks the scripts and measures nothing.
+SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64, limit_batches=8, epochs=2)
 
 
 class SteadyClock:
@@ -80,8 +94,22 @@ def timed(function, *args, **kwargs) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def add_data_source_flags(parser: JobParser) -> None:
-    """--data-root and --datasets as in every medvq job, and --synthetic."""
+def torch_device(config: Config) -> torch.device:
+    return torch.device("cuda" if resolve_accelerator(config.accelerator) == "gpu" else "cpu")
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    """One step on MSE + commitment, no Lightning: the seed's loop, and the step Ray's cost is timed on."""
+    recon, quantized = model(x)
+    loss = F.mse_loss(recon, x) + quantized.commitment_loss
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+
+def benchmark_parser(doc: str, out: str) -> JobParser:
+    """The flags every benchmark script has: the data, --synthetic, --accelerator, --smoke and --out."""
+    parser = JobParser(doc.strip().splitlines()[0])
     add_data_flags(parser)
     parser.add_argument(
         "--synthetic",
@@ -89,6 +117,10 @@ def add_data_source_flags(parser: JobParser) -> None:
         help="time on synthetic files of the official shapes and split sizes, written to a temporary "
         "folder (for a machine the real files cannot reach): speeds hold, quality figures mean nothing",
     )
+    parser.add_settings(Config, ("accelerator",))
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, seconds per row: measures nothing")
+    parser.add_argument("--out", default=out, help="raw numbers, settings and hardware as JSON (default: %(default)s)")
+    return parser
 
 
 def data_root(args: argparse.Namespace, work: Path) -> str:
@@ -98,3 +130,70 @@ def data_root(args: argparse.Namespace, work: Path) -> str:
     for seed, name in enumerate(args.datasets):
         write_synthetic_npz(work / "synthetic", name, seed=seed)
     return str(work / "synthetic")
+
+
+def markdown_table(rows: list[Row]) -> str:
+    lines = ["| step | contender | result | compared |", "| --- | --- | --- | --- |"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def run_benchmark(
+    parser: JobParser,
+    measure: Callable[[Config, argparse.Namespace, Path], dict],
+    rows: Callable[[dict], list[Row]],
+) -> None:
+    """Measure in a temporary folder (deleted after), print the table under the hardware, write the raw JSON."""
+    args = parser.parse_args()
+    hardware = describe()
+    with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
+        smoke = SMOKE_CONFIG if args.smoke else {}
+        config = parser.build(Config, args, data_root=data_root(args, Path(work)), **smoke)
+        check_data(config)
+        results = measure(config, args, Path(work))
+    table = markdown_table(rows(results))
+    settings = {"smoke": args.smoke, "synthetic": args.synthetic, "config": config.to_dict()}
+    raw = {"hardware": hardware, "settings": settings, **results, "table": table}
+    Path(args.out).write_text(json.dumps(raw, indent=2) + "\n")
+    data = "synthetic files (speeds only: the quality rows mean nothing)" if args.synthetic else config.data_root
+    print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name on Linux (/proc/cpuinfo), else what the platform module knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    """The checkout's commit, with "-dirty" when uncommitted changes may have shaped the figures."""
+    done = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True
+    )
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def describe() -> dict[str, str | int | None]:
+    """The machine and software the figures come from, written beside them."""
+    return {
+        "cpu": cpu_model(),
+        "cpus": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": L.__version__,
+        "ray": ray.__version__,
+        "commit": commit(),
+    }
+
+
+def caption(hardware: dict) -> str:
+    """One line for above the table."""
+    return (
+        f"{hardware['cpu']} ({hardware['cpus']} CPUs), GPU: {hardware['gpu'] or 'none'}; torch {hardware['torch']}, "
+        f"ray {hardware['ray']}, lightning {hardware['lightning']}; medvq commit {hardware['commit']}"
+    )

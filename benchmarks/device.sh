@@ -7,14 +7,18 @@
 #   python3 -m pip install -q --no-deps --target .devbundle/pytest pytest pluggy iniconfig packaging pygments
 # There, one step per call, carrying [".devbundle"]; figures land in $OUT (times are estimates, never run yet):
 #   bash benchmarks/device.sh tests          # tests/test_gpu.py and tests/test_model.py on the GPU   (~1 min)
-#   bash benchmarks/device.sh benchmark      # benchmarks/run.py with the GPU rows                     (~8 min)
-#   bash benchmarks/device.sh packed-sweep   # 16 trials x 20 epochs, 4 per GPU: the 15-minute goal
+#   bash benchmarks/device.sh train-speed    # train_speed.py with the GPU rows (batch 1024, 4096, compiled)
+#   bash benchmarks/device.sh encode-speed   # encode_speed.py: Ray Data against the plain loop, UMAP, plots
+#   bash benchmarks/device.sh packed-sweep   # ray_cost.py --sweep packed: 16 trials x 20 epochs, 4 per GPU
 # The data are synthetic files of the official shapes and split sizes for all five sets (the real ones and the
 # bundle together exceed what a call can carry): speeds as on the real files; quality figures mean nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
-case "$step" in tests|benchmark|packed-sweep) ;; *) echo "usage: bash benchmarks/device.sh tests|benchmark|packed-sweep" >&2; exit 2 ;; esac
+case "$step" in
+  tests|train-speed|encode-speed|packed-sweep) ;;
+  *) echo "usage: bash benchmarks/device.sh tests|train-speed|encode-speed|packed-sweep" >&2; exit 2 ;;
+esac
 out=${OUT:-/tmp/medvq-device}
 mkdir -p "$out" /tmp/site
 [ -d /tmp/site/ray ] || tar -xJf .devbundle/site.tar.xz -C /tmp/site
@@ -22,8 +26,10 @@ export PYTHONPATH="/tmp/site:$PWD/.devbundle/pytest:$PWD:${PYTHONPATH:-}"  # Ray
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 case "$step" in
   tests) python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_model.py 2>&1 | tee "$out/tests.log" ;;
-  benchmark) python benchmarks/run.py --synthetic --seconds 15 --batch-sizes 1024,4096 --compile --no-sweep \
-               --out "$out/benchmark.json" 2>&1 | tee "$out/benchmark.log" ;;
-  packed-sweep) python benchmarks/sweep_job.py --synthetic --gpus-per-trial 0.25 \
+  train-speed) python benchmarks/train_speed.py --synthetic --seconds 15 --batch-sizes 1024,4096 --compile \
+                 --out "$out/train-speed.json" 2>&1 | tee "$out/train-speed.log" ;;
+  encode-speed) python benchmarks/encode_speed.py --synthetic --seconds 15 \
+                  --out "$out/encode-speed.json" 2>&1 | tee "$out/encode-speed.log" ;;
+  packed-sweep) python benchmarks/ray_cost.py --synthetic --sweep packed --gpus-per-trial 0.25 \
                   --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
 esac

@@ -1,5 +1,5 @@
-"""benchmarks/run.py --smoke on the synthetic files, as CI runs it to keep the scripts working. No speed
-assertions: the figures of a smoke run on a shared CI machine mean nothing."""
+"""Every benchmark script with --smoke on the synthetic files, as CI runs them to keep the scripts working. No
+speed assertions: the figures of a smoke run on a shared CI machine mean nothing."""
 
 from __future__ import annotations
 
@@ -9,48 +9,48 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from jobs.sweep import sweep_summary
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
 
-CONTENDERS = (
-    "seed pipeline",
-    "medvq model, seed data path",
-    "medvq as shipped",
-    "Ray Train, 1 CPU worker",
-    "Ray Train, 2 CPU workers",
-    "plain torch loop",
-    "Ray Data, end to end",
-    "Ray Data, Ray already running",
-    "Ray Data, steady",
-    "UMAP",
-    "draw_run",
-    "medvq as shipped, batch 32",
-    "this process / a Ray Train worker",
-)
-TRAINING = ("seed_pipeline", "medvq_model_seed_data", "lightning")
+CONTENDERS = {
+    "train_speed": (
+        "seed pipeline",
+        "medvq model, seed data path",
+        "medvq as shipped",
+        "Ray Train, 1 CPU worker",
+        "Ray Train, 2 CPU workers",
+        "medvq as shipped, batch 32",
+    ),
+    "encode_speed": (
+        "plain torch loop",
+        "Ray Data, end to end",
+        "Ray Data, Ray already running",
+        "Ray Data, steady",
+        "UMAP",
+        "draw_run",
+    ),
+    "ray_cost": ("this process / a Ray Train worker",),
+}
+# The whole-job row is left out: tests/test_jobs.py runs that job, and the line it is read from is tested below.
+# --batch-sizes without --compile: compiling is most of a smoke run; tests/test_train.py trains a compiled model.
+FLAGS = {"train_speed": ("--batch-sizes", "32"), "encode_speed": (), "ray_cost": ("--sweep", "none")}
 
 
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory) -> tuple[str, dict]:
-    """(stdout, the JSON) of one smoke run on the CPU; the whole-job row is left out (tests/test_jobs.py runs
-    that job, and the line it is read from is tested below)."""
-    out = tmp_path_factory.mktemp("benchmark") / "benchmark.json"
+def smoke_run(script: str, out) -> tuple[str, dict]:
+    """(stdout, the JSON) of `benchmarks/<script>.py --smoke` on the CPU."""
     command = [
         sys.executable,
-        "benchmarks/run.py",
+        f"benchmarks/{script}.py",
         "--smoke",
-        "--no-sweep",
         "--accelerator",
         "cpu",
         "--synthetic",
         "--datasets",
         ",".join(SYNTHETIC_DATASETS),
-        "--batch-sizes",
-        "32",
+        *FLAGS[script],
         "--out",
         str(out),
     ]
@@ -59,38 +59,58 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
     return done.stdout, json.loads(out.read_text())
 
 
-def test_the_table_lists_every_contender(smoke):
-    stdout, results = smoke
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Each script's smoke run, once, when a test first asks for it."""
+    runs = {}
+
+    def run(script: str) -> tuple[str, dict]:
+        if script not in runs:
+            runs[script] = smoke_run(script, tmp_path_factory.mktemp(script) / "raw.json")
+        return runs[script]
+
+    return run
+
+
+@pytest.mark.parametrize("script", CONTENDERS)
+def test_the_table_lists_every_contender(smoke, script):
+    stdout, results = smoke(script)
     table = [line for line in stdout.splitlines() if line.startswith("| ")]
-    for contender in CONTENDERS:
+    for contender in CONTENDERS[script]:
         assert any(contender in line for line in table), f"no row for {contender!r} in:\n" + "\n".join(table)
     assert results["table"] in stdout
-
-
-def test_every_contender_has_positive_figures(smoke):
-    _, results = smoke
-    training, encoding = results["training"], results["encoding"]
-    for contender in TRAINING:
-        assert training[contender]["images_per_second"] > 0
-    # Without --compile (its compiling alone is most of a smoke run; tests/test_train.py trains a compiled model).
-    assert [run["compiled"] for run in training["batches"].values()] == [False]
-    assert all(run["batch_size"] == 32 and run["images_per_second"] > 0 for run in training["batches"].values())
-    for run in ("ray_1_worker", "ray_2_cpu_workers"):
-        assert training[run]["epoch_seconds"] > 0
-    assert encoding["plain_loop"]["images"] == encoding["ray_data"]["images"] > 0
-    assert encoding["plain_loop"]["steady_images_per_second"] > 0
-    # Ray Data's steady figure is a difference of two timings, which noise may leave undefined: not asserted.
-    assert encoding["ray_data"]["end_to_end_seconds"] > 0 and encoding["ray_data"]["warm_seconds"] > 0
-    assert results["projection"]["umap_seconds"] > 0
-    for result in results["ray_overhead"].values():
-        assert result["plain"]["step_seconds"] > 0 and result["ray_worker"]["step_seconds"] > 0
-    assert sorted(result["threads"] for result in results["ray_overhead"].values()) == sorted({os.cpu_count(), 1})
     assert {"cpu", "cpus", "torch", "ray", "lightning", "commit"} <= set(results["hardware"])
+
+
+def test_every_training_contender_has_positive_figures(smoke):
+    _, results = smoke("train_speed")
+    for contender in ("seed_pipeline", "medvq_model_seed_data", "lightning"):
+        assert results[contender]["images_per_second"] > 0
+    assert [run["compiled"] for run in results["batches"].values()] == [False]
+    assert all(run["batch_size"] == 32 and run["images_per_second"] > 0 for run in results["batches"].values())
+    for run in ("ray_1_worker", "ray_2_cpu_workers"):
+        assert results[run]["epoch_seconds"] > 0
+
+
+def test_every_encoding_contender_has_positive_figures(smoke):
+    _, results = smoke("encode_speed")
+    plain, ray_data = results["plain_loop"], results["ray_data"]
+    assert plain["images"] == ray_data["images"] > 0 and plain["steady_images_per_second"] > 0
+    # Ray Data's steady figure is a difference of two timings, which noise may leave undefined: not asserted.
+    assert ray_data["end_to_end_seconds"] > 0 and ray_data["warm_seconds"] > 0
+    assert results["projection"]["umap_seconds"] > 0 and results["projection"]["figures"]
+
+
+def test_the_step_is_timed_here_and_in_a_ray_worker(smoke):
+    _, results = smoke("ray_cost")
+    for result in results["train_step"].values():
+        assert result["plain"]["step_seconds"] > 0 and result["ray_worker"]["step_seconds"] > 0
+    assert sorted(result["threads"] for result in results["train_step"].values()) == sorted({os.cpu_count(), 1})
 
 
 def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from sweep_job import step_seconds
+    from ray_cost import step_seconds
 
     best = {
         "trials": 2,
@@ -103,14 +123,3 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}
-
-
-def test_timing_steps_on_one_thread_leaves_the_process_thread_count(monkeypatch, tiny_config):
-    """The benchmark's later sections (the plain encoding loop) run in the same process on every core."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    from ray_overhead import time_steps
-
-    threads = torch.get_num_threads()
-    result = time_steps(tiny_config().to_dict(), threads=1 if threads > 1 else 2, steps=2)
-    assert torch.get_num_threads() == threads
-    assert result["step_seconds"] > 0

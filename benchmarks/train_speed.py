@@ -1,15 +1,20 @@
-"""Training throughput (images/s after warm-up, over a fixed budget of training seconds) and the quality each
-model reaches in that budget:
+"""How fast medvq trains, against the seed pipeline, in one process and under Ray Train.
+
+Images/s after warm-up over a fixed budget of training seconds, and the quality reached in that budget, for
 
 a. the seed pipeline (seed_model.py);
 b. medvq's model on the seed's data path and loop: separates the data path's gain from the model's;
 c. medvq as shipped: Lightning on whole-split tensors (`build_trainer`, `VQVAEModule`, `MedMNISTDataModule`);
 d. medvq under Ray Train (`run_on_ray`), 1 worker and 2 CPU workers, timed per epoch;
 e. optionally, (c) at larger batches and with torch.compile (`--batch-sizes`, `--compile`): the GPU goals.
+
+    python benchmarks/train_speed.py --data-root DATA --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist
+    python benchmarks/train_speed.py --synthetic --datasets bloodmnist --batch-sizes 1024,4096 --compile  # a GPU
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import time
@@ -21,25 +26,39 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from common import Row, SteadyClock, ray_session
+from common import Row, SteadyClock, benchmark_parser, ray_session, run_benchmark, torch_device, train_step
 from ray.train import UserCallback
 from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, seed_transform, to_unit
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medvq.cli import POSITIVE, POSITIVE_INT, JobParser, list_value, run_job
 from medvq.config import Config
 from medvq.data import MedMNISTDataModule, load_splits, to_float_images
-from medvq.devices import resolve_accelerator
 from medvq.metrics import image_scores
 from medvq.model import VQVAE
 from medvq.module import VQVAEModule
 from medvq.train import LocalCheckpoints, build_trainer, run_on_ray
 
+SECONDS, WARMUP_BATCHES = 60.0, 5  # long past warm-up (allocator, cuDNN autotuning, lazy imports), epochs to time
+SMOKE_SECONDS, SMOKE_WARMUP_BATCHES = 1.0, 1
 VAL_IMAGES = 256  # the fixed validation batch every model is scored on
 UNCAPPED_EPOCHS = 1_000_000  # the budget callback ends the Lightning run; the epoch cap must stay out of its way
 CHECKPOINT_DIR_FORMAT = "checkpoint_%Y-%m-%d_%H-%M-%S.%f"  # Ray Train's default checkpoint folder name
 CPU_EPOCHS = 3  # epochs of the CPU Ray runs when the Lightning run had a GPU: two steady epochs to time
+
+
+def budget(smoke: bool, seconds: float | None = None) -> tuple[float, int]:
+    """(steady-state training seconds, warm-up batches) of a training contender."""
+    return (seconds or SMOKE_SECONDS, SMOKE_WARMUP_BATCHES) if smoke else (seconds or SECONDS, WARMUP_BATCHES)
+
+
+def add_budget_flag(parser: JobParser) -> None:
+    parser.add_argument(
+        "--seconds",
+        type=POSITIVE,
+        help=f"steady-state training seconds per model (default: {SECONDS:g}; {SMOKE_SECONDS:g} with --smoke)",
+    )
 
 
 def val_rows(n: int) -> torch.Tensor:
@@ -73,13 +92,8 @@ def seed_loop(model: nn.Module, loader: DataLoader, seconds: float, warmup: int,
     optimizer, clock = seed_optimizer(model), SteadyClock(warmup, device)
     model.train()
     for images, _ in _forever(loader):
-        x = images.to(device)
-        recon, quantized = model(x)
-        loss = F.mse_loss(recon, x) + quantized.commitment_loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        clock.tick(len(x))
+        train_step(model, optimizer, images.to(device))
+        clock.tick(len(images))
         if clock.seconds >= seconds:
             clock.stop()
             return clock
@@ -128,8 +142,9 @@ class Budget(L.Callback):
 
 
 def lightning_run(config: Config, seconds: float, warmup: int, device: torch.device, out: Path) -> dict:
-    """(c) medvq as shipped, in this process; leaves model.ckpt and metrics.csv in `out` for the later sections."""
+    """(c) medvq as shipped, in this process; leaves model.ckpt and metrics.csv in `out` (encode_speed.py's model)."""
     L.seed_everything(config.seed, verbose=False)
+    out.mkdir(parents=True, exist_ok=True)
     val = load_splits(config.datasets, "val", config.data_root, config.size)
     budget = Budget(SteadyClock(warmup, device), seconds, val[val_rows(len(val))]["image"])
     trainer = build_trainer(
@@ -146,10 +161,28 @@ def lightning_run(config: Config, seconds: float, warmup: int, device: torch.dev
     }
 
 
+def batch_runs(
+    config: Config, seconds: float, warmup: int, device: torch.device, args: argparse.Namespace, work: Path
+) -> dict[str, dict]:
+    """(e) medvq as shipped at larger batches, and compiled: how far one GPU goes (the learning rate stays)."""
+    variants = [(size, False) for size in args.batch_sizes]
+    variants += [(size, True) for size in args.batch_sizes if args.compile]
+    results = {}
+    for size, compiled in variants:
+        label = f"batch_{size}" + ("_compiled" if compiled else "")
+        print(f"training: medvq, {label.replace('_', ' ')}, for {seconds:g} s", flush=True)
+        started = time.perf_counter()
+        run = lightning_run(
+            config.with_changes(batch_size=size, compile_model=compiled), seconds, warmup, device, work / label
+        )
+        results[label] = {**run, "compiled": compiled, "wall_seconds": time.perf_counter() - started}
+    return results
+
+
 class ReportTimes(UserCallback):
     """Appends the time of every epoch's report to a file (Ray Train calls this in its controller process, so
     the times cannot come back in memory). The time is the one in the checkpoint's folder name, taken on the
-    worker when it reported: the controller itself only sees reports when it polls, every 2 s."""
+    worker when it reported: the controller itself only sees reports when it polls."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -189,61 +222,30 @@ def ray_runs(config: Config, plain: dict, work: Path) -> dict[str, dict]:
     if device != "cpu":
         runs["ray_1_cpu_worker"] = (1, "cpu")
     runs["ray_2_cpu_workers"] = (2, "cpu")
+    print("training: medvq under Ray Train", flush=True)
     with ray_session():
         epochs = lambda kind: min(plain["epochs"] if kind == device else CPU_EPOCHS, config.epochs)
         return {label: ray_run(config, workers, kind, epochs(kind), work) for label, (workers, kind) in runs.items()}
 
 
-def measure(
-    config: Config,
-    seconds: float,
-    warmup: int,
-    out: Path,
-    work: Path,
-    batch_sizes: tuple[int, ...] = (),
-    compile_model: bool = False,
-) -> dict:
-    device = torch.device("cuda" if resolve_accelerator(config.accelerator) == "gpu" else "cpu")
+def measure(config: Config, args: argparse.Namespace, work: Path) -> dict:
+    seconds, warmup = budget(args.smoke, args.seconds)
+    device = torch_device(config)
     results = {"seconds": seconds, "warmup_batches": warmup}
     for label, contender in (("seed_pipeline", seed_pipeline), ("medvq_model_seed_data", medvq_model_seed_data)):
         print(f"training: {label} for {seconds:g} s", flush=True)
         results[label] = contender(config, seconds, warmup, device)
     print(f"training: medvq with Lightning for {seconds:g} s", flush=True)
-    results["lightning"] = lightning_run(config, seconds, warmup, device, out)
-    results["batches"] = batch_runs(config, seconds, warmup, device, batch_sizes, compile_model, work)
-    print("training: medvq under Ray Train", flush=True)
+    results["lightning"] = lightning_run(config, seconds, warmup, device, work / "lightning")
+    results["batches"] = batch_runs(config, seconds, warmup, device, args, work)
     return {**results, **ray_runs(config, results["lightning"], work)}
 
 
-def batch_runs(
-    config: Config,
-    seconds: float,
-    warmup: int,
-    device: torch.device,
-    batch_sizes: tuple[int, ...],
-    compile_model: bool,
-    work: Path,
-) -> dict[str, dict]:
-    """(e) medvq as shipped at larger batches, and compiled: how far one GPU goes (the learning rate stays)."""
-    variants = [(size, False) for size in batch_sizes] + [(size, True) for size in batch_sizes if compile_model]
-    results = {}
-    for size, compiled in variants:
-        label = f"batch_{size}" + ("_compiled" if compiled else "")
-        print(f"training: medvq, {label.replace('_', ' ')}, for {seconds:g} s", flush=True)
-        (work / label).mkdir()
-        started = time.perf_counter()
-        run = lightning_run(
-            config.with_changes(batch_size=size, compile_model=compiled), seconds, warmup, device, work / label
-        )
-        results[label] = {**run, "compiled": compiled, "wall_seconds": time.perf_counter() - started}
-    return results
-
-
-def _images_per_second(result: dict) -> str:
+def _speed(result: dict) -> str:
     return f"{result['images_per_second']:,.0f} images/s"
 
 
-def _ray_result(result: dict) -> str:
+def _epochs(result: dict) -> str:
     epochs, total = result["epochs"], result["total_seconds"]
     return f"epoch {result['epoch_seconds']:.2f} s ({epochs} epochs, {total:.0f} s with start-up)"
 
@@ -253,57 +255,57 @@ def rows(results: dict) -> list[Row]:
     one, two = results["ray_1_worker"], results["ray_2_cpu_workers"]
     cpu_one = results.get("ray_1_cpu_worker", one)
     versus_seed = lambda result: f"{result['images_per_second'] / seed['images_per_second']:.2f}x seed"
-    quality = f"quality after {results['seconds']:g} s of training"
+    training = lambda *cells: ("training", *cells)
+    quality = lambda *cells: (f"quality after {results['seconds']:g} s of training", *cells)
     table = [
-        (
-            "training",
+        training(
             "seed pipeline: ResNet-18 stem, medmnist Dataset + PIL transforms, 64x64, batch 16",
-            _images_per_second(seed),
+            _speed(seed),
             "1.00x (baseline)",
         ),
-        (
-            "training",
-            "medvq model, seed data path and loop (28x28, batch 16)",
-            _images_per_second(model_only),
-            versus_seed(model_only),
-        ),
-        (
-            "training",
+        training("medvq model, seed data path and loop (28x28, batch 16)", _speed(model_only), versus_seed(model_only)),
+        training(
             f"medvq as shipped: Lightning, one process, batch {plain['batch_size']}",
-            f"{_images_per_second(plain)}; epoch {plain['epoch_seconds']:.2f} s",
+            f"{_speed(plain)}; epoch {plain['epoch_seconds']:.2f} s",
             versus_seed(plain),
         ),
-        (
-            "training",
+        training(
             f"medvq, Ray Train, 1 {one['accelerator'].upper()} worker",
-            _ray_result(one),
+            _epochs(one),
             f"{one['epoch_seconds'] / plain['epoch_seconds']:.2f}x Lightning's epoch time (goal <= 1.15x)",
         ),
     ]
     if cpu_one is not one:
-        table.append(("training", "medvq, Ray Train, 1 CPU worker", _ray_result(cpu_one), "baseline for 2 CPU workers"))
-    table += [
-        (
-            "training",
-            "medvq, Ray Train, 2 CPU workers",
-            _ray_result(two),
-            f"{cpu_one['epoch_seconds'] / two['epoch_seconds']:.2f}x faster than 1 CPU worker",
-        ),
-        *[
-            (
-                "training",
+        table.append(training("medvq, Ray Train, 1 CPU worker", _epochs(cpu_one), "baseline for 2 CPU workers"))
+    faster = cpu_one["epoch_seconds"] / two["epoch_seconds"]
+    table.append(training("medvq, Ray Train, 2 CPU workers", _epochs(two), f"{faster:.2f}x faster than 1 CPU worker"))
+    for run in results["batches"].values():
+        table.append(
+            training(
                 f"medvq as shipped, batch {run['batch_size']}" + (", torch.compile" if run["compiled"] else ""),
-                f"{_images_per_second(run)}; PSNR {run['val_psnr']:.2f} dB after {results['seconds']:g} s",
+                f"{_speed(run)}; PSNR {run['val_psnr']:.2f} dB after {results['seconds']:g} s",
                 f"{versus_seed(run)} (goal on a GPU: >= 100,000 images/s, >= 20x seed)",
             )
-            for run in results["batches"].values()
-        ],
-        (quality, "seed pipeline (64x64)", f"PSNR {seed['val_psnr']:.2f} dB, SSIM {seed['val_ssim']:.3f}", ""),
-        (
-            quality,
-            "medvq as shipped (28x28)",
-            f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}",
-            f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed",
-        ),
+        )
+    gain = f"{plain['val_psnr'] - seed['val_psnr']:+.2f} dB, SSIM {plain['val_ssim'] - seed['val_ssim']:+.3f} vs seed"
+    return table + [
+        quality("seed pipeline (64x64)", f"PSNR {seed['val_psnr']:.2f} dB, SSIM {seed['val_ssim']:.3f}", ""),
+        quality("medvq as shipped (28x28)", f"PSNR {plain['val_psnr']:.2f} dB, SSIM {plain['val_ssim']:.3f}", gain),
     ]
-    return table
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__, "train-speed.json")
+    add_budget_flag(parser)
+    parser.add_argument(
+        "--batch-sizes",
+        type=list_value(POSITIVE_INT),
+        default=(),
+        help="comma-separated: medvq as shipped again at each of these batch sizes (for a GPU: 1024,4096)",
+    )
+    parser.add_argument("--compile", action="store_true", help="and each --batch-sizes run again with torch.compile")
+    run_benchmark(parser, measure, rows)
+
+
+if __name__ == "__main__":
+    run_job(main)
