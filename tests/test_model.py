@@ -264,9 +264,16 @@ def test_ddp_codebook_equals_one_process_fed_both_batches(ddp_codebooks):
 # --- the VQ-VAE -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size, downsample", [(28, 2), (64, 3)])
-def test_vqvae_shapes_and_output_range(tiny_config, size, downsample):
-    config = tiny_config(size=size, downsample=downsample)
+@pytest.mark.parametrize(
+    "size, downsample, options",
+    [
+        (28, 2, {}),
+        (64, 3, {}),
+        (28, 2, dict(l2_codes=True, embedding_dim=4, gradient="rotation", kmeans_init=True, hidden_channels=32)),
+    ],
+)
+def test_vqvae_shapes_and_output_range(tiny_config, size, downsample, options):
+    config = tiny_config(size=size, downsample=downsample, **options)
     model = VQVAE(config)
     side = {28: 7, 64: 8}[size]
     assert config.latent_side == side
