@@ -30,19 +30,19 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults
+ROWS = {  # name: flags beyond jobs/train.py's defaults (a constant learning rate since the cosine row lost)
     "defaults": [],
     "cosine": ["--lr-schedule", "cosine"],
-    "cosine+kmeans-init": ["--lr-schedule", "cosine", "--kmeans-init"],
-    "cosine+l2-codes-d8": ["--lr-schedule", "cosine", "--l2-codes", "--embedding-dim", "8"],
-    "cosine+l2-codes-d32": ["--lr-schedule", "cosine", "--l2-codes", "--embedding-dim", "32"],
-    "cosine+rotation": ["--lr-schedule", "cosine", "--gradient", "rotation"],
-    "cosine+width-128": ["--lr-schedule", "cosine", "--hidden-channels", "128"],
-    "cosine+width-32": ["--lr-schedule", "cosine", "--hidden-channels", "32"],
-    "cosine+4-residual-blocks": ["--lr-schedule", "cosine", "--residual-blocks", "4"],
-    "cosine+batch-128": ["--lr-schedule", "cosine", "--batch-size", "128"],
-    "cosine+lr-2e-3": ["--lr-schedule", "cosine", "--learning-rate", "2e-3"],
-    "cosine+ema-decay-0.95": ["--lr-schedule", "cosine", "--ema-decay", "0.95"],
+    "kmeans-init": ["--kmeans-init"],
+    "l2-codes-d8": ["--l2-codes", "--embedding-dim", "8"],
+    "l2-codes-d32": ["--l2-codes", "--embedding-dim", "32"],
+    "rotation": ["--gradient", "rotation"],
+    "width-128": ["--hidden-channels", "128"],
+    "width-32": ["--hidden-channels", "32"],
+    "4-residual-blocks": ["--residual-blocks", "4"],
+    "batch-128": ["--batch-size", "128"],
+    "lr-2e-3": ["--learning-rate", "2e-3"],
+    "ema-decay-0.95": ["--ema-decay", "0.95"],
 }
 SCORES = ("psnr", "ssim")
 # Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update
