@@ -26,7 +26,7 @@ from medvq.cli import (
     training_parser,
 )
 from medvq.config import Config, SweepConfig, smoke_sweep
-from medvq.data import check_data
+from medvq.data import check_data, each_split_read_once
 from medvq.devices import uses_gpu
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
@@ -179,11 +179,12 @@ def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: di
         seconds["final_fit"] = time.monotonic() - started
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
-    records, described = encode_and_measure(str(out / CHECKPOINT_NAME), config, out, gpus_per_actor=gpus_per_actor)
-    seconds.update(described)
-    started = time.monotonic()
-    draw_run(out)
-    seconds["plots"] = time.monotonic() - started
+    with each_split_read_once():  # the probes on pixels and the figures look at the same images
+        records, described = encode_and_measure(str(out / CHECKPOINT_NAME), config, out, gpus_per_actor=gpus_per_actor)
+        seconds.update(described)
+        started = time.monotonic()
+        draw_run(out)
+        seconds["plots"] = time.monotonic() - started
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)
     print(summary + summary_markdown(records), flush=True)

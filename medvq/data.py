@@ -13,6 +13,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
@@ -163,11 +164,36 @@ def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple
     """One split of one dataset: images uint8 (N, H, W, C) with C as stored, labels int64 (N,)."""
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: choose from {', '.join(SPLITS)}")
-    with np.load(verified_file(name, root, size)) as npz:
+    path = verified_file(name, root, size)
+    key = (path, path.stat().st_mtime_ns, split)
+    if _kept_splits is not None and key in _kept_splits:
+        return _kept_splits[key]
+    with np.load(path) as npz:
         images, labels = npz[f"{split}_images"], npz[f"{split}_labels"]
     if images.ndim == 3:
         images = images[..., None]  # (N, H, W) -> (N, H, W, 1)
-    return images, labels.reshape(-1).astype(np.int64)
+    loaded = images, labels.reshape(-1).astype(np.int64)
+    if _kept_splits is not None:
+        for array in loaded:
+            array.flags.writeable = False  # shared by every caller in the block
+        _kept_splits[key] = loaded
+    return loaded
+
+
+_kept_splits: dict | None = None  # (path, its mtime, split) -> load_split's arrays, inside each_split_read_once
+
+
+@contextmanager
+def each_split_read_once() -> Iterator[None]:
+    """Inside this block load_split reads a split from its file once and hands every caller the same read-only
+    arrays: the report after training (probes on pixels, figures, the explorer) looks at the same images several
+    times. Not around training: its arrays are copied into tensors, and a kept copy would double their memory."""
+    global _kept_splits
+    outer, _kept_splits = _kept_splits, {} if _kept_splits is None else _kept_splits
+    try:
+        yield
+    finally:
+        _kept_splits = outer
 
 
 def rgb(images: np.ndarray) -> np.ndarray:

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow as pa
 import ray
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from medvq.config import Config
 from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
@@ -24,6 +26,8 @@ from medvq.nodes import capacity
 from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
+THUMB = 28  # px: MedMNIST's own side; the reconstructions kept for the explorer are shrunk to it
+RECONSTRUCTION = "reconstruction"  # the column of those thumbnails, kept beside the latents (report.py)
 
 
 def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[str, np.ndarray]:
@@ -39,6 +43,23 @@ def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[
         "label_name": np.array([label_names[str(label)] for label in labels]),
         "image": np.ascontiguousarray(rgb(images)),  # as in training: every batch then has one image shape
     }
+
+
+def shrink(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) floats -> (B, 3, THUMB, THUMB), each pixel the mean of those it covers."""
+    return images if images.shape[2] == THUMB else F.interpolate(images, size=(THUMB, THUMB), mode="area")
+
+
+def thumbnails(recon: torch.Tensor) -> pa.Array:
+    """Each reconstruction at THUMB px, as lossless WebP bytes: the explorer shows them without running the model
+    again (on the driver's CPU, at 224 px, that would cost minutes)."""
+    pixels = shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    encoded = []
+    for image in pixels:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, "WEBP", lossless=True)
+        encoded.append(buffer.getvalue())
+    return pa.array(encoded, pa.binary())
 
 
 def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -74,6 +95,7 @@ class ImageEncoder:
         columns["latent"] = _fixed_size_list(latent.float().cpu().numpy())
         for name in ("mse", "mae", "psnr", "ssim"):
             columns[name] = scores[name].float().cpu().numpy()
+        columns[RECONSTRUCTION] = thumbnails(recon)
         return pa.table(columns)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from bokeh.embed import file_html
 from bokeh.layouts import column, row
 from bokeh.models import (
@@ -50,15 +49,16 @@ from bokeh.resources import INLINE
 from PIL import Image
 
 from medvq.data import SPLITS, load_split, rgb, short_label, to_float_images
+from medvq.encode import RECONSTRUCTION, THUMB, shrink
+from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, nearest, vectors
-from medvq.module import VQVAEModule
+from medvq.report import ROW_KEY
 from medvq.storage import write_atomically
 
-THUMB = 28  # px: MedMNIST's own side; larger images are shrunk to it, so the page stays small
 # Tiles per sheet: a sheet's data URI must stay under Chrome's 2 MiB limit on one CSS variable.
 SHEET_COLUMNS, SHEET_ROWS = 32, 32
 WEBP_QUALITY = 70  # lossy: a thumbnail needs no exact pixels, and lossless sheets would be several times larger
-BATCH = 1024  # images per forward pass
+BATCH = 1024  # images shrunk at once: 1024 at 224 px take 0.6 GB as floats
 HOVER_ZOOM, TABLE_ZOOM = 3, 2  # thumbnails shown at 84 px in the tooltip, 56 px in the neighbour table
 MAP_SIZE = (760, 700)  # px of the map itself, without its legend and colour bars
 POINT_SIZE = 5  # px; also how near the pointer must come for a point to be hovered
@@ -89,11 +89,11 @@ for (const other of modes) if (other.bar) other.bar.visible = other === mode
 """
 
 
-def draw_explorer(latents: pd.DataFrame, module: VQVAEModule, data_root: str | Path | None, path: Path) -> None:
+def draw_explorer(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str | Path, size: int, path: Path):
     """Write the page for every row of `latents` (the encoder's columns, with UMAP), its thumbnails drawn from
-    the images in `data_root` and `module`'s reconstructions of them."""
+    the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions."""
     latents = latents.reset_index(drop=True)
-    sheets = _sheets(_tiles(latents, module, data_root))
+    sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
     k = min(NEIGHBOURS, len(latents) - 1)
     neighbours, distances = nearest(vectors(latents["latent"]), k)
     page = _page(latents, neighbours, distances)
@@ -101,18 +101,19 @@ def draw_explorer(latents: pd.DataFrame, module: VQVAEModule, data_root: str | P
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())
 
 
-@torch.inference_mode()
-def _tiles(latents: pd.DataFrame, module: VQVAEModule, data_root: str | Path | None) -> np.ndarray:
+def _tiles(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str | Path, size: int) -> np.ndarray:
     """Every row's image beside its reconstruction, in the rows' order: (N, THUMB, 2 THUMB, 3) uint8."""
+    shown = latents[ROW_KEY].merge(reconstructions, on=ROW_KEY, how="left")[RECONSTRUCTION]
+    if shown.isna().any():
+        raise UserError(f"{shown.isna().sum()} images have no reconstruction beside the latents: encode them again")
     tiles = np.zeros((len(latents), THUMB, 2 * THUMB, 3), np.uint8)
     for (name, split), rows in latents.groupby(["dataset", "split"]).indices.items():
-        images = rgb(load_split(name, split, data_root, module.config.size)[0])[latents["index"].to_numpy()[rows]]
+        images = rgb(load_split(name, split, data_root, size)[0])
         for start in range(0, len(rows), BATCH):
-            batch = torch.from_numpy(images[start : start + BATCH])
-            pair = torch.cat([to_float_images(batch), module(batch)[0].float()], dim=3)  # (B, 3, H, 2W)
-            if pair.shape[2] != THUMB:
-                pair = F.interpolate(pair, size=(THUMB, 2 * THUMB), mode="area")
-            tiles[rows[start : start + BATCH]] = pair.clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+            part = rows[start : start + BATCH]
+            originals = shrink(to_float_images(torch.from_numpy(images[latents["index"].to_numpy()[part]])))
+            tiles[part, :, :THUMB] = originals.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
+            tiles[part, :, THUMB:] = [np.asarray(Image.open(io.BytesIO(webp))) for webp in shown.iloc[part]]
     return tiles
 
 

@@ -20,11 +20,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from medvq.data import load_split, rgb, short_label
+from medvq.data import each_split_read_once, load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
 from medvq.latent_space import code_usage
 from medvq.module import VQVAEModule
+from medvq.report import LATENTS_DIR, RECONSTRUCTIONS_FILE
 from medvq.storage import is_file, is_uri, join, local_folder, write_atomically
 from medvq.tune import GRACE_OBJECTIVE, MODEL_STATUSES
 
@@ -264,7 +265,7 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
             f"run folder {run_dir} does not exist: point --run at the --out folder of a sweep or a training run"
         )
     # Ray's storage under the run holds every trial's checkpoints: none of it is drawn.
-    with local_folder(str(run_dir), skip=("ray_results",)) as run:
+    with local_folder(str(run_dir), skip=("ray_results",)) as run, each_split_read_once():
         written = _draw_folder(run, data_root)
     return [join(str(run_dir), "plots", name) for name in written]
 
@@ -274,8 +275,9 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     # The shipped model's history first: a training run's, or a sweep's final fit; else the best trial's
     histories = [path for path in (run / "metrics.csv", run / "best_metrics.csv") if path.exists()]
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
-    has_latents = any((run / "latents").glob("*.parquet"))  # an empty or missing folder: no latent plots
-    latents = pd.read_parquet(run / "latents") if has_latents else None
+    has_latents = any((run / LATENTS_DIR).glob("[!_]*.parquet"))  # an empty or missing folder: no latent plots
+    latents = pd.read_parquet(run / LATENTS_DIR) if has_latents else None
+    reconstructions = run / LATENTS_DIR / RECONSTRUCTIONS_FILE
     if latents is None and not histories and not trials_path.exists() and checkpoint is None:
         raise UserError(
             f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
@@ -300,8 +302,14 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
         ),
         (
             "explorer.html",
-            latents is not None and module is not None,
-            lambda p: draw_explorer(latents, module, data_root or module.config.data_root, p),
+            latents is not None and module is not None and reconstructions.is_file(),
+            lambda p: draw_explorer(
+                latents,
+                pd.read_parquet(reconstructions),
+                data_root or module.config.data_root,
+                module.config.size,
+                p,
+            ),
         ),
     ]
     (run / "plots").mkdir(exist_ok=True)

@@ -15,10 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medvq.config import Config
-from medvq.encode import encode_latents
+from medvq.encode import RECONSTRUCTION, encode_latents
 from medvq.latent_space import dataset_records, with_umap
 
 LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
+# The explorer's thumbnails of the reconstructions: "_" keeps the file out of pandas.read_parquet("latents").
+RECONSTRUCTIONS_FILE = "_reconstructions.parquet"
+ROW_KEY = ["dataset", "split", "index"]  # what names an image
 
 
 def replace_folder(new: Path, target: Path) -> None:
@@ -33,11 +36,13 @@ def replace_folder(new: Path, target: Path) -> None:
 
 
 def write_latents(table: pa.Table, out: Path) -> Path:
-    """OUT/latents/latents.parquet, written once, whole: staged beside, then moved into place."""
+    """OUT/latents/latents.parquet, and the reconstructions' thumbnails beside it, written once, whole: staged
+    beside, then moved into place."""
     staging, latents = out / f"{LATENTS_DIR}.partial", out / LATENTS_DIR
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    pq.write_table(table, staging / PARQUET_FILE)
+    pq.write_table(table.drop_columns([RECONSTRUCTION]), staging / PARQUET_FILE)
+    pq.write_table(table.select([*ROW_KEY, RECONSTRUCTION]), staging / RECONSTRUCTIONS_FILE)
     replace_folder(staging, latents)
     return latents
 
@@ -55,7 +60,8 @@ def encode_and_measure(
     seconds["umap"] = time.monotonic() - started
     latents = write_latents(table, out)
     started = time.monotonic()
-    records = dataset_records(table.to_pandas(), config.datasets, config.data_root, config.size, config.codebook_size)
+    frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
+    records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
     print(
         f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; UMAP {seconds['umap']:.1f} s; "

@@ -14,7 +14,8 @@ import torch
 from medmnist import INFO
 from medmnist.dataset import MedMNIST
 
-from medvq.data import SPLITS, IndexBatches, file_name, load_split, load_splits, to_float_images
+from medvq import data
+from medvq.data import SPLITS, IndexBatches, each_split_read_once, file_name, load_split, load_splits, to_float_images
 from medvq.errors import UserError
 from medvq.synthetic import write_synthetic_npz
 
@@ -56,6 +57,20 @@ def test_load_split_shapes_dtypes_and_counts(synthetic_root, name, split):
     assert images.dtype == np.uint8 and images.shape == (n, 28, 28, INFO[name]["n_channels"])
     assert labels.dtype == np.int64 and labels.shape == (n,)
     assert set(np.unique(labels)) <= set(range(len(INFO[name]["label"])))
+
+
+def test_inside_each_split_read_once_a_split_is_read_once_and_shared_read_only(synthetic_root, monkeypatch):
+    reads = []
+    monkeypatch.setattr(data.np, "load", lambda path: reads.append(path) or np.lib.npyio.NpzFile(open(path, "rb")))
+    with each_split_read_once():
+        first, again = (load_split("retinamnist", "test", synthetic_root) for _ in range(2))
+        with each_split_read_once():  # a nested block shares the outer one's arrays
+            nested = load_split("retinamnist", "test", synthetic_root)
+        load_split("retinamnist", "val", synthetic_root)
+        assert len(reads) == 2 and first[0] is again[0] is nested[0] and not first[0].flags.writeable
+    after = load_split("retinamnist", "test", synthetic_root)
+    assert len(reads) == 3 and after[0] is not first[0] and after[0].flags.writeable  # outside: read afresh, owned
+    np.testing.assert_array_equal(after[0], first[0])
 
 
 def test_flat_labels_load_like_official_layout(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -10,15 +11,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from medmnist import INFO
+from PIL import Image
 
 from medvq.config import Config
-from medvq.data import SPLITS, load_split
-from medvq.encode import encode_latents, encoder_pool
+from medvq.data import SPLITS, load_split, rgb, to_float_images
+from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
-from medvq.module import checkpoint_config
-from medvq.report import encode_and_measure, replace_folder, write_latents
+from medvq.module import VQVAEModule, checkpoint_config
+from medvq.report import RECONSTRUCTIONS_FILE, encode_and_measure, replace_folder, write_latents
 from medvq.train import train_local
 from tests.conftest import SYNTHETIC_DATASETS, TINY
 
@@ -84,6 +87,13 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
     np.testing.assert_array_equal(test["label"].to_numpy(), labels)
     assert set(test["label_name"]) <= set(INFO["breastmnist"]["label"].values())
     assert (np.stack(frame["codes"].to_numpy()) < config.codebook_size).all()
+    # Each row's thumbnail is the model's reconstruction of its own image, losslessly
+    model = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").model.eval()
+    images = torch.from_numpy(rgb(load_split("breastmnist", "test", config.data_root)[0]).copy())
+    with torch.inference_mode():
+        expected = model(to_float_images(images))[0].clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
+    shown = np.stack([np.asarray(Image.open(io.BytesIO(webp))) for webp in test[RECONSTRUCTION]])
+    assert shown.shape == (len(test), THUMB, THUMB, 3) and np.abs(shown - expected).max() <= 1  # rounding
 
 
 def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
@@ -94,7 +104,8 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     write_summary(records, tmp_path)
     assert set(seconds) == {"encode", "umap", "probes"}
     frame = pd.read_parquet(tmp_path / "latents")
-    assert [path.name for path in (tmp_path / "latents").iterdir()] == ["latents.parquet"]  # written once, whole
+    written = sorted(path.name for path in (tmp_path / "latents").iterdir())
+    assert written == [RECONSTRUCTIONS_FILE, "latents.parquet"]  # written once, whole; pandas reads only the latents
     assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
     assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0
     assert not (tmp_path / "latents.partial").exists() and not (tmp_path / "latents.old").exists()

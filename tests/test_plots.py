@@ -20,8 +20,10 @@ from PIL import Image
 from medvq import plots
 from medvq.config import Config
 from medvq.data import LABEL_CHARS, short_label
+from medvq.encode import RECONSTRUCTION, THUMB, thumbnails
 from medvq.errors import UserError
 from medvq.module import VQVAEModule
+from medvq.report import RECONSTRUCTIONS_FILE, ROW_KEY
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 EVERY_FIGURE = (
@@ -37,7 +39,8 @@ METRICS = ("loss", "mae", "psnr", "ssim")
 
 
 def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> None:
-    """The encoder's Parquet dataset: one row per image (the first images of each split), in two part files."""
+    """The encoder's Parquet dataset: one row per image (the first images of each split), in two part files, and
+    random thumbnails of their reconstructions beside it."""
     rng = np.random.default_rng(0)
     cells = config.latent_side**2
     frames = []
@@ -70,6 +73,10 @@ def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> 
     table = pd.concat(frames, ignore_index=True)
     for part, rows in enumerate(np.array_split(np.arange(len(table)), 2)):
         table.iloc[rows].to_parquet(folder / f"part-{part}.parquet", index=False)
+    # Smooth, as reconstructions are (the page's lossy sheets keep them to a few levels), and each row its own colour
+    smooth = torch.rand(len(table), 3, 1, 1) * torch.linspace(0.2, 1, THUMB).expand(THUMB, THUMB)
+    shown = table[ROW_KEY].assign(**{RECONSTRUCTION: thumbnails(smooth).to_pylist()})
+    shown.to_parquet(folder / RECONSTRUCTIONS_FILE, index=False)
 
 
 def history(epochs: int) -> pd.DataFrame:
@@ -178,8 +185,13 @@ def test_long_class_names_are_shortened():
     assert len(short_label(INFO["dermamnist"]["label"]["0"])) == LABEL_CHARS
 
 
-def test_a_run_without_latents_gets_no_explorer_and_one_line_saying_so(train_run, synthetic_root, caplog):
-    shutil.rmtree(train_run / "latents")
+@pytest.mark.parametrize(
+    "remove",
+    [lambda run: shutil.rmtree(run / "latents"), lambda run: (run / "latents" / RECONSTRUCTIONS_FILE).unlink()],
+    ids=["no latents", "no reconstructions"],
+)
+def test_a_run_without_latents_gets_no_explorer_and_one_line_saying_so(train_run, synthetic_root, caplog, remove):
+    remove(train_run)
     caplog.set_level(logging.INFO, logger=plots.__name__)
     assert "explorer.html" not in [Path(path).name for path in plots.draw_run(train_run, data_root=synthetic_root)]
     assert [line for line in caplog.messages if "explorer.html" in line] == [
