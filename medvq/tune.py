@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import signal
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -25,6 +27,7 @@ from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TR
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight", "seed")
+SEARCH_KEY = "trial"  # a trial's config: {SEARCH_KEY: {name: value for name in SEARCHED}}
 GRACE_OBJECTIVE = f"{OBJECTIVE}_at_grace"  # the objective after the grace epochs, which every trial ran
 MODEL_STATUSES = ("finished", "stopped")  # trials that left a usable model ("stopped": early, by ASHA)
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
@@ -32,17 +35,32 @@ TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
 TRIAL_RETRIES = 1
 
 
+def trial_order(sweep: SweepConfig) -> list[dict]:
+    """Every trial's searched values, in the order Tune starts them: one repeat after another (a grid's seeds, or the
+    samples of weights), and within a repeat the codebook sizes and weights interleaved, so that any run of
+    consecutive trials holds every value about equally often. ASHA's first rungs are set by the first trials to reach
+    them; in Tune's own grid order those were all of one weight, which then stopped the other weights' trials."""
+    sizes = sweep.codebook_sizes
+    if not sweep.commitment_grid:  # one weight per trial, drawn log-uniformly, the same on every run of this sweep
+        draws = np.random.default_rng(sweep.base.seed).uniform(*np.log(sweep.commitment_range), sweep.trial_count)
+        weights = iter(np.exp(draws).tolist())
+        return [
+            {"codebook_size": size, "commitment_weight": next(weights), "seed": sweep.base.seed}
+            for _ in range(sweep.num_samples)
+            for size in sizes
+        ]
+    weights, n, m = sweep.commitment_grid, len(sweep.codebook_sizes), len(sweep.commitment_grid)
+    period = math.lcm(n, m)  # trial t: size t mod n, weight t mod m shifted by one each period; so every pair once
+    return [
+        {"codebook_size": sizes[t % n], "commitment_weight": weights[(t + t // period) % m], "seed": seed}
+        for seed in sweep.seeds
+        for t in range(n * m)
+    ]
+
+
 def search_space(sweep: SweepConfig) -> dict:
-    commitment = (
-        tune.grid_search(list(sweep.commitment_grid))
-        if sweep.commitment_grid
-        else tune.loguniform(*sweep.commitment_range)
-    )
-    return {
-        "codebook_size": tune.grid_search(list(sweep.codebook_sizes)),
-        "commitment_weight": commitment,
-        "seed": tune.grid_search(list(sweep.seeds)),
-    }
+    """One grid over whole trials, so that Tune starts them in `trial_order`."""
+    return {SEARCH_KEY: tune.grid_search(trial_order(sweep))}
 
 
 def run_trial(params: dict, base: Config, storage: str) -> None:
@@ -51,7 +69,7 @@ def run_trial(params: dict, base: Config, storage: str) -> None:
     Its Train run is named after the trial, so a resumed sweep (or a retried trial) resumes an unfinished
     trial's run from its last checkpoint.
     """
-    config = base.with_changes(**{name: params[name] for name in SEARCHED})
+    config = base.with_changes(**params[SEARCH_KEY])
     context = tune.get_context()
     run_on_ray(
         config,
@@ -161,7 +179,7 @@ def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str)
     status, reason = trial_status(result, epochs)
     row = {
         "trial_id": last.get("trial_id", Path(result.path).name),
-        **{name: result.config[name] for name in SEARCHED},
+        **result.config[SEARCH_KEY],
         "status": status,
         "error": reason,
         "epochs_run": last.get(EPOCHS_DONE),

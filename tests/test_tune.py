@@ -1,10 +1,37 @@
-"""How a trial's outcome is named in the trial table, without running one."""
+"""The order trials start in, and how a trial's outcome is named in the trial table, without running one."""
 
 from __future__ import annotations
 
+from collections import Counter
 from types import SimpleNamespace
 
-from medvq.tune import error_line, trial_status
+import pytest
+
+from medvq.config import Config, SweepConfig
+from medvq.tune import error_line, trial_order, trial_status
+
+
+@pytest.mark.parametrize("sizes, weights", [((64, 128, 256, 512, 1024), (0.1, 0.5, 2.0)), ((64, 512), (0.1, 1.0))])
+def test_grid_trials_start_interleaved_so_every_value_is_among_the_first(sizes, weights):
+    sweep = SweepConfig(Config(seed=5), codebook_sizes=sizes, commitment_grid=weights, num_samples=2)
+    order = trial_order(sweep)
+    cells = [(t["codebook_size"], t["commitment_weight"], t["seed"]) for t in order]
+    assert sorted(cells) == sorted((k, w, s) for k in sizes for w in weights for s in (5, 6))  # each trial once
+    assert [t["seed"] for t in order] == [5] * (len(cells) // 2) + [6] * (len(cells) // 2)  # one repeat, then the next
+    for start in range(1, len(order) + 1):  # any first trials hold each value as often as any other, give or take one
+        for name in ("codebook_size", "commitment_weight"):
+            counts = Counter(t[name] for t in order[:start])
+            values = sizes if name == "codebook_size" else weights
+            assert max(counts.values()) - min(counts.get(v, 0) for v in values) <= 1, (name, order[:start])
+
+
+def test_sampled_weights_are_drawn_once_per_trial_in_range_and_the_same_on_every_run():
+    sweep = SweepConfig(Config(seed=3), codebook_sizes=(64, 256), commitment_range=(0.05, 2.0), num_samples=3)
+    order = trial_order(sweep)
+    assert [t["codebook_size"] for t in order] == [64, 256] * 3 and {t["seed"] for t in order} == {3}
+    weights = [t["commitment_weight"] for t in order]
+    assert len(set(weights)) == 6 and all(0.05 <= w <= 2.0 for w in weights)
+    assert trial_order(sweep) == order and trial_order(SweepConfig(Config(seed=4), codebook_sizes=(64, 256))) != order
 
 
 def test_a_trials_error_is_its_last_line_without_terminal_colours():
