@@ -103,6 +103,15 @@ def row(
 ) -> dict:
     """Train the row's model for the epochs of `epoch_seconds` that fit the budget; its last epoch's scores."""
     epochs = max(1, math.floor(budget / epoch_seconds))
+    scored = trained_row(name, flags, epochs, out, common, datasets)
+    return {**scored, "epoch_seconds": epoch_seconds, "budget_seconds": epochs * epoch_seconds}
+
+
+def trained_row(
+    name: str, flags: list[str], epochs: int, out: Path, common: list[str], datasets: tuple[str, ...]
+) -> dict:
+    """Train jobs/train.py with `flags` for `epochs` in OUT/runs/NAME: its last epoch's validation scores per set,
+    their means, the share of codes used, the wall time and the command."""
     started = time.monotonic()
     history = train(flags, epochs, out / "runs" / slug(name), common)
     last = history.iloc[-1]
@@ -114,8 +123,6 @@ def row(
         **scores,
         "codes_used": last["val_codes_used"],
         "epochs": epochs,
-        "epoch_seconds": epoch_seconds,
-        "budget_seconds": epochs * epoch_seconds,
         "wall_seconds": time.monotonic() - started,
         "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)]),
     }
@@ -125,16 +132,9 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
-def markdown(table: pd.DataFrame, datasets: tuple[str, ...]) -> str:
-    columns = [
-        "row",
-        "mean_psnr",
-        "mean_ssim",
-        *(f"psnr_{d}" for d in datasets),
-        "codes_used",
-        "epochs",
-        "epoch_seconds",
-    ]
+def markdown(table: pd.DataFrame, columns: list[str]) -> str:
+    """The table's `columns` as Markdown (SSIM and code shares to 3 places, other numbers to 2), then each row's
+    command."""
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for _, r in table.iterrows():
         lines.append(
@@ -153,6 +153,10 @@ def markdown(table: pd.DataFrame, datasets: tuple[str, ...]) -> str:
     return "\n".join(lines + ["", "Commands:", *commands]) + "\n"
 
 
+def score_columns(datasets: tuple[str, ...]) -> list[str]:
+    return ["mean_psnr", "mean_ssim", *(f"psnr_{d}" for d in datasets), "codes_used"]
+
+
 def main() -> None:
     parser = JobParser(__doc__.strip().splitlines()[0])
     add_data_flags(parser)
@@ -167,6 +171,7 @@ def main() -> None:
         raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
     common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
     out, rows = Path(args.out), []
+    columns = ["row", *score_columns(args.datasets), "epochs", "epoch_seconds"]
     # Every row's epoch is timed first, together, so that other work during the long runs cannot skew a budget.
     probed = {
         name: probe(name, ROWS[name], out, common) for name in ROWS
@@ -185,8 +190,8 @@ def main() -> None:
         )
         table = pd.DataFrame(rows)  # rewritten after every row: a stopped run keeps the rows it finished
         table.to_csv(out / "ablations.csv", index=False)
-        (out / "ablations.md").write_text(markdown(table, args.datasets))
-    print(markdown(table, args.datasets))
+        (out / "ablations.md").write_text(markdown(table, columns))
+    print(markdown(table, columns))
 
 
 if __name__ == "__main__":

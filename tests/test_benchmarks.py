@@ -123,3 +123,24 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}
+
+
+def test_rate_distortion_rows_are_every_grid_and_codebook_size_at_their_bits(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from rate_distortion import CODEBOOK_SIZES, rows
+
+    table = rows((28, 64))
+    assert len(table) == 4 * len(CODEBOOK_SIZES)
+    assert table["28px-14x14-K64"]["bits"] == 14 * 14 * 6 and table["64px-4x4-K512"]["bits"] == 4 * 4 * 9
+    assert table["28px-7x7-K1024"]["flags"] == ["--size", "28", "--downsample", "2", "--codebook-size", "1024"]
+    assert table["64px-8x8-K256"]["flags"][:4] == ["--size", "64", "--downsample", "3"]
+
+
+def test_ablation_rows_of_the_same_model_share_one_epoch_time(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from ablations import ROWS, shared_epoch_seconds
+
+    probed = {name: 10.0 for name in ROWS} | {"defaults": 8.0, "cosine": 9.0, "rotation": 30.0, "width-128": 20.0}
+    # defaults, cosine, rotation, k-means, lr and EMA rows train one model: the median of their six probes
+    assert shared_epoch_seconds("rotation", probed) == shared_epoch_seconds("defaults", probed) == 10.0
+    assert shared_epoch_seconds("width-128", probed) == 20.0  # a wider model is its own
