@@ -27,6 +27,16 @@ TINY = dict(
 )
 
 
+def slow_sweep_flags(epochs: int, codebook_sizes: str) -> list[str]:
+    """A sweep whose trials (one per codebook size) run long enough to be stopped or lost half-way: several epochs of
+    a few small batches, one commitment weight, no final fit."""
+    return [
+        *("--epochs", str(epochs), "--limit-batches", "8", "--batch-size", "32", "--final-epochs", "0"),
+        *("--codebook-sizes", codebook_sizes, "--commitment-weights", "0.25", "--num-samples", "1"),
+        *("--accelerator", "cpu"),
+    ]
+
+
 def smoke_command(data_root: Path | str, out: Path | str, *extra: str) -> list[str]:
     """The smoke sweep on the synthetic sets, as a user types it."""
     return [

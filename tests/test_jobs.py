@@ -19,7 +19,7 @@ import pytest
 from medvq.module import VQVAEModule
 from medvq.tune import read_trial_history
 from tests.clusters import wait_for
-from tests.conftest import REPO, SYNTHETIC_DATASETS
+from tests.conftest import REPO, SYNTHETIC_DATASETS, slow_sweep_flags
 
 pytestmark = pytest.mark.integration
 
@@ -66,24 +66,9 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
         ",".join(SYNTHETIC_DATASETS),
         "--out",
         str(out),
-        "--epochs",
-        "6",
-        "--limit-batches",
-        "8",
-        "--batch-size",
-        "32",
-        "--final-epochs",
-        "0",
-        "--codebook-sizes",
-        "16,32",
-        "--commitment-weights",
-        "0.25",
-        "--num-samples",
-        "1",
+        *slow_sweep_flags(epochs=6, codebook_sizes="16,32"),
         "--max-concurrent-trials",
         "1",
-        "--accelerator",
-        "cpu",
     ]
     start = lambda name: subprocess.Popen(
         command, cwd=REPO, stdout=open(tmp_path / f"{name}.log", "w"), stderr=subprocess.STDOUT, start_new_session=True

@@ -33,7 +33,7 @@ from tests.clusters import (
     start_s3,
     wait_for,
 )
-from tests.conftest import REPO, SYNTHETIC_DATASETS, smoke_command
+from tests.conftest import REPO, SYNTHETIC_DATASETS, slow_sweep_flags, smoke_command
 
 pytestmark = pytest.mark.integration
 BUCKET = "medvq-test"
@@ -227,22 +227,7 @@ def test_a_node_lost_mid_trial_its_trial_resumes_on_another_and_the_sweep_finish
         ",".join(SYNTHETIC_DATASETS),
         "--out",
         out,
-        "--epochs",
-        "8",
-        "--limit-batches",
-        "8",
-        "--batch-size",
-        "32",
-        "--final-epochs",
-        "0",
-        "--codebook-sizes",
-        "16",
-        "--commitment-weights",
-        "0.25",
-        "--num-samples",
-        "1",
-        "--accelerator",
-        "cpu",
+        *slow_sweep_flags(epochs=8, codebook_sizes="16"),
         wait=False,
     )
     assert submitted.returncode == 0, submitted.stderr[-2000:]
