@@ -9,6 +9,7 @@ table, each row's command).
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import subprocess
@@ -157,10 +158,21 @@ def score_columns(datasets: tuple[str, ...]) -> list[str]:
     return ["mean_psnr", "mean_ssim", *(f"psnr_{d}" for d in datasets), "codes_used"]
 
 
-def main() -> None:
-    parser = JobParser(__doc__.strip().splitlines()[0])
+def table_parser(doc: str) -> JobParser:
+    """The flags of a table of training runs: the data, and the folder its runs and tables go to."""
+    parser = JobParser(doc.strip().splitlines()[0])
     add_data_flags(parser)
     add_out_flag(parser, "folder for the runs and the tables; rows already trained there are read, not rerun")
+    return parser
+
+
+def common_flags(args: argparse.Namespace) -> list[str]:
+    """The jobs/train.py flags every row shares: the data."""
+    return ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
+
+
+def main() -> None:
+    parser = table_parser(__doc__)
     parser.add_argument("--minutes", type=POSITIVE, default=4.0, help="training budget per row (default: %(default)s)")
     parser.add_argument(
         "--rows", type=list_value(text_value), default=tuple(ROWS), help="comma-separated row names (default: all)"
@@ -169,7 +181,7 @@ def main() -> None:
     unknown = [name for name in args.rows if name not in ROWS]
     if unknown:
         raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
-    common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
+    common = common_flags(args)
     out, rows = Path(args.out), []
     columns = ["row", *score_columns(args.datasets), "epochs", "epoch_seconds"]
     # Every row's epoch is timed first, together, so that other work during the long runs cannot skew a budget.

@@ -12,19 +12,10 @@ import math
 from pathlib import Path
 
 import pandas as pd
-from ablations import markdown, score_columns, trained_row
+from ablations import common_flags, markdown, score_columns, table_parser, trained_row
 from matplotlib.figure import Figure
 
-from medvq.cli import (
-    POSITIVE,
-    POSITIVE_INT,
-    JobParser,
-    add_data_flags,
-    add_out_flag,
-    list_value,
-    resolve_data_root,
-    run_job,
-)
+from medvq.cli import POSITIVE, POSITIVE_INT, list_value, run_job
 from medvq.errors import UserError
 
 GRIDS = {28: (14, 7), 64: (8, 4)}  # image side -> the latent grid sides drawn (the choice)
@@ -80,9 +71,7 @@ def draw(table: pd.DataFrame, seed_point: tuple[float, float] | None, caption: s
 
 
 def main() -> None:
-    parser = JobParser(__doc__.strip().splitlines()[0])
-    add_data_flags(parser)
-    add_out_flag(parser, "folder for the runs and the tables; rows already trained there are read, not rerun")
+    parser = table_parser(__doc__)
     parser.add_argument("--epochs", type=POSITIVE_INT, default=12, help="epochs of every row (default: %(default)s)")
     parser.add_argument(
         "--sizes", type=list_value(POSITIVE_INT), default=(28,), help="image sides: 28 and/or 64 (default: 28)"
@@ -97,7 +86,7 @@ def main() -> None:
         raise UserError(f"--sizes: this table has grids for {', '.join(map(str, GRIDS))} px only")
     if args.seed_point is not None and len(args.seed_point) != 2:
         raise UserError("--seed-point takes two numbers: PSNR,SSIM")
-    common = ["--data-root", args.data_root or resolve_data_root(None), "--datasets", ",".join(args.datasets)]
+    common = common_flags(args)
     out, done = Path(args.out), []
     columns = ["row", "grid", "codebook_size", "bits", *score_columns(args.datasets), "epochs", "wall_seconds"]
     for name, spec in rows(args.sizes).items():
