@@ -15,26 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from medvq.cli import JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job, text_value
 from medvq.data import load_split, rgb, to_float_images
+from medvq.latent_space import RESNET18_28, class_probes
 from medvq.module import VQVAEModule
 
-NEIGHBOURS = 11
 PCA_DIMENSIONS = 64
 BATCH = 1024
-# The supervised ceiling: ResNet-18 (28) test accuracy, MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
-RESNET18_28 = {
-    "bloodmnist": 0.958,
-    "breastmnist": 0.863,
-    "pneumoniamnist": 0.854,
-    "retinamnist": 0.524,
-    "dermamnist": 0.735,
-}
 
 
 @torch.inference_mode()
@@ -60,12 +48,6 @@ def readings(module: VQVAEModule, images: np.ndarray) -> dict[str, np.ndarray]:
     return {name: np.concatenate(chunks) for name, chunks in parts.items()}
 
 
-def probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict[str, float]:
-    knn = KNeighborsClassifier(n_neighbors=min(NEIGHBOURS, len(train_y))).fit(train_x, train_y)
-    linear = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300)).fit(train_x, train_y)
-    return {"11-NN": float(knn.score(test_x, test_y)), "linear": float(linear.score(test_x, test_y))}
-
-
 def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.DataFrame:
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval()
     splits = {
@@ -85,13 +67,14 @@ def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.Da
         (train, train_y), (test, test_y) = ((read[(name, s)], splits[(name, s)][1]) for s in ("train", "test"))
         for reading in train:
             started = time.monotonic()
-            scores = probes(train[reading], train_y, test[reading], test_y)
+            scores = class_probes(train[reading], train_y, test[reading], test_y)
             rows.append(
                 {
                     "dataset": name,
                     "reading": reading,
                     "features": train[reading].shape[1],
-                    **scores,
+                    "11-NN": scores["knn"],
+                    "linear": scores["linear"],
                     "seconds": time.monotonic() - started,
                 }
             )

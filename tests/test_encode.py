@@ -113,7 +113,8 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     assert [record["dataset"] for record in records] == list(reversed(SYNTHETIC_DATASETS))
     for record in records:
         assert record["test_images"] == INFO[record["dataset"]]["n_samples"]["test"]
-        for key in ("knn_latent", "knn_pixels", "majority_class", "dataset_recovered", "codes_used"):
+        probes = [f"{probe}_{features}" for probe in ("knn", "linear") for features in ("latent", "pixels")]
+        for key in (*probes, "majority_class", "dataset_recovered", "codes_used", "supervised_ceiling"):
             assert 0 <= record[key] <= 1
     table = (tmp_path / "summary.md").read_text()
     assert all(f"| {name} |" in table for name in SYNTHETIC_DATASETS)

@@ -1,4 +1,5 @@
-"""Measures of the latent space that need no model: codebook usage, and what UMAP's warnings become."""
+"""Measures of the latent space that need no model: codebook usage, the class probes, the summary table, and what
+UMAP's warnings become."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 
-from medvq.latent_space import _log_once, code_usage
+from medvq.latent_space import SUMMARY_COLUMNS, _log_once, class_probes, code_usage, summary_markdown
 
 
 def test_perplexity_is_the_number_of_evenly_used_codes():
@@ -31,3 +32,24 @@ def test_repeated_umap_warnings_become_one_line_each(caplog):
         "UMAP: Spectral initialisation failed! The eigenvector solver failed. Falling back to random initialisation!",
         "UMAP: another warning",
     ]
+
+
+def test_both_class_probes_separate_separable_classes_and_not_random_labels():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    separable = rng.normal(size=(400, 8)) + 6 * labels[:, None]
+    assert class_probes(separable[:300], labels[:300], separable[300:], labels[300:]) == {"knn": 1.0, "linear": 1.0}
+    noise = rng.normal(size=(400, 8))
+    assert all(
+        0.3 < accuracy < 0.7 for accuracy in class_probes(noise[:300], labels[:300], noise[300:], labels[300:]).values()
+    )
+
+
+def test_the_summary_table_shows_a_missing_ceiling_as_n_a():
+    record = {key: 0.5 for key in SUMMARY_COLUMNS} | {
+        "dataset": "octmnist",
+        "test_images": 10,
+        "supervised_ceiling": None,
+    }
+    row = summary_markdown([record]).splitlines()[2]
+    assert row.startswith("| octmnist | 10 | 0.500 |") and row.endswith("| 50.0% | n/a | 50.0% |")
