@@ -27,7 +27,7 @@ from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TR
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight", "seed")
-SEARCH_KEY = "trial"  # a trial's config: {SEARCH_KEY: {name: value for name in SEARCHED}}
+ORDER = "order"  # a trial's place in `trial_order`: the one grid Tune expands, so it starts trials in that order
 GRACE_OBJECTIVE = f"{OBJECTIVE}_at_grace"  # the objective after the grace epochs, which every trial ran
 MODEL_STATUSES = ("finished", "stopped")  # trials that left a usable model ("stopped": early, by ASHA)
 TRIAL_DRIVER_MEMORY = 256 * 1024**2  # bytes
@@ -59,8 +59,11 @@ def trial_order(sweep: SweepConfig) -> list[dict]:
 
 
 def search_space(sweep: SweepConfig) -> dict:
-    """One grid over whole trials, so that Tune starts them in `trial_order`."""
-    return {SEARCH_KEY: tune.grid_search(trial_order(sweep))}
+    """One grid over the trials' places in `trial_order`; each searched value looked up from its place (so Tune's
+    trial table shows them as columns of their own)."""
+    order = trial_order(sweep)
+    lookups = {name: tune.sample_from(lambda config, name=name: order[config[ORDER]][name]) for name in SEARCHED}
+    return {ORDER: tune.grid_search(list(range(len(order)))), **lookups}
 
 
 def run_trial(params: dict, base: Config, storage: str) -> None:
@@ -69,7 +72,7 @@ def run_trial(params: dict, base: Config, storage: str) -> None:
     Its Train run is named after the trial, so a resumed sweep (or a retried trial) resumes an unfinished
     trial's run from its last checkpoint.
     """
-    config = base.with_changes(**params[SEARCH_KEY])
+    config = base.with_changes(**{name: params[name] for name in SEARCHED})
     context = tune.get_context()
     run_on_ray(
         config,
@@ -179,7 +182,7 @@ def trial_row(result: tune.Result, grace_epochs: int, epochs: int, storage: str)
     status, reason = trial_status(result, epochs)
     row = {
         "trial_id": last.get("trial_id", Path(result.path).name),
-        **result.config[SEARCH_KEY],
+        **{name: result.config[name] for name in SEARCHED},
         "status": status,
         "error": reason,
         "epochs_run": last.get(EPOCHS_DONE),

@@ -10,7 +10,7 @@ from medvq.config import SweepConfig
 from medvq.errors import RunFailed
 from medvq.module import VQVAEModule, read_checkpoint
 from medvq.train import TRAIN_CHECKPOINT, run_on_ray, train_on_ray
-from medvq.tune import SEARCH_KEY, run_sweep, write_sweep_outputs
+from medvq.tune import run_sweep, write_sweep_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +51,7 @@ def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray
     assert kept["val_nmse"].nunique() == 2, "two seeds trained the same model"
     # The best is the lowest final objective Tune itself saw, and model.ckpt is that trial's checkpoint.
     assert best["metrics"]["val_nmse"] == pytest.approx(
-        min(r.metrics["val_nmse"] for r in results if r.config[SEARCH_KEY]["commitment_weight"] == 0.25)
+        min(r.metrics["val_nmse"] for r in results if r.config["commitment_weight"] == 0.25)
     )
     assert best["trials_by_status"] == {"finished": 2, "diverged": 2}
     restored = read_checkpoint(tmp_path / "model.ckpt")

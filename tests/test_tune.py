@@ -6,9 +6,10 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from ray.tune.search.variant_generator import generate_variants
 
 from medvq.config import Config, SweepConfig
-from medvq.tune import error_line, trial_order, trial_status
+from medvq.tune import SEARCHED, error_line, search_space, trial_order, trial_status
 
 
 @pytest.mark.parametrize("sizes, weights", [((64, 128, 256, 512, 1024), (0.1, 0.5, 2.0)), ((64, 512), (0.1, 1.0))])
@@ -23,6 +24,13 @@ def test_grid_trials_start_interleaved_so_every_value_is_among_the_first(sizes, 
             counts = Counter(t[name] for t in order[:start])
             values = sizes if name == "codebook_size" else weights
             assert max(counts.values()) - min(counts.get(v, 0) for v in values) <= 1, (name, order[:start])
+
+
+@pytest.mark.parametrize("grid", [(0.1, 1.0), ()], ids=["grid", "sampled"])
+def test_tune_expands_the_search_space_into_exactly_those_trials_in_that_order(grid):
+    sweep = SweepConfig(Config(), codebook_sizes=(64, 128, 256), commitment_grid=grid, num_samples=2)
+    expanded = [{name: config[name] for name in SEARCHED} for _, config in generate_variants(search_space(sweep))]
+    assert expanded == trial_order(sweep) and len(expanded) == sweep.trial_count
 
 
 def test_sampled_weights_are_drawn_once_per_trial_in_range_and_the_same_on_every_run():
