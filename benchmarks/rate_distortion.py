@@ -13,7 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 from ablations import common_flags, markdown, score_columns, table_parser, trained_row
+from common import caption as hardware_caption
+from common import describe
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter, ScalarFormatter
 
 from medvq.cli import POSITIVE, POSITIVE_INT, list_value, run_job
 from medvq.errors import UserError
@@ -21,6 +24,7 @@ from medvq.errors import UserError
 GRIDS = {28: (14, 7), 64: (8, 4)}  # image side -> the latent grid sides drawn (the choice)
 CODEBOOK_SIZES = (64, 256, 1024)
 FIGURE_SIZE = (10, 4)  # inches: PSNR and SSIM side by side
+SEED_BITS = 4 * 4 * 9  # the seed's grid of 512 codes
 
 
 def rows(sizes: tuple[int, ...]) -> dict[str, dict]:
@@ -55,17 +59,21 @@ def draw(table: pd.DataFrame, seed_point: tuple[float, float] | None, caption: s
                 )
         if seed_point is not None:
             ax.scatter(
-                [4 * 4 * 9],
+                [SEED_BITS],
                 [seed_point[0 if score == "mean_psnr" else 1]],
                 marker="*",
                 s=120,
                 color="black",
-                label="the seed: 64 px, 4x4 grid, K=512 (--seed-point)",
+                label="the seed: 64 px, 4x4 grid, K=512, its own training (--seed-point)",
                 zorder=3,
             )
         ax.set(xscale="log", xlabel="bits per image (grid cells x log2 K)", ylabel=f"mean val {label}")
+        ax.set_xticks(sorted({*table["bits"], *([SEED_BITS] if seed_point else [])}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelrotation=45)
         ax.grid(alpha=0.3)
-    figure.axes[0].legend(fontsize="small")
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize="small")
     figure.suptitle(caption, fontsize="small")
     figure.savefig(path, dpi=120)
 
@@ -96,7 +104,7 @@ def main() -> None:
         table = pd.DataFrame(done)  # rewritten after every row: a stopped run keeps the rows it finished
         table.to_csv(out / "rate_distortion.csv", index=False)
         (out / "rate_distortion.md").write_text(markdown(table, columns))
-    caption = f"{', '.join(args.datasets)}; {args.epochs} epochs per point"
+    caption = f"{', '.join(args.datasets)}; {args.epochs} epochs per point\n{hardware_caption(describe())}"
     draw(table, tuple(args.seed_point) if args.seed_point else None, caption, out / "rate_distortion.png")
     print(markdown(table, columns))
 
