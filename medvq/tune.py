@@ -90,7 +90,9 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     path = f"{storage.rstrip('/')}/{sweep.run_name()}"
     if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+        # The same space again: Tune saves its lookups as placeholders, and trials not yet started need them.
+        space = search_space(sweep)
+        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True, param_space=space)
     limit = sweep.max_concurrent_trials or capacity().runs_at_once(sweep.base)
     # Epochs trained, not Tune's report count: a trial resumed from its Train checkpoint counts from there.
     scheduler = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=sweep.base.epochs, grace_period=sweep.grace_epochs)
