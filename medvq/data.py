@@ -160,6 +160,9 @@ def check_data(config: Config) -> None:
         verified_file(name, config.data_root, config.size)
 
 
+_kept_splits: dict | None = None  # (path, its mtime, split) -> load_split's arrays, inside each_split_read_once
+
+
 def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """One split of one dataset: images uint8 (N, H, W, C) with C as stored, labels int64 (N,)."""
     if split not in SPLITS:
@@ -178,9 +181,6 @@ def load_split(name: str, split: str, root: str | Path, size: int = 28) -> tuple
             array.flags.writeable = False  # shared by every caller in the block
         _kept_splits[key] = loaded
     return loaded
-
-
-_kept_splits: dict | None = None  # (path, its mtime, split) -> load_split's arrays, inside each_split_read_once
 
 
 @contextmanager
