@@ -44,6 +44,8 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (a constant learning rat
     "batch-128": ["--batch-size", "128"],
     "lr-2e-3": ["--learning-rate", "2e-3"],
     "ema-decay-0.95": ["--ema-decay", "0.95"],
+    "ssim-0.01": ["--ssim-weight", "0.01"],
+    "ssim-0.1": ["--ssim-weight", "0.1"],
 }
 SCORES = ("psnr", "ssim")
 # Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update

@@ -8,15 +8,40 @@ images per second. Image scores are per-image means.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric, Metric
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from medvq.config import Config
 from medvq.model import index_counts
 
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # the Gaussian window of Wang et al. (2004), torchmetrics' default
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (k * data range)^2 for images in [0, 1]
+
+
+def structural_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM, (B, C, H, W) x 2 in [0, 1] -> (B,): torchmetrics' value (reflect-padded Gaussian window,
+    averaged over every pixel and channel), with the window applied as two 1-D passes. That is about twice as
+    fast, cheap enough to score whole batches and to train on (Config.ssim_weight), and differentiable."""
+    pad = SSIM_WINDOW // 2
+    offsets = torch.arange(SSIM_WINDOW, dtype=recon.dtype, device=recon.device) - pad
+    window = torch.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
+    window = window / window.sum()
+    a, b = (F.pad(image, (pad,) * 4, mode="reflect") for image in (recon, target))
+    stacked = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    channels = stacked.shape[1]
+    blurred = F.conv2d(stacked, window.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    blurred = F.conv2d(blurred, window.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    mu_a, mu_b, aa, bb, ab = blurred.chunk(5, dim=1)
+    var_a, var_b = (aa - mu_a**2).clamp_min(0), (bb - mu_b**2).clamp_min(0)
+    covariance = ab - mu_a * mu_b
+    similarity = ((2 * mu_a * mu_b + SSIM_C1) * (2 * covariance + SSIM_C2)) / (
+        (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
+    )
+    return similarity.mean(dim=(1, 2, 3))
 
 
 def image_scores(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -25,7 +50,7 @@ def image_scores(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.T
     return {
         "mae": (recon - target).abs().mean(dim=(1, 2, 3)),
         "psnr": peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
-        "ssim": structural_similarity_index_measure(recon, target, data_range=1.0, reduction="none"),
+        "ssim": structural_similarity(recon, target),
     }
 
 

@@ -1,5 +1,5 @@
-"""The LightningModule: reconstruction + commitment loss, Adam and its schedule, the metrics logged every epoch
-(medvq/metrics.py), and reading checkpoints safely."""
+"""The LightningModule: reconstruction (squared error, optionally + SSIM) + commitment loss, Adam and its
+schedule, the metrics logged every epoch (medvq/metrics.py), and reading checkpoints safely."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from medvq.config import Config
 from medvq.data import to_float_images
 from medvq.errors import UserError
-from medvq.metrics import StageMetrics
+from medvq.metrics import StageMetrics, structural_similarity
 from medvq.model import VQVAE
 from medvq.storage import read_bytes
 
@@ -90,6 +90,8 @@ class VQVAEModule(L.LightningModule):
         x = to_float_images(batch["image"])
         recon, quantized = self.model(x)
         recon_loss = F.mse_loss(recon.float(), x)
+        if self.config.ssim_weight:
+            recon_loss = recon_loss + self.config.ssim_weight * (1 - structural_similarity(recon.float(), x).mean())
         losses = {
             "loss": recon_loss + quantized.commitment_loss,
             "recon_loss": recon_loss,

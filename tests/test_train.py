@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from torchmetrics.functional.image import structural_similarity_index_measure
 
+from medvq.data import to_float_images
 from medvq.errors import RunFailed
-from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics
+from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
 from medvq.module import VQVAEModule
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
 from tests.clusters import wait_for
@@ -63,6 +65,33 @@ def test_stage_metrics_score_only_the_first_rows_when_asked(tiny_config):
     assert values[2]["mae"] == 0 and values[None]["mae"] > 0.1
     assert values[2]["nmse"] == values[None]["nmse"] > 0  # the objective always sees every image
     assert values[None]["loss"] == 0.5 and values[None]["codes_used"] == 1 / config.codebook_size
+
+
+@pytest.mark.parametrize("side", [28, 64])
+def test_ssim_is_torchmetrics_value_and_passes_a_gradient(side):
+    target = torch.rand(5, 3, side, side)
+    recon = (target + 0.2 * torch.randn_like(target)).clamp(0, 1).requires_grad_()
+    ours = structural_similarity(recon, target)
+    theirs = structural_similarity_index_measure(recon.detach(), target, data_range=1.0, reduction="none")
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    assert structural_similarity(target, target).tolist() == pytest.approx([1.0] * 5, abs=1e-6)
+    ours.sum().backward()
+    assert recon.grad.abs().sum() > 0
+
+
+def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
+    batch = {"image": torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8), "dataset_id": torch.zeros(4).long()}
+    losses = {}
+    for weight in (0.0, 0.5):
+        torch.manual_seed(0)
+        module = VQVAEModule(tiny_config(ssim_weight=weight)).eval()  # eval: the codebook stays as it is
+        losses[weight] = module._step(batch, module.val_metrics)
+    torch.manual_seed(0)
+    module = VQVAEModule(tiny_config()).eval()
+    recon, _ = module(batch["image"])
+    ssim = structural_similarity(recon, to_float_images(batch["image"])).mean()
+    assert 0 < float(ssim) < 1
+    assert float(losses[0.5] - losses[0.0]) == pytest.approx(0.5 * (1 - float(ssim)), rel=1e-4)
 
 
 def test_codebook_is_not_trained_by_gradient(tiny_config):
