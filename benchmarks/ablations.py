@@ -59,6 +59,8 @@ COST_FREE_FLAGS = {
     "--commitment-weight",
     "--seed",
 }
+# Flags whose value leaves the cost as it is: any weight of the SSIM term costs the same term
+COST_BY_PRESENCE_FLAGS = {"--ssim-weight"}
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 
 
@@ -85,7 +87,11 @@ def cost_key(flags: list[str]) -> tuple[str, ...]:
         for i, flag in enumerate(flags)
         if flag.startswith("--")
     ]
-    return tuple(" ".join(pair) for pair in pairs if pair[0] not in COST_FREE_FLAGS)
+    return tuple(
+        pair[0] if pair[0] in COST_BY_PRESENCE_FLAGS else " ".join(pair)
+        for pair in pairs
+        if pair[0] not in COST_FREE_FLAGS
+    )
 
 
 def shared_epoch_seconds(name: str, probed: dict[str, float]) -> float:

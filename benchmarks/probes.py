@@ -56,12 +56,11 @@ def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.Da
         for split in ("train", "test")
     }
     read = {key: readings(module, images) for key, (images, _) in splits.items()}
-    # PCA of the quantized grid, fit on every dataset's train split: a short vector that keeps the grid's layout
-    pca = PCA(PCA_DIMENSIONS, random_state=0).fit(
-        np.concatenate([read[(n, "train")]["quantized grid"] for n in datasets])
-    )
-    for values in read.values():
-        values[f"quantized grid, PCA {PCA_DIMENSIONS}"] = pca.transform(values["quantized grid"])
+    # PCA of each grid, fit on every dataset's train split: a short vector that keeps the grid's layout
+    for grid in ("quantized grid", "pre-quantization grid"):
+        pca = PCA(PCA_DIMENSIONS, random_state=0).fit(np.concatenate([read[(n, "train")][grid] for n in datasets]))
+        for values in read.values():
+            values[f"{grid}, PCA {PCA_DIMENSIONS}"] = pca.transform(values[grid])
     rows = []
     for name in datasets:
         (train, train_y), (test, test_y) = ((read[(name, s)], splits[(name, s)][1]) for s in ("train", "test"))
