@@ -32,6 +32,7 @@ from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
 from medvq.plots import draw_run
+from medvq.provenance import ray_hardware, write_provenance
 from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
 from medvq.train import CHECKPOINT_NAME, train_on_ray
@@ -152,6 +153,7 @@ def main() -> None:
     check_nodes_see(sweep.base, storage, storage_flag)
     check_writable(storage)
     with output_folder(args.out) as out:
+        write_provenance(out, ray_hardware(most.totals, most.autoscaling))
         print(
             f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
             f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
@@ -160,7 +162,7 @@ def main() -> None:
         search_and_describe(sweep, storage, out, seconds)
     print(
         f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, metrics.csv, latents/, "
-        f"summary.json, summary.md and plots/ to {args.out}"
+        f"summary.json, summary.md, provenance.json and plots/ to {args.out}"
     )
 
 

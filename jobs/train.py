@@ -14,6 +14,7 @@ from medvq.data import check_data
 from medvq.devices import resolve_accelerator, uses_gpu
 from medvq.errors import UserError
 from medvq.nodes import Capacity, capacity, check_nodes_see
+from medvq.provenance import local_hardware, ray_hardware, write_provenance
 from medvq.storage import check_writable, is_uri, output_folder
 from medvq.train import local_resume_point, train_local, train_on_ray
 
@@ -55,17 +56,19 @@ def main() -> None:
     config = config_from_args(flags, args)
     check_data(config)
     if args.ray_workers is None:
-        resolve_accelerator(config.accelerator)
+        hardware = local_hardware(resolve_accelerator(config.accelerator) == "gpu")
         if not is_uri(args.out):
             local_resume_point(config, Path(args.out))  # refuses a folder it cannot continue, before any work
     else:
         start_ray()
-        config = with_workers(config, args.ray_workers, capacity())
+        cluster = capacity()
+        hardware = ray_hardware(cluster.totals, cluster.autoscaling)
+        config = with_workers(config, args.ray_workers, cluster)
         storage, storage_flag = storage_from_args(args)
         check_nodes_see(config, storage, storage_flag)
         check_writable(storage)
     with output_folder(args.out) as out:
-        out.mkdir(parents=True, exist_ok=True)
+        write_provenance(out, hardware)
         if args.ray_workers is None:
             final = train_local(config, out)
         else:
@@ -77,7 +80,7 @@ def main() -> None:
         f"(perplexity {final['val_perplexity']:.1f}), "
         f"val_nmse {final['val_nmse']:.4f}"
     )
-    print(f"wrote model.ckpt and metrics.csv to {args.out}")
+    print(f"wrote model.ckpt, metrics.csv and provenance.json to {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ shadow DOM where Bokeh draws its tooltips and table cells); a point names its sh
 from __future__ import annotations
 
 import base64
+import html
 import io
 from collections.abc import Callable
 from pathlib import Path
@@ -89,14 +90,22 @@ for (const other of modes) if (other.bar) other.bar.visible = other === mode
 """
 
 
-def draw_explorer(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str | Path, size: int, path: Path):
+def draw_explorer(
+    latents: pd.DataFrame,
+    reconstructions: pd.DataFrame,
+    data_root: str | Path,
+    size: int,
+    path: Path,
+    caption: str = "",
+):
     """Write the page for every row of `latents` (the encoder's columns, with UMAP), its thumbnails drawn from
-    the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions."""
+    the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions; `caption` (where
+    the run comes from) at its foot."""
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
     k = min(NEIGHBOURS, len(latents) - 1)
     neighbours, distances = nearest(vectors(latents["latent"]), k)
-    page = _page(latents, neighbours, distances)
+    page = _page(latents, neighbours, distances, caption)
     page.stylesheets = [_sheet_variables(sheets)]
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())
 
@@ -286,7 +295,7 @@ def _add_pointer(plot, source: ColumnDataSource, groups: list, label_names: list
     )
 
 
-def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray):
+def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray, caption: str):
     """The neighbour table, then the map (legend, hover, colour bars last, so showing one moves nothing else)."""
     classes = _classes(latents)
     source = _points(latents, classes)
@@ -320,7 +329,8 @@ def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray):
         text="<b>The clicked image and its nearest images</b> (Euclidean distance of their latents, over all datasets)",
         width=TABLE_WIDTH,
     )
-    return column(row(heading, colour), row(column(table_heading, _neighbour_table(listed, k)), plot))
+    foot = Div(text=html.escape(caption), name="caption", styles={"color": "dimgrey", "font-size": "small"})
+    return column(row(heading, colour), row(column(table_heading, _neighbour_table(listed, k)), plot), foot)
 
 
 def _neighbour_table(listed: ColumnDataSource, k: int) -> DataTable:

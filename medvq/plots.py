@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from medvq import provenance
 from medvq.data import each_split_read_once, load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
@@ -62,9 +64,12 @@ def reconstruction_figure_size(n_datasets: int) -> tuple[float, float]:
     return ROW_LABEL + SHOWN * TILE, 2 * n_datasets * TILE
 
 
-def _save(figure: Figure, path: Path) -> None:
+def _save(figure: Figure, path: Path, caption: str = "") -> None:
+    """Write the figure as a PNG, with `caption` (where it comes from) along its foot and in its metadata."""
+    if caption:
+        figure.supxlabel(caption, fontsize="x-small", color="dimgrey")
     buffer = io.BytesIO()
-    figure.savefig(buffer, dpi=DPI, format="png")
+    figure.savefig(buffer, dpi=DPI, format="png", metadata={"Description": caption} if caption else None)
     write_atomically(path, buffer.getvalue())
 
 
@@ -84,7 +89,7 @@ def _blank_axes(ax) -> None:
     ax.set_yticks([])
 
 
-def draw_latent_space(latents: pd.DataFrame, path: Path) -> None:
+def draw_latent_space(latents: pd.DataFrame) -> Figure:
     figure = Figure(figsize=LATENT_SIZE, layout="constrained")
     ax = figure.subplots()
     groups = latents.groupby("dataset", sort=True)
@@ -93,10 +98,10 @@ def draw_latent_space(latents: pd.DataFrame, path: Path) -> None:
     ax.legend(markerscale=5, title="dataset (images)")
     ax.set_title(f"UMAP of the latents of {len(latents):,} images")
     _blank_axes(ax)
-    _save(figure, path)
+    return figure
 
 
-def draw_latent_by_class(latents: pd.DataFrame, path: Path) -> None:
+def draw_latent_by_class(latents: pd.DataFrame) -> Figure:
     groups = latents.groupby("dataset", sort=True)
     rows, columns = class_grid(groups.ngroups)
     figure = Figure(figsize=class_figure_size(groups.ngroups), layout="constrained")
@@ -110,7 +115,7 @@ def draw_latent_by_class(latents: pd.DataFrame, path: Path) -> None:
         _blank_axes(ax)
     for ax in axes[groups.ngroups :]:
         ax.set_axis_off()
-    _save(figure, path)
+    return figure
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -119,7 +124,7 @@ def read_history(path: Path) -> pd.DataFrame:
     return history.set_index(pd.Index(history["epoch"].astype(int) + 1, name="epoch"))
 
 
-def draw_curves(history: pd.DataFrame, path: Path) -> None:
+def draw_curves(history: pd.DataFrame) -> Figure:
     figure = Figure(figsize=CURVES_SIZE, layout="constrained")
     for ax, (metric, title) in zip(figure.subplots(2, 2).ravel(), CURVES):
         for stage in ("train", "val"):
@@ -127,10 +132,10 @@ def draw_curves(history: pd.DataFrame, path: Path) -> None:
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
-    _save(figure, path)
+    return figure
 
 
-def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
+def draw_sweep(trials: pd.DataFrame) -> Figure:
     """val_nmse against commitment weight, one line per codebook size through the mean of a cell's repeats (each
     repeat a dot): left, after the grace epochs every trial ran (the fair comparison); right, at each trial's
     end, hollow where ASHA stopped it early. Trials that diverged or failed have no model and are not drawn."""
@@ -177,11 +182,11 @@ def draw_sweep(trials: pd.DataFrame, path: Path) -> None:
         title=f"at the end: {int((usable['status'] == 'stopped').sum())} stopped early (hollow)"
         + (f"; {without_model} diverged or failed, not drawn" if without_model else ""),
     )
-    _save(figure, path)
+    return figure
 
 
 @torch.inference_mode()
-def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None, path: Path) -> None:
+def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None) -> Figure:
     """The first SHOWN test images of every dataset the model was trained on, above their reconstructions."""
     config = module.config
     figure = Figure(figsize=reconstruction_figure_size(len(config.datasets)), layout="constrained")
@@ -197,10 +202,10 @@ def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None, path
                     ax.imshow(shown[column])  # RGB: uint8 originals, float reconstructions in [0, 1]
         axes[2 * row, 0].set_ylabel(name, rotation=0, ha="right", va="center")
         axes[2 * row + 1, 0].set_ylabel("reconstructed", rotation=0, ha="right", va="center", fontsize="small")
-    _save(figure, path)
+    return figure
 
 
-def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> None:
+def draw_codebook_usage(codes: np.ndarray, codebook_size: int) -> Figure:
     counts, perplexity = code_usage(codes, codebook_size)
     used = int((counts > 0).sum())
     figure = Figure(figsize=USAGE_SIZE, layout="constrained")
@@ -214,7 +219,7 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int, path: Path) -> No
         ylabel="uses",
         title=f"{used} of {codebook_size} codes used ({used / codebook_size:.0%}), perplexity {perplexity:.1f}",
     )
-    _save(figure, path)
+    return figure
 
 
 def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None:
@@ -235,6 +240,11 @@ def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None
     for ax in axes[len(table) :]:
         ax.set_axis_off()
     _save(figure, path)
+
+
+def _saved(draw: Callable[[], Figure]) -> Callable[[Path, str], None]:
+    """A figure's drawing as a step of draw_run: draw it, then save it with the run's caption."""
+    return lambda path, caption: _save(draw(), path, caption)
 
 
 def find_checkpoint(run: Path) -> str | None:
@@ -284,31 +294,34 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
             "point --run at the --out folder of a sweep or a training run"
         )
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
+    history = read_history(histories[0]) if histories else None
+    caption = provenance.caption(run, module.config if module else None, len(history) if history is not None else None)
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
-        ("latent_space.png", latents is not None, lambda p: draw_latent_space(latents, p)),
-        ("latent_by_class.png", latents is not None, lambda p: draw_latent_by_class(latents, p)),
+        ("latent_space.png", latents is not None, _saved(lambda: draw_latent_space(latents))),
+        ("latent_by_class.png", latents is not None, _saved(lambda: draw_latent_by_class(latents))),
         (
             "codebook_usage.png",
             codes is not None,
-            lambda p: draw_codebook_usage(codes, _codebook_size(run, module, codes), p),
+            _saved(lambda: draw_codebook_usage(codes, _codebook_size(run, module, codes))),
         ),
-        ("curves.png", bool(histories), lambda p: draw_curves(read_history(histories[0]), p)),
-        ("sweep.png", trials_path.exists(), lambda p: draw_sweep(pd.read_csv(trials_path), p)),
+        ("curves.png", history is not None, _saved(lambda: draw_curves(history))),
+        ("sweep.png", trials_path.exists(), _saved(lambda: draw_sweep(pd.read_csv(trials_path)))),
         (
             "reconstructions.png",
             module is not None,
-            lambda p: draw_reconstructions(module, data_root or module.config.data_root, p),
+            _saved(lambda: draw_reconstructions(module, data_root or module.config.data_root)),
         ),
         (
             "explorer.html",
             latents is not None and module is not None and reconstructions.is_file(),
-            lambda p: draw_explorer(
+            lambda path, caption: draw_explorer(
                 latents,
                 pd.read_parquet(reconstructions),
                 data_root or module.config.data_root,
                 module.config.size,
-                p,
+                path,
+                caption,
             ),
         ),
     ]
@@ -319,7 +332,7 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
             log.info("skipped %s: its input is not in %s", name, run)
             continue
         try:
-            draw(run / "plots" / name)
+            draw(run / "plots" / name, caption)
         except UserError as error:
             if data_root is not None:  # the files asked for are unusable: that is the user's to fix
                 raise

@@ -22,6 +22,7 @@ from medvq.data import MedMNISTDataModule
 from medvq.devices import resolve_accelerator
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule, read_checkpoint
+from medvq.provenance import PROVENANCE_FILE
 from medvq.storage import PARTIAL, replace_atomically
 
 CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
@@ -153,7 +154,8 @@ def build_trainer(
 def local_resume_point(config: Config, out: Path) -> Path | None:
     """The checkpoint to continue from when `out` holds an unfinished local run of these settings; None for a new
     or empty folder. A folder with anything else, a different run or a finished one is refused in one line."""
-    if not out.exists() or all(path.name.endswith(PARTIAL) for path in out.iterdir()):  # a stop mid-first-save
+    # A run stopped before its first checkpoint leaves only its provenance, or a save cut short
+    if not out.exists() or all(path.name.endswith(PARTIAL) or path.name == PROVENANCE_FILE for path in out.iterdir()):
         return None
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.is_file():

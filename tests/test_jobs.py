@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from medvq.module import VQVAEModule
+from medvq.provenance import PROVENANCE_FILE
 from medvq.tune import read_trial_history
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS, slow_sweep_flags
@@ -114,6 +115,9 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
         # ASHA's only rung is epoch 2: a trial it stopped stopped there, however often its sweep was resumed.
         assert (row["status"], row["epochs_run"]) in {("finished", 6), ("stopped", 2)}, (trial, row["status"])
     assert table["epochs_run"].max() == 6  # the first trial had no peer at the rung, and ran to the end
+    assert json.loads((out / PROVENANCE_FILE).read_text())["hardware"].startswith(
+        f"Ray cluster of {os.cpu_count()} CPUs"
+    )
 
 
 @pytest.mark.parametrize(  # the refusals that need the cluster; every other bad flag: tests/test_flags.py

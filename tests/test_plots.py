@@ -23,6 +23,7 @@ from medvq.data import LABEL_CHARS, short_label
 from medvq.encode import RECONSTRUCTION, THUMB, thumbnails
 from medvq.errors import UserError
 from medvq.module import VQVAEModule
+from medvq.provenance import PROVENANCE_FILE, ray_hardware, write_provenance
 from medvq.report import RECONSTRUCTIONS_FILE, ROW_KEY
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -167,6 +168,22 @@ def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
     paths = [Path(path) for path in plots.draw_run(sweep_run)]
     assert all(path.parent == sweep_run / "plots" for path in paths)
     assert_figures(paths, EVERY_FIGURE)
+
+
+def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
+    write_provenance(sweep_run, ray_hardware({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H200": 2.0}, False))
+    said = json.loads((sweep_run / PROVENANCE_FILE).read_text())
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
+    assert said["commit"].startswith(head.strip()) and said["commit"] != "unknown"
+    datasets = ", ".join(json.loads((sweep_run / "best.json").read_text())["config"]["datasets"])
+    expected = [f"data: {datasets} at 28 px", "model: 3 epochs", "16 CPUs, 8 GPUs (H200)", said["commit"]]
+    for path in map(Path, plots.draw_run(sweep_run)):
+        if path.suffix == ".png":
+            with Image.open(path) as image:
+                text = image.text["Description"]
+        else:
+            text = path.read_text()
+        assert all(part in text for part in expected), (path.name, text[:300])
 
 
 def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from medvq.data import to_float_images
 from medvq.errors import RunFailed
 from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
 from medvq.module import VQVAEModule
+from medvq.provenance import PROVENANCE_FILE
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
@@ -185,6 +187,7 @@ def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_f
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"continuing the run in {out}" in resumed.stdout
     assert pd.read_csv(out / METRICS_NAME)["epoch"].tolist() == list(range(6))  # each epoch once
+    assert "CPU threads of" in json.loads((out / PROVENANCE_FILE).read_text())["hardware"]
     for extra, message in [
         ([], "holds this run, finished (6 epochs): nothing to train"),
         (["--codebook-size", "64"], "holds a run with other settings (codebook_size)"),

@@ -1,0 +1,80 @@
+"""Where a run's figures come from, said on every figure: its data, the shipped model's epochs, the hardware and the
+code's commit. A job records the hardware and the commit as it starts (provenance.json in its output folder); the
+figures add the data and epochs from the model and its history."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+from medvq.config import Config
+
+PROVENANCE_FILE = "provenance.json"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def code_commit() -> str:
+    """The short commit of the medvq code that runs, "+changes" when its tracked files differ from it; "unknown"
+    where the code is not a git checkout (a working directory Ray uploaded, an installed package)."""
+    try:
+        commit, changes = (
+            subprocess.run(
+                ["git", "-C", str(REPO), *command], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+            for command in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+changes" if changes else "")
+
+
+def cpu_model() -> str:
+    """This machine's CPU, as /proc/cpuinfo names it (else the platform's word for it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def ray_hardware(totals: dict[str, float], autoscaling: bool) -> str:
+    """The hardware of a Ray cluster from its resources (medvq.nodes.Capacity.totals)."""
+    gpu_types = sorted(key.split(":", 1)[1] for key in totals if key.startswith("accelerator_type:"))
+    gpus = totals.get("GPU", 0)
+    gpu_text = f"{gpus:g} GPUs" + (f" ({', '.join(gpu_types)})" if gpu_types else "") if gpus else "no GPU"
+    return (
+        f"Ray cluster of {'up to ' if autoscaling else ''}{totals.get('CPU', 0):g} CPUs, {gpu_text}; "
+        f"driver on {cpu_model()}"
+    )
+
+
+def local_hardware(use_gpu: bool) -> str:
+    """This machine, and the GPU a local run trains on."""
+    gpu = torch.cuda.get_device_name(0) if use_gpu else "no GPU"
+    return f"{torch.get_num_threads()} CPU threads of {cpu_model()}, {gpu}"
+
+
+def write_provenance(out: Path, hardware: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
+    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def caption(run: Path, config: Config | None, epochs: int | None) -> str:
+    """One line for a run's figures: data, epochs, and what provenance.json says (nothing for an older run)."""
+    parts = []
+    if config is not None:
+        parts.append(f"data: {', '.join(config.datasets)} at {config.size} px")
+    if epochs is not None:
+        parts.append(f"model: {epochs} epochs")
+    if (run / PROVENANCE_FILE).is_file():
+        record = json.loads((run / PROVENANCE_FILE).read_text())
+        parts += [record["hardware"], f"medvq {record['commit']}, {record['date']}"]
+    return " | ".join(parts)
