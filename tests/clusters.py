@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import random
+import secrets
 import shlex
 import shutil
 import signal
@@ -35,6 +36,9 @@ BIN = Path(sys.executable).parent
 RAY = str(BIN / "ray")
 PORTS_PER_NODE = 200  # each node's worker processes get their own range: all nodes share 127.0.0.1
 _WORKER_RANGES = itertools.count(random.randrange(48))
+# The test clusters' own token, in the environment: `ray start --head` makes none (only a local ray.init()
+# writes ~/.ray/auth_token), and a private node could not read one from a file in the head's /tmp.
+TOKEN = secrets.token_hex(32)
 
 
 def free_ports(count: int) -> list[int]:
@@ -56,7 +60,8 @@ def free_port() -> int:
 
 def client_env(**extra: str) -> dict[str, str]:
     """This interpreter's `python` and `ray` first on PATH, and token auth as Ray's local clusters default to."""
-    return {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}", **extra}
+    path = f"{BIN}:{os.environ['PATH']}"
+    return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PATH": path, **extra}
 
 
 def answers(url: str) -> bool:
