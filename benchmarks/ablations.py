@@ -31,8 +31,11 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (a constant learning rate since the cosine row lost)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128 and the SSIM term since the third round)
     "defaults": [],
+    "batch-256": ["--batch-size", "256"],
+    "no-ssim": ["--ssim-weight", "0"],
+    "ssim-0.3": ["--ssim-weight", "0.3"],
     "cosine": ["--lr-schedule", "cosine"],
     "kmeans-init": ["--kmeans-init"],
     "l2-codes-d8": ["--l2-codes", "--embedding-dim", "8"],
@@ -41,11 +44,8 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (a constant learning rat
     "width-128": ["--hidden-channels", "128"],
     "width-32": ["--hidden-channels", "32"],
     "4-residual-blocks": ["--residual-blocks", "4"],
-    "batch-128": ["--batch-size", "128"],
     "lr-2e-3": ["--learning-rate", "2e-3"],
     "ema-decay-0.95": ["--ema-decay", "0.95"],
-    "ssim-0.01": ["--ssim-weight", "0.01"],
-    "ssim-0.1": ["--ssim-weight", "0.1"],
 }
 SCORES = ("psnr", "ssim")
 # Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update
@@ -59,8 +59,8 @@ COST_FREE_FLAGS = {
     "--commitment-weight",
     "--seed",
 }
-# Flags whose value leaves the cost as it is: any weight of the SSIM term costs the same term
-COST_BY_PRESENCE_FLAGS = {"--ssim-weight"}
+# Weights of a loss term: the term costs the same at any weight but 0, where it is not computed
+TERM_WEIGHT_FLAGS = {"--ssim-weight"}
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 
 
@@ -88,9 +88,9 @@ def cost_key(flags: list[str]) -> tuple[str, ...]:
         if flag.startswith("--")
     ]
     return tuple(
-        pair[0] if pair[0] in COST_BY_PRESENCE_FLAGS else " ".join(pair)
+        " ".join(pair)
         for pair in pairs
-        if pair[0] not in COST_FREE_FLAGS
+        if pair[0] not in COST_FREE_FLAGS and not (pair[0] in TERM_WEIGHT_FLAGS and float(pair[1]) != 0)
     )
 
 

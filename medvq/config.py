@@ -109,14 +109,15 @@ class Config:
         "its code (Fifty et al., 2024)",
         choices=("straight-through", "rotation"),
     )
+    # The defaults below are the ablations' winners (results/ablations/ablations.md)
     ssim_weight: float = setting(
-        0.0,
+        0.1,
         "weight of 1 - SSIM added to the reconstruction's mean squared error: 0 trains on the error alone (PSNR's "
         "measure), more favours the local structure SSIM scores",
         bound=">= 0",
     )
     # --- optimisation ---
-    batch_size: int = setting(256, "images per batch and worker", bound="> 0")
+    batch_size: int = setting(128, "images per batch and worker", bound="> 0")
     learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
     lr_schedule: str = setting(
         "constant",
