@@ -109,7 +109,7 @@ class Config:
         "its code (Fifty et al., 2024)",
         choices=("straight-through", "rotation"),
     )
-    # The defaults below are the ablations' winners (results/ablations/ablations.md)
+    # 0.1: more SSIM for little PSNR in the ablations' third round (results/ablations/ablations.md)
     ssim_weight: float = setting(
         0.1,
         "weight of 1 - SSIM added to the reconstruction's mean squared error: 0 trains on the error alone (PSNR's "
@@ -117,6 +117,7 @@ class Config:
         bound=">= 0",
     )
     # --- optimisation ---
+    # 128: more quality per CPU-minute than 256 in two ablation rounds
     batch_size: int = setting(128, "images per batch and worker", bound="> 0")
     learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
     lr_schedule: str = setting(

@@ -24,8 +24,14 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (k * data range)^2 for images in [0, 1]
 
 def structural_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM, (B, C, H, W) x 2 in [0, 1] -> (B,): torchmetrics' value (reflect-padded Gaussian window,
-    averaged over every pixel and channel), with the window applied as two 1-D passes. That is about twice as
-    fast, cheap enough to score whole batches and to train on (Config.ssim_weight), and differentiable."""
+    averaged over every pixel and channel), with the window applied as two 1-D passes, cheap enough to train on
+    (Config.ssim_weight) and differentiable."""
+    # float32 even under bf16 autocast: the variances are differences of near-equal means
+    with torch.autocast(device_type=recon.device.type, enabled=False):
+        return _similarity_map(recon.float(), target.float()).mean(dim=(1, 2, 3))
+
+
+def _similarity_map(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     pad = SSIM_WINDOW // 2
     offsets = torch.arange(SSIM_WINDOW, dtype=recon.dtype, device=recon.device) - pad
     window = torch.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
@@ -38,10 +44,9 @@ def structural_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Te
     mu_a, mu_b, aa, bb, ab = blurred.chunk(5, dim=1)
     var_a, var_b = (aa - mu_a**2).clamp_min(0), (bb - mu_b**2).clamp_min(0)
     covariance = ab - mu_a * mu_b
-    similarity = ((2 * mu_a * mu_b + SSIM_C1) * (2 * covariance + SSIM_C2)) / (
+    return ((2 * mu_a * mu_b + SSIM_C1) * (2 * covariance + SSIM_C2)) / (
         (mu_a**2 + mu_b**2 + SSIM_C1) * (var_a + var_b + SSIM_C2)
     )
-    return similarity.mean(dim=(1, 2, 3))
 
 
 def image_scores(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from medvq import provenance
+from medvq.config import Config
 from medvq.data import each_split_read_once, load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
@@ -222,7 +223,7 @@ def draw_codebook_usage(codes: np.ndarray, codebook_size: int) -> Figure:
     return figure
 
 
-def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None:
+def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path, caption: str = "") -> None:
     """The images of `table` (medvq/neighbours.py) in rows of NEIGHBOUR_COLUMNS, each under its dataset, split,
     index, class and distance."""
     columns = min(len(table), NEIGHBOUR_COLUMNS)
@@ -239,7 +240,7 @@ def draw_neighbours(table: pd.DataFrame, images: np.ndarray, path: Path) -> None
         )
     for ax in axes[len(table) :]:
         ax.set_axis_off()
-    _save(figure, path)
+    _save(figure, path, caption)
 
 
 def _saved(draw: Callable[[], Figure]) -> Callable[[Path, str], None]:
@@ -280,22 +281,32 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
     return [join(str(run_dir), "plots", name) for name in written]
 
 
+def shipped_history(run: Path) -> pd.DataFrame | None:
+    """The shipped model's metrics per epoch: a training run's, or a sweep's final fit; else the best trial's."""
+    histories = [path for path in (run / "metrics.csv", run / "best_metrics.csv") if path.exists()]
+    return read_history(histories[0]) if histories else None
+
+
+def run_caption(run: Path, config: Config | None) -> str:
+    """The caption of a run's figures: its data, the shipped model's epochs, and its provenance."""
+    history = shipped_history(run)
+    return provenance.caption(run, config, len(history) if history is not None else None)
+
+
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
-    # The shipped model's history first: a training run's, or a sweep's final fit; else the best trial's
-    histories = [path for path in (run / "metrics.csv", run / "best_metrics.csv") if path.exists()]
+    history = shipped_history(run)
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     has_latents = any((run / LATENTS_DIR).glob("[!_]*.parquet"))  # an empty or missing folder: no latent plots
     latents = pd.read_parquet(run / LATENTS_DIR) if has_latents else None
     reconstructions = run / LATENTS_DIR / RECONSTRUCTIONS_FILE
-    if latents is None and not histories and not trials_path.exists() and checkpoint is None:
+    if latents is None and history is None and not trials_path.exists() and checkpoint is None:
         raise UserError(
             f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
             "point --run at the --out folder of a sweep or a training run"
         )
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
-    history = read_history(histories[0]) if histories else None
-    caption = provenance.caption(run, module.config if module else None, len(history) if history is not None else None)
+    caption = run_caption(run, module.config if module else None)
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
         ("latent_space.png", latents is not None, _saved(lambda: draw_latent_space(latents))),

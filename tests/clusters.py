@@ -59,7 +59,8 @@ def free_port() -> int:
 
 
 def client_env(**extra: str) -> dict[str, str]:
-    """This interpreter's `python` and `ray` first on PATH, and token auth as Ray's local clusters default to."""
+    """This interpreter's `python` and `ray` first on PATH, and token auth (Ray's local default) with the test
+    clusters' own token."""
     path = f"{BIN}:{os.environ['PATH']}"
     return {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "PATH": path, **extra}
 

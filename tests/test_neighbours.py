@@ -66,6 +66,7 @@ def test_the_job_prints_the_image_and_its_neighbours_and_draws_them(run):
     width, height = NEIGHBOUR_TILE
     with Image.open(picture) as image:  # the image and its 3 neighbours, on one row
         assert image.size == (round(min(4, NEIGHBOUR_COLUMNS) * width * DPI), round(height * DPI))
+        assert "data: breastmnist, retinamnist at 28 px" in image.text["Description"]  # the run's caption
 
 
 @pytest.mark.parametrize(

@@ -81,6 +81,16 @@ def test_ssim_is_torchmetrics_value_and_passes_a_gradient(side):
     assert recon.grad.abs().sum() > 0
 
 
+def test_ssim_stays_in_float32_under_bf16_autocast():
+    """A GPU run trains under bf16 autocast, where a convolution would otherwise round the window's means."""
+    target = torch.rand(4, 3, 28, 28)
+    recon = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = structural_similarity(recon, target)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, structural_similarity(recon, target))
+
+
 def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
     batch = {"image": torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8), "dataset_id": torch.zeros(4).long()}
     losses = {}
