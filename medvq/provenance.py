@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -19,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def code_commit() -> str:
-    """The short commit of the medvq code that runs, "+changes" when its tracked files differ from it; "unknown"
-    where the code is not a git checkout (a working directory Ray uploaded, an installed package)."""
+    """The short commit of the medvq code that runs, "+changes" when its tracked files differ from it. Where the
+    code is not a git checkout (the cluster image, a working directory Ray uploaded without .git): the commit the
+    image was built from (MEDVQ_COMMIT, cluster/Dockerfile), else "unknown"."""
     try:
         commit, changes = (
             subprocess.run(
@@ -29,7 +31,7 @@ def code_commit() -> str:
             for command in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "--untracked-files=no"])
         )
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("MEDVQ_COMMIT") or "unknown"
     return commit + ("+changes" if changes else "")
 
 

@@ -17,7 +17,7 @@ import torch
 from medmnist import INFO
 from PIL import Image
 
-from medvq import plots
+from medvq import plots, provenance
 from medvq.config import Config
 from medvq.data import LABEL_CHARS, short_label
 from medvq.encode import RECONSTRUCTION, THUMB, thumbnails
@@ -184,6 +184,14 @@ def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
         else:
             text = path.read_text()
         assert all(part in text for part in expected), (path.name, text[:300])
+
+
+def test_code_outside_a_checkout_says_the_commit_its_image_was_built_from(tmp_path, monkeypatch):
+    monkeypatch.setattr(provenance, "REPO", tmp_path)  # no .git: as in the cluster image
+    monkeypatch.delenv("MEDVQ_COMMIT", raising=False)
+    assert provenance.code_commit() == "unknown"
+    monkeypatch.setenv("MEDVQ_COMMIT", "abc1234")
+    assert provenance.code_commit() == "abc1234"
 
 
 def test_training_run_gets_every_figure_but_the_sweep(train_run, synthetic_root):
