@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,7 @@ ROW_LABEL = 1.5  # inches left of the grid for the dataset names
 SHOWN = 8  # test images per dataset in the reconstruction grid
 NEIGHBOUR_COLUMNS = 9  # an image and its 8 nearest (jobs/neighbours.py) on one row
 NEIGHBOUR_TILE = (1.6, 2.5)  # inches per image: the image, and its four-line caption above it
+CAPTION_CHARS_PER_INCH = 17  # of x-small text, with a margin: the width a caption line may take
 
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
 
@@ -65,10 +67,21 @@ def reconstruction_figure_size(n_datasets: int) -> tuple[float, float]:
     return ROW_LABEL + SHOWN * TILE, 2 * n_datasets * TILE
 
 
+def caption_lines(caption: str, width_inches: float) -> str:
+    """The caption's " | "-separated parts on as few lines as fit the figure's width: one long line is cut off."""
+    limit, lines = int(width_inches * CAPTION_CHARS_PER_INCH), []
+    for part in caption.split(" | "):
+        if lines and len(lines[-1]) + 3 + len(part) <= limit:
+            lines[-1] += " | " + part
+        else:
+            lines += textwrap.wrap(part, limit) or [part]
+    return "\n".join(lines)
+
+
 def _save(figure: Figure, path: Path, caption: str = "") -> None:
     """Write the figure as a PNG, with `caption` (where it comes from) along its foot and in its metadata."""
     if caption:
-        figure.supxlabel(caption, fontsize="x-small", color="dimgrey")
+        figure.supxlabel(caption_lines(caption, figure.get_figwidth()), fontsize="x-small", color="dimgrey")
     buffer = io.BytesIO()
     figure.savefig(buffer, dpi=DPI, format="png", metadata={"Description": caption} if caption else None)
     write_atomically(path, buffer.getvalue())

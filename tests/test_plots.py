@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from medmnist import INFO
 from PIL import Image
 
@@ -184,6 +186,28 @@ def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
         else:
             text = path.read_text()
         assert all(part in text for part in expected), (path.name, text[:300])
+
+
+@pytest.mark.parametrize("width", [3.2, 7.5, 12.0])
+def test_a_long_caption_is_wrapped_to_fit_its_figure(tmp_path, width):
+    caption = " | ".join(
+        [
+            "data: bloodmnist, pneumoniamnist, retinamnist, breastmnist, dermamnist at 224 px",
+            "model: 120 epochs",
+            "Ray cluster of up to 64 CPUs, 16 GPUs (A100, H200); driver on Intel(R) Xeon(R) Platinum 8480C",
+            "medvq e25774f+changes, 2026-12-02",
+        ]
+    )
+    figure = Figure(figsize=(width, 3), layout="constrained")
+    figure.subplots().plot([0, 1])
+    plots._save(figure, tmp_path / "figure.png", caption)
+    (drawn,) = [text for text in figure.texts if text.get_text()]
+    words = [word for word in drawn.get_text().split() if word != "|"]
+    assert words == [word for word in caption.split() if word != "|"]  # all of it, in order
+    box = drawn.get_window_extent(FigureCanvasAgg(figure).get_renderer())
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.x1  # nothing cut off at either side
+    with Image.open(tmp_path / "figure.png") as image:
+        assert image.text["Description"] == caption  # the metadata keeps it whole, on one line
 
 
 def test_code_outside_a_checkout_says_the_commit_its_image_was_built_from(tmp_path, monkeypatch):
