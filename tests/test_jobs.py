@@ -147,14 +147,31 @@ def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_pa
     assert not out.exists()
 
 
-def train_worker_pids() -> list[int]:
-    """Processes of this machine running a Ray Train worker (Ray names its worker processes after the actor)."""
+def parent_pid(pid: int) -> int:
+    """The parent of a process (0 once it is gone): the fourth field of /proc/PID/stat, after the name's ")"."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def train_worker_pids(ancestor: int) -> list[int]:
+    """The Ray Train worker processes (Ray names them after the actor) that `ancestor` started: its local Ray
+    instance's, never another Ray's on this machine."""
     pids = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with suppress(OSError):
             if cmdline.read_bytes().startswith(b"ray::RayTrainWorker"):
                 pids.append(int(cmdline.parent.name))
-    return pids
+    return [pid for pid in pids if ancestor in _ancestors(pid)]
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        pid = parent_pid(pid)
+        chain.append(pid)
+    return chain
 
 
 def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_rerun_trains_nothing(
@@ -185,8 +202,8 @@ def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_r
         (len(pd.read_csv(path)) for path in out.glob("ray_results/medvq-train-*/checkpoint_*/metrics.csv")), default=0
     )
     job = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: saved() >= 2 and train_worker_pids(), "two epochs saved", 300, job)
-    os.kill(train_worker_pids()[-1], signal.SIGKILL)
+    wait_for(lambda: saved() >= 2 and train_worker_pids(job.pid), "two epochs saved", 300, job)
+    os.kill(train_worker_pids(job.pid)[-1], signal.SIGKILL)
     assert saved() < 5, "the run finished before its worker was killed: nothing was tested"
     log = job.communicate(timeout=600)[0]
     assert job.returncode == 0, log[-3000:]
