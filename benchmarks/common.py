@@ -7,7 +7,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from medvq.cli import JobParser, add_data_flags, resolve_data_root
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.devices import resolve_accelerator
+from medvq.provenance import code_commit, cpu_model
 from medvq.synthetic import write_synthetic_npz
 
 Row = tuple[str, str, str, str]  # one line of the results table: step, contender, result, compared
@@ -158,24 +158,6 @@ def run_benchmark(
     print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name on Linux (/proc/cpuinfo), else what the platform module knows."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def commit() -> str:
-    """The checkout's commit, with "-dirty" when uncommitted changes may have shaped the figures."""
-    done = subprocess.run(
-        ["git", "describe", "--always", "--dirty"], cwd=Path(__file__).parent, capture_output=True, text=True
-    )
-    return done.stdout.strip() if done.returncode == 0 else "unknown"
-
-
 def describe() -> dict[str, str | int | None]:
     """The machine and software the figures come from, written beside them."""
     return {
@@ -187,7 +169,7 @@ def describe() -> dict[str, str | int | None]:
         "torchvision": torchvision.__version__,
         "lightning": L.__version__,
         "ray": ray.__version__,
-        "commit": commit(),
+        "commit": code_commit(),
     }
 
 
