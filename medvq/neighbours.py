@@ -13,7 +13,7 @@ from medvq.data import SPLITS, load_split, rgb
 from medvq.errors import UserError
 from medvq.latent_space import nearest, vectors
 from medvq.module import VQVAEModule
-from medvq.plots import draw_neighbours, find_checkpoint, run_caption
+from medvq.plots import draw_neighbours, find_checkpoint, run_caption, shipped_history
 from medvq.report import LATENTS_DIR
 from medvq.storage import join, local_folder
 
@@ -64,5 +64,7 @@ def neighbours_of(
         }
         images = np.stack([splits[key][i] for key, i in zip(zip(table["dataset"], table["split"]), table["index"])])
         (run / "plots").mkdir(exist_ok=True)
-        draw_neighbours(table, images, run / "plots" / name, run_caption(run, config if checkpoint else None))
+        draw_neighbours(
+            table, images, run / "plots" / name, run_caption(run, config if checkpoint else None, shipped_history(run))
+        )
     return table, join(str(run_dir), "plots", name)

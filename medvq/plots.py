@@ -300,9 +300,9 @@ def shipped_history(run: Path) -> pd.DataFrame | None:
     return read_history(histories[0]) if histories else None
 
 
-def run_caption(run: Path, config: Config | None) -> str:
-    """The caption of a run's figures: its data, the shipped model's epochs, and its provenance."""
-    history = shipped_history(run)
+def run_caption(run: Path, config: Config | None, history: pd.DataFrame | None) -> str:
+    """The caption of a run's figures: its data, the shipped model's epochs (from shipped_history), and its
+    provenance."""
     return provenance.caption(run, config, len(history) if history is not None else None)
 
 
@@ -319,7 +319,7 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
             "point --run at the --out folder of a sweep or a training run"
         )
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
-    caption = run_caption(run, module.config if module else None)
+    caption = run_caption(run, module.config if module else None, history)
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
         ("latent_space.png", latents is not None, _saved(lambda: draw_latent_space(latents))),
