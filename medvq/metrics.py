@@ -49,13 +49,16 @@ def _similarity_map(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     )
 
 
-def image_scores(recon: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image MAE, PSNR (dB) and SSIM for images in [0, 1]: (B, 3, H, W) x 2 -> {name: (B,)}."""
+def image_scores(
+    recon: torch.Tensor, target: torch.Tensor, ssim: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-image MAE, PSNR (dB) and SSIM for images in [0, 1]: (B, 3, H, W) x 2 -> {name: (B,)}; `ssim`, when the
+    caller has it already (the loss's), is used as it is."""
     recon, target = recon.float(), target.float()
     return {
         "mae": (recon - target).abs().mean(dim=(1, 2, 3)),
         "psnr": peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
-        "ssim": structural_similarity(recon, target),
+        "ssim": structural_similarity(recon, target) if ssim is None else ssim.detach().float(),
     }
 
 
@@ -134,7 +137,8 @@ class StageMetrics(nn.Module):
     reset once per epoch (each `compute` synchronises over DDP ranks).
 
     scored_images: score only the batch's first rows (shuffled, so an unbiased sample) with PSNR, SSIM and
-    MAE: SSIM of a whole batch costs a large share of a CPU training step (benchmarks/RESULTS.md).
+    MAE: SSIM of a whole batch costs a large share of a CPU training step (benchmarks/RESULTS.md). A step that
+    passes the whole batch's SSIM (the loss's SSIM term computed it) scores every row.
     """
 
     def __init__(self, config: Config, scored_images: int | None = None):
@@ -154,10 +158,12 @@ class StageMetrics(nn.Module):
         indices: torch.Tensor,
         losses: dict[str, torch.Tensor],
         dataset_ids: torch.Tensor,
+        ssim: torch.Tensor | None = None,
     ) -> None:
+        """ssim: every row's SSIM (B,), when the step has it already."""
         self.nmse.update(recon, x, dataset_ids)
-        scored = slice(self.scored_images)
-        scores = image_scores(recon[scored], x[scored])
+        scored = slice(self.scored_images if ssim is None else None)
+        scores = image_scores(recon[scored], x[scored], ssim)
         self.scores.update(torch.stack([scores[name] for name in IMAGE_SCORES], dim=1), dataset_ids[scored])
         for name, value in losses.items():
             self.losses[name].update(value.detach(), weight=torch.full_like(value, len(x)))

@@ -90,14 +90,16 @@ class VQVAEModule(L.LightningModule):
         x = to_float_images(batch["image"])
         recon, quantized = self.model(x)
         recon_loss = F.mse_loss(recon.float(), x)
+        ssim = None  # per image, computed once for the loss and the logged score
         if self.config.ssim_weight:
-            recon_loss = recon_loss + self.config.ssim_weight * (1 - structural_similarity(recon.float(), x).mean())
+            ssim = structural_similarity(recon.float(), x)
+            recon_loss = recon_loss + self.config.ssim_weight * (1 - ssim.mean())
         losses = {
             "loss": recon_loss + quantized.commitment_loss,
             "recon_loss": recon_loss,
             "commitment_loss": quantized.commitment_loss,
         }
-        metrics.update(x, recon.detach().float(), quantized.indices, losses, batch["dataset_id"])
+        metrics.update(x, recon.detach().float(), quantized.indices, losses, batch["dataset_id"], ssim)
         return losses["loss"]
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -13,6 +13,8 @@ import pytest
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
+import medvq.metrics
+import medvq.module
 from medvq.data import to_float_images
 from medvq.errors import RunFailed
 from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
@@ -104,6 +106,22 @@ def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
     ssim = structural_similarity(recon, to_float_images(batch["image"])).mean()
     assert 0 < float(ssim) < 1
     assert float(losses[0.5] - losses[0.0]) == pytest.approx(0.5 * (1 - float(ssim)), rel=1e-4)
+
+
+def test_a_step_with_the_ssim_term_logs_the_losss_ssim_of_every_row(tiny_config, monkeypatch):
+    """SSIM is computed once per step: the loss's per-image values are the logged score, over the whole batch."""
+    calls = []
+    monkeypatch.setattr(medvq.module, "structural_similarity", lambda *a: calls.append(1) or structural_similarity(*a))
+    monkeypatch.setattr(medvq.metrics, "structural_similarity", lambda *a: calls.append(2) or structural_similarity(*a))
+    batch = {"image": torch.randint(0, 256, (4, 28, 28, 3), dtype=torch.uint8), "dataset_id": torch.zeros(4).long()}
+    torch.manual_seed(0)
+    module = VQVAEModule(tiny_config(ssim_weight=0.5)).eval()
+    module.train_metrics.scored_images = 2
+    module._step(batch, module.train_metrics)
+    assert calls == [1]
+    logged = module.train_metrics.compute_and_reset()["ssim"]
+    recon, _ = module(batch["image"])
+    assert float(logged) == pytest.approx(float(structural_similarity(recon, to_float_images(batch["image"])).mean()))
 
 
 def test_codebook_is_not_trained_by_gradient(tiny_config):
