@@ -17,6 +17,7 @@ from medvq.errors import UserError
 
 # The five MedMNIST sets the project learns together; any other 2D MedMNIST set works the same way.
 DEFAULT_DATASETS = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist", "bloodmnist")
+ALWAYS_SAVED = object()  # Setting.before_it_existed of a setting every saved config has
 BOUNDS = {"> 0": lambda value: value > 0, ">= 0": lambda value: value >= 0, "in (0, 1)": lambda value: 0 < value < 1}
 
 
@@ -31,6 +32,9 @@ class Setting:
     # False for what says where or how fast a run goes, not what it learns: left out of the run's name, so the same
     # command resumes the same run from another data mount, with other concurrency or GPUs up.
     shapes_results: bool = True
+    # For a setting added after runs had been saved: the value those runs trained with, which a saved config
+    # without the key reads as (rather than today's default).
+    before_it_existed: Any = ALWAYS_SAVED
 
     def allows(self, value: Any) -> bool:
         items = value if isinstance(value, tuple) else (value,)
@@ -115,6 +119,7 @@ class Config:
         "weight of 1 - SSIM added to the reconstruction's mean squared error: 0 trains on the error alone (PSNR's "
         "measure), more favours the local structure SSIM scores",
         bound=">= 0",
+        before_it_existed=0.0,
     )
     # --- optimisation ---
     # 128: more quality per CPU-minute than 256 in two ablation rounds
@@ -180,12 +185,17 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Config:
-        """Rebuild from `to_dict()`; unknown keys are an error, not silently dropped."""
+        """Rebuild from `to_dict()`, of this version or an older one; unknown keys are an error, not dropped."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise UserError(f"unknown config keys: {', '.join(unknown)}")
-        return cls(**values)
+        older = {
+            name: declared.before_it_existed
+            for name, declared in settings(cls).items()
+            if name not in values and declared.before_it_existed is not ALWAYS_SAVED
+        }
+        return cls(**older, **values)
 
     def with_changes(self, **changes: Any) -> Config:
         return replace(self, **changes)

@@ -65,3 +65,12 @@ def test_repeats_of_a_grid_get_their_own_seeds_and_sampled_weights_share_one():
     grid = SweepConfig(Config(seed=5), commitment_grid=(0.1, 1.0), num_samples=3)
     assert grid.seeds == (5, 6, 7) and grid.trial_count == 3 * 5 * 2
     assert SweepConfig(Config(seed=5), num_samples=3).seeds == (5,)
+
+
+def test_a_config_saved_before_a_setting_existed_reads_as_what_it_trained_with():
+    """Checkpoints from before the SSIM term have no ssim_weight: they trained on the squared error alone."""
+    saved = Config().to_dict()
+    del saved["ssim_weight"]
+    assert Config.from_dict(saved).ssim_weight == 0.0
+    assert Config.from_dict(Config().to_dict()) == Config()  # today's saved config reads as it was
+    assert Config().ssim_weight > 0
