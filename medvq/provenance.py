@@ -64,9 +64,17 @@ def local_hardware(use_gpu: bool) -> str:
 
 
 def write_provenance(out: Path, hardware: str) -> None:
+    """Record this start of the job in `out`: the first start's record stays on top, and a resume of the same run
+    (perhaps on other code or hardware) is added to its `resumes`."""
     out.mkdir(parents=True, exist_ok=True)
-    record = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
-    (out / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    path = out / PROVENANCE_FILE
+    now = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
+    if path.is_file():
+        record = json.loads(path.read_text())
+        record["resumes"] = [*record.get("resumes", []), now]
+    else:
+        record = now
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def caption(run: Path, config: Config | None, epochs: int | None) -> str:
@@ -79,4 +87,7 @@ def caption(run: Path, config: Config | None, epochs: int | None) -> str:
     if (run / PROVENANCE_FILE).is_file():
         record = json.loads((run / PROVENANCE_FILE).read_text())
         parts += [record["hardware"], f"medvq {record['commit']}, {record['date']}"]
+        later = [resume["commit"] for resume in record.get("resumes", []) if resume["commit"] != record["commit"]]
+        if later:
+            parts.append(f"resumed with medvq {', '.join(dict.fromkeys(later))}")
     return " | ".join(parts)

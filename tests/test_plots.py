@@ -210,6 +210,18 @@ def test_a_long_caption_is_wrapped_to_fit_its_figure(tmp_path, width):
         assert image.text["Description"] == caption  # the metadata keeps it whole, on one line
 
 
+def test_a_resumed_run_keeps_its_first_start_and_names_the_code_it_resumed_with(tmp_path, monkeypatch):
+    for commit, hardware in (("aaa1111", "first machine"), ("aaa1111", "second machine"), ("bbb2222", "third")):
+        monkeypatch.setattr(provenance, "code_commit", lambda commit=commit: commit)
+        write_provenance(tmp_path, hardware)
+    record = json.loads((tmp_path / PROVENANCE_FILE).read_text())
+    assert (record["commit"], record["hardware"]) == ("aaa1111", "first machine")
+    assert [resume["hardware"] for resume in record["resumes"]] == ["second machine", "third"]
+    said = provenance.caption(tmp_path, None, 7)
+    assert said.startswith("model: 7 epochs | first machine | medvq aaa1111, ")
+    assert said.endswith(" | resumed with medvq bbb2222")
+
+
 def test_code_outside_a_checkout_says_the_commit_its_image_was_built_from(tmp_path, monkeypatch):
     monkeypatch.setattr(provenance, "REPO", tmp_path)  # no .git: as in the cluster image
     monkeypatch.delenv("MEDVQ_COMMIT", raising=False)
