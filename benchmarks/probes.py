@@ -19,9 +19,11 @@ from sklearn.decomposition import PCA
 from medvq.cli import JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job, text_value
 from medvq.data import load_split, rgb, to_float_images
 from medvq.latent_space import RESNET18_28, class_probes
+from medvq.model import FEATURE_GRID, pooled_features
 from medvq.module import VQVAEModule
 
 PCA_DIMENSIONS = 64
+OTHER_GRIDS = (1, 2, 4)  # layouts of the pooled hidden layer beside the shipped one
 BATCH = 1024
 
 
@@ -32,11 +34,14 @@ def readings(module: VQVAEModule, images: np.ndarray) -> dict[str, np.ndarray]:
     codebook_size = module.config.codebook_size
     for start in range(0, len(images), BATCH):
         x = to_float_images(torch.from_numpy(np.array(rgb(images[start : start + BATCH]))))
-        z = module.model.encoder(x)
+        hidden = module.model.encoder.hidden(x)
+        z = module.model.encoder.project(hidden)
         q = module.model.quantizer(z)
         codes = q.indices.flatten(1)
         bag = torch.zeros(len(codes), codebook_size).scatter_add_(1, codes, torch.ones_like(codes, dtype=torch.float))
         batch = {
+            f"features: hidden layer, pooled {FEATURE_GRID}x{FEATURE_GRID} (shipped)": pooled_features(hidden),
+            **{f"hidden layer, pooled {grid}x{grid}": pooled_features(hidden, grid) for grid in OTHER_GRIDS},
             "grid mean": q.quantized.mean(dim=(2, 3)),
             "quantized grid": q.quantized.flatten(1),
             "bag of codes": bag,
@@ -77,6 +82,7 @@ def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.Da
                     "seconds": time.monotonic() - started,
                 }
             )
+            print(f"{name}, {reading}: 11-NN {scores['knn']:.3f}, linear {scores['linear']:.3f}", flush=True)
         majority = float(np.bincount(test_y).max() / len(test_y))
         rows.append({"dataset": name, "reading": "majority class (floor)", "11-NN": majority, "linear": majority})
         if name in RESNET18_28:

@@ -85,14 +85,13 @@ class ImageEncoder:
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         x = to_float_images(torch.from_numpy(batch["image"]).to(self.device))  # (B, 3, H, W)
-        recon, quantized = self.model(x)
+        recon, quantized, features = self.model.forward_with_features(x)
         scores = image_scores(recon, x)
         scores["mse"] = (recon.float() - x).pow(2).mean(dim=(1, 2, 3))
-        latent = quantized.quantized.mean(dim=(2, 3))  # (B, D): code vectors averaged over the grid
         codes = quantized.indices.flatten(1)  # (B, h*w), row-major over the latent grid
         columns = {name: batch[name] for name in ("dataset", "split", "index", "label", "label_name")}
         columns["codes"] = _fixed_size_list(codes.to(torch.int16).cpu().numpy())
-        columns["latent"] = _fixed_size_list(latent.float().cpu().numpy())
+        columns["features"] = _fixed_size_list(features.float().cpu().numpy())
         for name in ("mse", "mae", "psnr", "ssim"):
             columns[name] = scores[name].float().cpu().numpy()
         columns[RECONSTRUCTION] = thumbnails(recon)

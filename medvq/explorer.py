@@ -104,7 +104,7 @@ def draw_explorer(
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
     k = min(NEIGHBOURS, len(latents) - 1)
-    neighbours, distances = nearest(vectors(latents["latent"]), k)
+    neighbours, distances = nearest(vectors(latents["features"]), k)
     page = _page(latents, neighbours, distances, caption)
     page.stylesheets = [_sheet_variables(sheets)]
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())
@@ -322,11 +322,12 @@ def _page(latents: pd.DataFrame, neighbours: np.ndarray, distances: np.ndarray, 
     colour.js_on_change("active", CustomJS(args={"modes": modes, "renderers": renderers}, code=RECOLOUR))
     heading = Div(
         text=f"<b>{len(latents):,} images</b> of {', '.join(sorted(set(source.data['dataset'])))}, each "
-        f"at the UMAP position of its latent. Hover a point: the image beside its reconstruction. Click one: "
-        f"its {k} nearest images in the latent space, listed on the left. Colour by:"
+        f"at the UMAP position of its features (the encoder's, pooled). Hover a point: the image beside its "
+        f"reconstruction. Click one: its {k} nearest images by those features, listed on the left. Colour by:"
     )
     table_heading = Div(
-        text="<b>The clicked image and its nearest images</b> (Euclidean distance of their latents, over all datasets)",
+        text="<b>The clicked image and its nearest images</b> (Euclidean distance of their features, over all "
+        "datasets)",
         width=TABLE_WIDTH,
     )
     foot = Div(text=html.escape(caption), name="caption", styles={"color": "dimgrey", "font-size": "small"})

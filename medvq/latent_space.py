@@ -1,4 +1,4 @@
-"""What the latent space holds: a 2-D UMAP of every image's latent vector, and per-dataset measures on
+"""What the latent space holds: a 2-D UMAP of every image's features, and per-dataset measures on
 the test split (reconstruction, codebook use, k-nearest-neighbour probes of class and of dataset)."""
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "mae": "MAE",
     "codes_used": "codes used",
     "perplexity": "perplexity",
-    "knn_latent": "11-NN class (latent)",
+    "knn_features": "11-NN class (features)",
     "knn_pixels": "11-NN class (pixels)",
-    "linear_latent": "linear class (latent)",
+    "linear_features": "linear class (features)",
     "linear_pixels": "linear class (pixels)",
     "majority_class": "majority class",
     "supervised_ceiling": "ResNet-18 (28)",
@@ -59,11 +59,11 @@ def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
 
 
 def with_umap(table: pa.Table, seed: int = 0) -> pa.Table:
-    """The latents table with `umap_x`, `umap_y`: a 2-D UMAP fit on every row's latent vector."""
+    """The latents table with `umap_x`, `umap_y`: a 2-D UMAP fit on every row's features."""
     import umap  # imported here: numba compiles on import, which only this step needs
 
-    points = vectors(table.column("latent"))
-    log.info("UMAP of %d latent vectors of dimension %d", *points.shape)
+    points = vectors(table.column("features"))
+    log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
     # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded, which costs little beside
     # numba's compiling in a fresh process (benchmarks/RESULTS.md).
     with warnings.catch_warnings(record=True) as caught:
@@ -135,22 +135,22 @@ def dataset_records(
     latents: pd.DataFrame, datasets: tuple[str, ...], data_root: str, size: int, codebook_size: int
 ) -> list[dict]:
     """One record per dataset, in the order of `datasets` (not the rows' order, which Ray Data does not fix), on
-    its test split: reconstruction scores, codebook use, an 11-NN and a linear class probe on the latent vectors
+    its test split: reconstruction scores, codebook use, an 11-NN and a linear class probe on the features
     (fit on train) beside the same probes on raw pixels, the majority-class share (floor) and the supervised
     ResNet-18 (28) accuracy (ceiling; None for a set it has none for) for scale, and the share of test images
-    whose dataset a k-NN on latents recovers among all datasets."""
+    whose dataset a k-NN on features recovers among all datasets."""
     names = [name for name in datasets if name in set(latents["dataset"])]
     train_all = latents[latents["split"] == "train"]
     dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(
-        vectors(train_all["latent"]), train_all["dataset"]
+        vectors(train_all["features"]), train_all["dataset"]
     )
     records = []
     for name in names:
         train, test = _split_rows(latents, name, "train"), _split_rows(latents, name, "test")
         train_y, test_y = train["label"].to_numpy(), test["label"].to_numpy()
-        test_latents = vectors(test["latent"])
+        test_features = vectors(test["features"])
         counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
-        latent = class_probes(vectors(train["latent"]), train_y, test_latents, test_y)
+        features = class_probes(vectors(train["features"]), train_y, test_features, test_y)
         pixels = class_probes(
             _pixels(name, "train", data_root, size), train_y, _pixels(name, "test", data_root, size), test_y
         )
@@ -161,11 +161,11 @@ def dataset_records(
                 **{score: float(test[score].mean()) for score in ("psnr", "ssim", "mae", "mse")},
                 "codes_used": float((counts > 0).mean()),
                 "perplexity": perplexity,
-                **{f"{probe}_latent": accuracy for probe, accuracy in latent.items()},
+                **{f"{probe}_features": accuracy for probe, accuracy in features.items()},
                 **{f"{probe}_pixels": accuracy for probe, accuracy in pixels.items()},
                 "majority_class": float(np.bincount(test_y).max() / len(test_y)),
                 "supervised_ceiling": RESNET18_28.get(name),
-                "dataset_recovered": float((dataset_probe.predict(test_latents) == name).mean()),
+                "dataset_recovered": float((dataset_probe.predict(test_features) == name).mean()),
             }
         )
     return records
@@ -174,7 +174,7 @@ def dataset_records(
 def summary_markdown(records: list[dict]) -> str:
     """The per-dataset table as Markdown; shares and accuracies as percentages."""
     percent = {"codes_used", "majority_class", "supervised_ceiling", "dataset_recovered"}
-    percent |= {f"{probe}_{features}" for probe in ("knn", "linear") for features in ("latent", "pixels")}
+    percent |= {f"{probe}_{features}" for probe in ("knn", "linear") for features in ("features", "pixels")}
 
     def cell(key: str, value) -> str:
         if value is None:
@@ -192,10 +192,10 @@ def write_summary(records: list[dict], out: Path, preface: str = "") -> None:
     """summary.json (the records) and summary.md (a preface, then the table with what its columns mean)."""
     (out / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     notes = (
-        f"Test split of each dataset. Class probes, fit on the train split, on the latent vectors or on raw "
-        f"pixels: {KNN_NEIGHBOURS}-NN, and a logistic regression on standardised features (linear); majority "
+        f"Test split of each dataset. Class probes, fit on the train split, on the features (the encoder's, pooled) "
+        f"or on raw pixels: {KNN_NEIGHBOURS}-NN, and a logistic regression on standardised features (linear); majority "
         "class: the accuracy of always guessing the commonest class (a floor); ResNet-18 (28): the supervised "
         "accuracy of MedMNIST v2's benchmark (Yang et al., Scientific Data 2023, Table 3; a ceiling); dataset "
-        "recovered: share of test images a k-NN on latents assigns to their own dataset.\n"
+        "recovered: share of test images a k-NN on features assigns to their own dataset.\n"
     )
     (out / "summary.md").write_text(preface + ("\n" if preface else "") + summary_markdown(records) + "\n" + notes)

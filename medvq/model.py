@@ -15,6 +15,10 @@ from torch import nn
 
 from medvq.config import Config
 
+# 3: a coarse layout kept; the 3x3-pooled hidden layer beat raw pixels, the grid mean, the quantized and the
+# pre-quantization grid (and their PCAs) as class probes on every set (results/probes/probes.md)
+FEATURE_GRID = 3
+
 # --- small helpers, so the quantizer reads as the algorithm -------------------------------------
 
 
@@ -264,6 +268,20 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer, (B, hidden, s, s): what the final 1x1 convolution projects into the code space."""
+        return self.net[:-1](x)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.net[-1](hidden)
+
+
+def pooled_features(hidden: torch.Tensor, grid: int = FEATURE_GRID) -> torch.Tensor:
+    """An image's features: its encoder's last hidden layer (B, C, s, s) averaged over a grid x grid layout of the
+    latent grid -> (B, C * grid**2), row-major over the layout, channels within each cell. The same length at
+    every image size."""
+    return F.adaptive_avg_pool2d(hidden, grid).permute(0, 2, 3, 1).flatten(1)
+
 
 class Decoder(nn.Module):
     """(B, D, s, s) -> (B, 3, s * 2**upsample, s * 2**upsample) in [0, 1]."""
@@ -303,6 +321,12 @@ class VQVAE(nn.Module):
         """(B, 3, S, S) -> reconstruction (B, 3, S, S) and the quantizer's output."""
         q = self.quantizer(self.encoder(x))
         return self.decoder(q.quantized), q
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, Quantized, torch.Tensor]:
+        """forward, and each image's features (pooled_features), (B, hidden_channels * FEATURE_GRID**2)."""
+        hidden = self.encoder.hidden(x)
+        q = self.quantizer(self.encoder.project(hidden))
+        return self.decoder(q.quantized), q, pooled_features(hidden)
 
     @torch.no_grad()
     def init_codebook_from_kmeans_(self, x: torch.Tensor) -> None:

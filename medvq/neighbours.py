@@ -21,7 +21,7 @@ TABLE_COLUMNS = ["dataset", "split", "index", "label", "label_name", "distance"]
 
 
 def neighbour_table(latents: pd.DataFrame, dataset: str, split: str, index: int, k: int) -> pd.DataFrame:
-    """The image `index` of `dataset`'s `split` and its k nearest images in the latent space (Euclidean, over
+    """The image `index` of `dataset`'s `split` and its k nearest images by their features (Euclidean, over
     all datasets), nearest first: TABLE_COLUMNS, the image itself first, at distance 0."""
     names = sorted(latents["dataset"].unique())
     if dataset not in names:
@@ -37,7 +37,7 @@ def neighbour_table(latents: pd.DataFrame, dataset: str, split: str, index: int,
         )
     if not 1 <= k < len(latents):
         raise UserError(f"--k takes 1 to {len(latents) - 1} (the run's other images), got {k}")
-    found, distances = nearest(vectors(latents["latent"]), k, row)
+    found, distances = nearest(vectors(latents["features"]), k, row)
     table = latents.iloc[[row[0], *found[0]]].assign(distance=[0.0, *distances[0]])
     return table[TABLE_COLUMNS].reset_index(drop=True)
 

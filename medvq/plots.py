@@ -110,7 +110,7 @@ def draw_latent_space(latents: pd.DataFrame) -> Figure:
     for colour, (name, points) in zip(_colours(groups.ngroups), groups):
         _scatter(ax, points, colour, f"{name} ({len(points):,})")
     ax.legend(markerscale=5, title="dataset (images)")
-    ax.set_title(f"UMAP of the latents of {len(latents):,} images")
+    ax.set_title(f"UMAP of the features of {len(latents):,} images")
     _blank_axes(ax)
     return figure
 

@@ -20,6 +20,7 @@ from medvq.data import SPLITS, load_split, rgb, to_float_images
 from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
+from medvq.model import FEATURE_GRID
 from medvq.module import VQVAEModule, checkpoint_config
 from medvq.report import RECONSTRUCTIONS_FILE, encode_and_measure, replace_folder, write_latents
 from medvq.train import train_local
@@ -38,8 +39,8 @@ print(json.dumps({
     "rows": len(frame),
     "unique_keys": int((~frame.duplicated(["dataset", "split", "index"])).sum()),
     "dtypes": {name: str(dtype) for name, dtype in frame.dtypes.items()},
-    "latent_shape": list(np.stack(frame["latent"].to_numpy()).shape),
-    "latent_dtype": str(np.stack(frame["latent"].to_numpy()).dtype),
+    "features_shape": list(np.stack(frame["features"].to_numpy()).shape),
+    "features_dtype": str(np.stack(frame["features"].to_numpy()).dtype),
     "codes_shape": list(np.stack(frame["codes"].to_numpy()).shape),
 }))
 """
@@ -75,7 +76,8 @@ def test_latents_parquet_reads_back_with_plain_pandas(ray_instance, checkpoint, 
     assert all(table["dtypes"][name] in ("str", "object") for name in ("dataset", "split", "label_name"))
     assert table["dtypes"]["index"] == table["dtypes"]["label"] == "int64"
     assert all(table["dtypes"][name] == "float32" for name in ("mse", "mae", "psnr", "ssim"))
-    assert table["latent_shape"] == [expected, config.embedding_dim] and table["latent_dtype"] == "float32"
+    assert table["features_shape"] == [expected, config.hidden_channels * FEATURE_GRID**2]
+    assert table["features_dtype"] == "float32"
     assert table["codes_shape"] == [expected, config.latent_side**2]
 
 
@@ -91,9 +93,15 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
     model = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").model.eval()
     images = torch.from_numpy(rgb(load_split("breastmnist", "test", config.data_root)[0]).copy())
     with torch.inference_mode():
-        expected = model(to_float_images(images))[0].clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
+        x = to_float_images(images)
+        expected = model(x)[0].clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
+        hidden = model.encoder.net[:-1](x)  # the layer before the projection into the codes' space
     shown = np.stack([np.asarray(Image.open(io.BytesIO(webp))) for webp in test[RECONSTRUCTION]])
     assert shown.shape == (len(test), THUMB, THUMB, 3) and np.abs(shown - expected).max() <= 1  # rounding
+    # ... and its features that layer's means over the 3x3 layout: its top-left cell covers grid rows and columns 0-2
+    features = np.stack(test["features"].to_numpy()).reshape(len(test), FEATURE_GRID, FEATURE_GRID, -1)
+    np.testing.assert_allclose(features[:, 0, 0], hidden[:, :, :3, :3].mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(features[:, 2, 1], hidden[:, :, 4:, 2:5].mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-6)
 
 
 def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoint, tmp_path):
@@ -113,7 +121,7 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     assert [record["dataset"] for record in records] == list(reversed(SYNTHETIC_DATASETS))
     for record in records:
         assert record["test_images"] == INFO[record["dataset"]]["n_samples"]["test"]
-        probes = [f"{probe}_{features}" for probe in ("knn", "linear") for features in ("latent", "pixels")]
+        probes = [f"{probe}_{features}" for probe in ("knn", "linear") for features in ("features", "pixels")]
         for key in (*probes, "majority_class", "dataset_recovered", "codes_used", "supervised_ceiling"):
             assert 0 <= record[key] <= 1
     table = (tmp_path / "summary.md").read_text()
@@ -123,7 +131,8 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     assert '"runs/smoke/latents"' in snippet
     snippet = snippet.replace('"runs/smoke/latents"', repr(str(tmp_path / "latents")))
     shown = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
-    assert shown.startswith(f"{len(frame)} ({len(frame)}, {config.embedding_dim})") and "label_name" in shown
+    features = config.hidden_channels * FEATURE_GRID**2
+    assert shown.startswith(f"{len(frame)} ({len(frame)}, {features})") and "label_name" in shown
 
 
 def test_replacing_the_latents_keeps_a_whole_folder_if_it_stops_half_way(tmp_path, monkeypatch):

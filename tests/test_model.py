@@ -13,7 +13,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from medvq.model import VQVAE, VectorQuantizerEMA, kmeans, laplace_smoothing, rotated_onto, squared_distances
+from medvq.model import (
+    FEATURE_GRID,
+    VQVAE,
+    VectorQuantizerEMA,
+    kmeans,
+    laplace_smoothing,
+    pooled_features,
+    rotated_onto,
+    squared_distances,
+)
 from medvq.module import warmup_cosine
 
 
@@ -283,3 +292,24 @@ def test_vqvae_shapes_and_output_range(tiny_config, size, downsample, options):
     assert reconstruction.shape == x.shape
     assert reconstruction.min() >= 0 and reconstruction.max() <= 1
     assert q.indices.min() >= 0 and q.indices.max() < config.codebook_size
+
+
+def test_pooled_features_average_each_cell_of_a_coarse_layout_in_order():
+    hidden = torch.arange(2 * 4 * 6 * 6, dtype=torch.float).reshape(2, 4, 6, 6)  # 6x6 grid, 3x3 layout of 2x2
+    features = pooled_features(hidden)
+    assert features.shape == (2, 4 * FEATURE_GRID**2)
+    cells = features.reshape(2, FEATURE_GRID, FEATURE_GRID, 4)  # row-major over the layout, channels last
+    assert torch.equal(cells[1, 0, 2], hidden[1, :, 0:2, 4:6].mean(dim=(1, 2)))
+    assert torch.equal(cells[0, 2, 1], hidden[0, :, 4:6, 2:4].mean(dim=(1, 2)))
+    assert torch.equal(pooled_features(hidden, grid=1), hidden.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("size, downsample", [(28, 2), (64, 3), (128, 4)])
+def test_features_have_one_length_at_every_image_size_beside_the_same_forward(tiny_config, size, downsample):
+    config = tiny_config(size=size, downsample=downsample)
+    model = VQVAE(config).eval()
+    x = torch.rand(2, 3, size, size)
+    reconstruction, q, features = model.forward_with_features(x)
+    assert features.shape == (2, config.hidden_channels * FEATURE_GRID**2)
+    expected_reconstruction, expected_q = model(x)
+    assert torch.equal(reconstruction, expected_reconstruction) and torch.equal(q.indices, expected_q.indices)

@@ -62,7 +62,9 @@ def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> 
                     "codes": list(
                         rng.integers(0, config.codebook_size // 2, (rows_per_dataset, cells)).astype(np.int16)
                     ),
-                    "latent": list(rng.normal(size=(rows_per_dataset, config.embedding_dim)).astype(np.float32)),
+                    "features": list(
+                        rng.normal(size=(rows_per_dataset, 9 * config.hidden_channels)).astype(np.float32)
+                    ),
                     **{
                         score: rng.random(rows_per_dataset, dtype=np.float32)
                         for score in ("mse", "mae", "psnr", "ssim")
