@@ -42,6 +42,10 @@ SWEEP_SIZE = (12.0, 5.0)  # two panels: after the grace epochs, and at the end
 USAGE_SIZE = (9.0, 4.0)
 CLASS_PANEL = (5.5, 3.5)  # one dataset's panel, its legend to the right
 CLASS_COLUMNS = 3
+# A class panel frames its dataset's points within this many interquartile ranges of their quartiles, on each axis:
+# a few far points (lying among another dataset's) would otherwise shrink the rest to a corner. 5 keeps a real
+# run's smaller clusters (2.6% of blood) and leaves out the stray few (20 of 1,600 retina images)
+CLASS_PANEL_FENCE = 5
 TILE = 0.75  # inches per image in the reconstruction grid
 ROW_LABEL = 1.5  # inches left of the grid for the dataset names
 SHOWN = 8  # test images per dataset in the reconstruction grid
@@ -125,11 +129,24 @@ def draw_latent_by_class(latents: pd.DataFrame) -> Figure:
         for colour, ((_, name), members) in zip(_colours(classes.ngroups), classes):
             _scatter(ax, members, colour, short_label(name))
         ax.legend(markerscale=5, fontsize="small", loc="center left", bbox_to_anchor=(1, 0.5))
-        ax.set_title(dataset)
+        outside = _frame_bulk(ax, points[["umap_x", "umap_y"]].to_numpy())
+        ax.set_title(dataset + (f" ({outside:,} far point{'s' * (outside > 1)} not shown)" if outside else ""))
         _blank_axes(ax)
     for ax in axes[groups.ngroups :]:
         ax.set_axis_off()
     return figure
+
+
+def _frame_bulk(ax, xy: np.ndarray) -> int:
+    """Frame the panel on the bulk of its points (N, 2), with a margin; returns how many fall outside."""
+    first, third = np.percentile(xy, (25, 75), axis=0)
+    fence = CLASS_PANEL_FENCE * (third - first)
+    inside = ((xy >= first - fence) & (xy <= third + fence)).all(axis=1)
+    low, high = xy[inside].min(axis=0), xy[inside].max(axis=0)
+    margin = 0.05 * np.maximum(high - low, 1e-6)
+    ax.set_xlim(low[0] - margin[0], high[0] + margin[0])
+    ax.set_ylim(low[1] - margin[1], high[1] + margin[1])
+    return int((~inside).sum())
 
 
 def read_history(path: Path) -> pd.DataFrame:

@@ -190,6 +190,20 @@ def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
         assert all(part in text for part in expected), (path.name, text[:300])
 
 
+def test_a_class_panel_frames_its_datasets_bulk_and_counts_the_far_points_it_leaves_out():
+    rng = np.random.default_rng(0)
+    bulk = pd.DataFrame({"umap_x": rng.normal(size=400), "umap_y": rng.normal(size=400)})
+    far = pd.DataFrame({"umap_x": [60.0], "umap_y": [-40.0]})  # one image among another dataset's points
+    points = pd.concat([bulk, far]).assign(dataset="bloodmnist", label=0, label_name="basophil")
+    (ax, *_) = plots.draw_latent_by_class(points).axes
+    (left, right), (bottom, top) = ax.get_xlim(), ax.get_ylim()
+    assert left < bulk["umap_x"].quantile(0.01) and bulk["umap_x"].quantile(0.99) < right < 10
+    assert -10 < bottom < bulk["umap_y"].quantile(0.01) and bulk["umap_y"].quantile(0.99) < top
+    x, y = points["umap_x"], points["umap_y"]
+    outside = int(((x < left) | (x > right) | (y < bottom) | (y > top)).sum())
+    assert 1 <= outside < 10 and ax.get_title() == f"bloodmnist ({outside} far point{'s' * (outside > 1)} not shown)"
+
+
 @pytest.mark.parametrize("width", [3.2, 7.5, 12.0])
 def test_a_long_caption_is_wrapped_to_fit_its_figure(tmp_path, width):
     caption = " | ".join(
