@@ -18,7 +18,8 @@ from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
 from medvq.module import checkpoint_config
-from medvq.nodes import check_nodes_see
+from medvq.nodes import capacity, check_nodes_see
+from medvq.provenance import ray_hardware, write_provenance
 from medvq.report import encode_and_measure
 from medvq.storage import absolute, is_file, output_folder
 
@@ -34,8 +35,8 @@ def parser() -> JobParser:
     add_data_flags(parser, datasets=None)
     add_out_flag(
         parser,
-        "output folder (or s3:// URI): latents/, summary.json and summary.md land there (an older "
-        "latents/ is replaced)",
+        "output folder (or s3:// URI): latents/, summary.json, summary.md and provenance.json land there "
+        "(an older latents/ is replaced; an older provenance.json keeps its first start)",
     )
     parser.add_argument(
         "--actors", type=POSITIVE_INT, help="encoder actors (default: one per GPU, else one per two CPUs)"
@@ -64,11 +65,15 @@ def main() -> None:
     check_data(config)
     start_ray()
     check_nodes_see(config)
+    most = capacity()
     with output_folder(args.out) as out:
-        out.mkdir(parents=True, exist_ok=True)
+        write_provenance(out, ray_hardware(most.totals, most.autoscaling), args.out)
         records, _ = encode_and_measure(checkpoint, config, out, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
         write_summary(records, out, preface=f"Latents of {', '.join(config.datasets)} from {checkpoint}\n")
-    print(f"wrote latents/, summary.json and summary.md to {args.out}; read the latents with pandas.read_parquet")
+    print(
+        f"wrote latents/, summary.json, summary.md and provenance.json to {args.out}; "
+        "read the latents with pandas.read_parquet"
+    )
 
 
 if __name__ == "__main__":

@@ -153,7 +153,7 @@ def main() -> None:
     check_nodes_see(sweep.base, storage, storage_flag)
     check_writable(storage)
     with output_folder(args.out) as out:
-        write_provenance(out, ray_hardware(most.totals, most.autoscaling))
+        write_provenance(out, ray_hardware(most.totals, most.autoscaling), args.out)
         print(
             f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
             f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",

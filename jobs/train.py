@@ -68,7 +68,7 @@ def main() -> None:
         check_nodes_see(config, storage, storage_flag)
         check_writable(storage)
     with output_folder(args.out) as out:
-        write_provenance(out, hardware)
+        write_provenance(out, hardware, args.out)
         if args.ray_workers is None:
             final = train_local(config, out)
         else:

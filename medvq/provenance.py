@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from medvq.config import Config
+from medvq.storage import is_file, join, read_bytes
 
 PROVENANCE_FILE = "provenance.json"
 REPO = Path(__file__).resolve().parents[1]
@@ -63,18 +64,19 @@ def local_hardware(use_gpu: bool) -> str:
     return f"{torch.get_num_threads()} CPU threads of {cpu_model()}, {gpu}"
 
 
-def write_provenance(out: Path, hardware: str) -> None:
-    """Record this start of the job in `out`: the first start's record stays on top, and a resume of the same run
-    (perhaps on other code or hardware) is added to its `resumes`."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / PROVENANCE_FILE
+def write_provenance(folder: Path, hardware: str, out: str) -> None:
+    """Record this start of a job in `folder`, the local folder it writes `out` (a path or a URI) from. When `out`
+    has a record already (a resumed run, or latents encoded again into a run's folder), its first start stays on
+    top and this one is added to its `later_starts`."""
+    folder.mkdir(parents=True, exist_ok=True)
     now = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
-    if path.is_file():
-        record = json.loads(path.read_text())
-        record["resumes"] = [*record.get("resumes", []), now]
+    earlier = join(out, PROVENANCE_FILE)
+    if is_file(earlier):
+        record = json.loads(read_bytes(earlier))
+        record["later_starts"] = [*record.get("later_starts", []), now]
     else:
         record = now
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def caption(run: Path, config: Config | None, epochs: int | None) -> str:
@@ -87,7 +89,7 @@ def caption(run: Path, config: Config | None, epochs: int | None) -> str:
     if (run / PROVENANCE_FILE).is_file():
         record = json.loads((run / PROVENANCE_FILE).read_text())
         parts += [record["hardware"], f"medvq {record['commit']}, {record['date']}"]
-        later = [resume["commit"] for resume in record.get("resumes", []) if resume["commit"] != record["commit"]]
+        later = [start["commit"] for start in record.get("later_starts", []) if start["commit"] != record["commit"]]
         if later:
-            parts.append(f"resumed with medvq {', '.join(dict.fromkeys(later))}")
+            parts.append(f"then medvq {', '.join(dict.fromkeys(later))}")
     return " | ".join(parts)

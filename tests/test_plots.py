@@ -175,7 +175,9 @@ def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
 
 
 def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
-    write_provenance(sweep_run, ray_hardware({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H200": 2.0}, False))
+    (sweep_run / PROVENANCE_FILE).unlink(missing_ok=True)
+    hardware = ray_hardware({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H200": 2.0}, False)
+    write_provenance(sweep_run, hardware, str(sweep_run))
     said = json.loads((sweep_run / PROVENANCE_FILE).read_text())
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     assert said["commit"].startswith(head.strip()) and said["commit"] != "unknown"
@@ -226,16 +228,20 @@ def test_a_long_caption_is_wrapped_to_fit_its_figure(tmp_path, width):
         assert image.text["Description"] == caption  # the metadata keeps it whole, on one line
 
 
-def test_a_resumed_run_keeps_its_first_start_and_names_the_code_it_resumed_with(tmp_path, monkeypatch):
-    for commit, hardware in (("aaa1111", "first machine"), ("aaa1111", "second machine"), ("bbb2222", "third")):
+def test_a_later_job_in_a_runs_folder_keeps_its_first_start_and_names_the_code_it_ran(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    starts = (("aaa1111", "first machine"), ("aaa1111", "second machine"), ("bbb2222", "third"))
+    for number, (commit, hardware) in enumerate(starts):
         monkeypatch.setattr(provenance, "code_commit", lambda commit=commit: commit)
-        write_provenance(tmp_path, hardware)
-    record = json.loads((tmp_path / PROVENANCE_FILE).read_text())
+        # The last as a job whose --out is a URI writes: into a fresh local folder, uploaded over the run's after
+        folder = tmp_path / "staging" if number == len(starts) - 1 else run
+        write_provenance(folder, hardware, str(run))
+    record = json.loads((folder / PROVENANCE_FILE).read_text())
     assert (record["commit"], record["hardware"]) == ("aaa1111", "first machine")
-    assert [resume["hardware"] for resume in record["resumes"]] == ["second machine", "third"]
-    said = provenance.caption(tmp_path, None, 7)
+    assert [start["hardware"] for start in record["later_starts"]] == ["second machine", "third"]
+    said = provenance.caption(folder, None, 7)
     assert said.startswith("model: 7 epochs | first machine | medvq aaa1111, ")
-    assert said.endswith(" | resumed with medvq bbb2222")
+    assert said.endswith(" | then medvq bbb2222")
 
 
 def test_code_outside_a_checkout_says_the_commit_its_image_was_built_from(tmp_path, monkeypatch):
