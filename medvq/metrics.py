@@ -24,24 +24,27 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # (k * data range)^2 for images in [0, 1]
 
 def structural_similarity(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM, (B, C, H, W) x 2 in [0, 1] -> (B,): torchmetrics' value (reflect-padded Gaussian window,
-    averaged over every pixel and channel), with the window applied as two 1-D passes, cheap enough to train on
-    (Config.ssim_weight) and differentiable."""
+    averaged over every pixel and channel), cheap enough to train on (Config.ssim_weight) and differentiable."""
     # float32 even under bf16 autocast: the variances are differences of near-equal means
     with torch.autocast(device_type=recon.device.type, enabled=False):
         return _similarity_map(recon.float(), target.float()).mean(dim=(1, 2, 3))
 
 
-def _similarity_map(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def gaussian_blur_matrix(side: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(side, side) R such that rows @ R is the SSIM window along the rows, reflect padding included: the blur as a
+    matrix product, several times faster on a CPU than a depthwise convolution of the padded images."""
     pad = SSIM_WINDOW // 2
-    offsets = torch.arange(SSIM_WINDOW, dtype=recon.dtype, device=recon.device) - pad
+    offsets = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - pad
     window = torch.exp(-(offsets**2) / (2 * SSIM_SIGMA**2))
-    window = window / window.sum()
-    a, b = (F.pad(image, (pad,) * 4, mode="reflect") for image in (recon, target))
-    stacked = torch.cat([a, b, a * a, b * b, a * b], dim=1)
-    channels = stacked.shape[1]
-    blurred = F.conv2d(stacked, window.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    blurred = F.conv2d(blurred, window.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    mu_a, mu_b, aa, bb, ab = blurred.chunk(5, dim=1)
+    basis = F.pad(torch.eye(side, dtype=dtype, device=device).unsqueeze(1), (pad, pad), mode="reflect")
+    return F.conv1d(basis, (window / window.sum()).view(1, 1, -1)).squeeze(1)  # row j: the blur of pixel j
+
+
+def _similarity_map(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    along_width = gaussian_blur_matrix(recon.shape[-1], recon.dtype, recon.device)
+    along_height = gaussian_blur_matrix(recon.shape[-2], recon.dtype, recon.device)
+    stacked = torch.cat([recon, target, recon * recon, target * target, recon * target], dim=1)
+    mu_a, mu_b, aa, bb, ab = (along_height.t() @ stacked @ along_width).chunk(5, dim=1)
     var_a, var_b = (aa - mu_a**2).clamp_min(0), (bb - mu_b**2).clamp_min(0)
     covariance = ab - mu_a * mu_b
     return ((2 * mu_a * mu_b + SSIM_C1) * (2 * covariance + SSIM_C2)) / (
