@@ -138,6 +138,12 @@ class Config:
     accelerator: str = setting(
         "auto", "'auto': the GPU when there is one, else the CPU", choices=("auto", "cpu", "gpu")
     )
+    precision: str = setting(
+        "auto",
+        "arithmetic of the encoder and decoder: 'bf16' mixed precision (the quantizer and SSIM stay float32) or '32'; "
+        "'auto' is bf16 on a GPU and on a CPU with bf16 matrix units (Intel AMX), 32 elsewhere",
+        choices=("auto", "32", "bf16"),
+    )
     compile_model: bool = setting(
         False,
         "torch.compile the encoder and decoder (compiling takes a while first: see benchmarks/RESULTS.md)",

@@ -1,4 +1,5 @@
-"""CPU or GPU: decided here, by one rule, for a local run, a Ray Train run and a sweep's trials."""
+"""CPU or GPU, and in what precision: decided here, by one rule each, for a local run, a Ray Train run and a sweep's
+trials."""
 
 from __future__ import annotations
 
@@ -18,3 +19,10 @@ def uses_gpu(accelerator: str, gpus: float, if_none: str) -> bool:
 def resolve_accelerator(accelerator: str) -> str:
     """This process's device, as Lightning names it: "gpu" or "cpu"."""
     return "gpu" if uses_gpu(accelerator, torch.cuda.device_count(), "no CUDA GPU is visible here") else "cpu"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """The Lightning precision of a run asking for `precision` ("auto", "32", "bf16") on `accelerator` ("gpu" or
+    "cpu"): "auto" takes bf16 where matrix units make it pay, a GPU or a CPU with AMX (benchmarks/RESULTS.md)."""
+    bf16 = precision == "bf16" or (precision == "auto" and (accelerator == "gpu" or torch.cpu._is_amx_tile_supported()))
+    return "bf16-mixed" if bf16 else "32-true"

@@ -19,7 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from medvq.config import Config, results_shaping
 from medvq.data import MedMNISTDataModule
-from medvq.devices import resolve_accelerator
+from medvq.devices import resolve_accelerator, resolve_precision
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule, read_checkpoint
 from medvq.provenance import PROVENANCE_FILE
@@ -138,7 +138,7 @@ def build_trainer(
         strategy=strategy,
         plugins=list(plugins),
         callbacks=list(callbacks),
-        precision="bf16-mixed" if accelerator == "gpu" else "32-true",
+        precision=resolve_precision(config.precision, accelerator),
         max_epochs=config.epochs,
         limit_train_batches=config.limit_batches or 1.0,
         limit_val_batches=config.limit_batches or 1.0,

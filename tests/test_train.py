@@ -15,12 +15,13 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 import medvq.metrics
 import medvq.module
-from medvq.data import to_float_images
+from medvq.data import MedMNISTDataModule, to_float_images
+from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
 from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE
-from medvq.train import CHECKPOINT_NAME, METRICS_NAME, train_local
+from medvq.train import CHECKPOINT_NAME, METRICS_NAME, build_trainer, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -91,6 +92,32 @@ def test_ssim_stays_in_float32_under_bf16_autocast():
         under_autocast = structural_similarity(recon, target)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, structural_similarity(recon, target))
+
+
+@pytest.mark.parametrize(
+    ("precision", "accelerator", "amx", "expected"),
+    [
+        ("auto", "gpu", False, "bf16-mixed"),
+        ("auto", "cpu", True, "bf16-mixed"),
+        ("auto", "cpu", False, "32-true"),
+        ("32", "gpu", True, "32-true"),
+        ("bf16", "cpu", False, "bf16-mixed"),
+    ],
+)
+def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_amx(monkeypatch, precision, accelerator, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolve_precision(precision, accelerator) == expected
+
+
+def test_bf16_training_on_a_cpu_keeps_the_codebook_in_float32(tiny_config):
+    config = tiny_config(precision="bf16", accelerator="cpu", epochs=1)
+    trainer = build_trainer(config, progress_bar=False)
+    module = VQVAEModule(config)
+    trainer.fit(module, datamodule=MedMNISTDataModule(config))
+    assert trainer.precision == "bf16-mixed"
+    codebook = module.model.quantizer.codebook
+    assert codebook.embedding.dtype == codebook.embed_sum.dtype == torch.float32
+    assert torch.isfinite(codebook.embedding).all() and torch.isfinite(trainer.callback_metrics["val_nmse"])
 
 
 def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
