@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -98,7 +99,8 @@ class LocalCheckpoints(EpochRecorder):
         self.out = out
 
     def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
-        replace_atomically(self.out / CHECKPOINT_NAME, trainer.save_checkpoint)
+        # weights_only=False (the optimizer and loops too, to continue from) said outright: Lightning logs it otherwise
+        replace_atomically(self.out / CHECKPOINT_NAME, partial(trainer.save_checkpoint, weights_only=False))
         write_history(self.rows, self.out / METRICS_NAME)
 
     def stop(self, trainer: L.Trainer, row: dict[str, float]) -> None:
@@ -112,7 +114,7 @@ class RayTrainReport(EpochRecorder):
 
     def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="medvq-checkpoint-", ignore_cleanup_errors=True) as folder:
-            trainer.save_checkpoint(Path(folder) / TRAIN_CHECKPOINT)  # collective; rank zero writes
+            trainer.save_checkpoint(Path(folder) / TRAIN_CHECKPOINT, weights_only=False)  # collective; rank zero writes
             checkpoint = None
             if trainer.is_global_zero:
                 write_history(self.rows, Path(folder) / METRICS_NAME)

@@ -241,6 +241,7 @@ def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_f
     resumed = run_train_job(*flags)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"continuing the run in {out}" in resumed.stdout
+    assert "weights_only" not in resumed.stdout + resumed.stderr  # no log line per saved checkpoint
     assert pd.read_csv(out / METRICS_NAME)["epoch"].tolist() == list(range(6))  # each epoch once
     assert "CPU threads of" in json.loads((out / PROVENANCE_FILE).read_text())["hardware"]
     for extra, message in [
