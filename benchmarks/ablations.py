@@ -31,7 +31,7 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128 and the SSIM term since the third round)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128 and the SSIM term since the third round; bf16 on AMX)
     "defaults": [],
     "batch-256": ["--batch-size", "256"],
     "no-ssim": ["--ssim-weight", "0"],
@@ -46,6 +46,7 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128 and the SSIM 
     "4-residual-blocks": ["--residual-blocks", "4"],
     "lr-2e-3": ["--learning-rate", "2e-3"],
     "ema-decay-0.95": ["--ema-decay", "0.95"],
+    "precision-32": ["--precision", "32"],
 }
 SCORES = ("psnr", "ssim")
 # Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update
