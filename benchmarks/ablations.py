@@ -37,6 +37,7 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128 and the SSIM 
     "no-ssim": ["--ssim-weight", "0"],
     "ssim-0.3": ["--ssim-weight", "0.3"],
     "cosine": ["--lr-schedule", "cosine"],
+    "cooldown": ["--lr-schedule", "cooldown"],
     "kmeans-init": ["--kmeans-init"],
     "l2-codes-d8": ["--l2-codes", "--embedding-dim", "8"],
     "l2-codes-d32": ["--l2-codes", "--embedding-dim", "32"],

@@ -127,8 +127,9 @@ class Config:
     learning_rate: float = setting(1e-3, "Adam's (the codebook itself is not trained by gradient)", bound="> 0")
     lr_schedule: str = setting(
         "constant",
-        "'cosine': a linear warm-up over the first 5%% of steps, then a cosine decay to zero at the last",
-        choices=("constant", "cosine"),
+        "'cosine': a linear warm-up over the first 5%% of steps, then a cosine decay to zero at the last; "
+        "'cooldown': constant, then a linear decay to zero over the last 20%% of steps",
+        choices=("constant", "cosine", "cooldown"),
     )
     epochs: int = setting(10, "passes over the training images", bound="> 0")
     limit_batches: int | None = setting(

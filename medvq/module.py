@@ -24,6 +24,7 @@ from medvq.storage import read_bytes
 
 PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
+COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hagele et al. (2024)
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 
 
@@ -145,7 +146,8 @@ class VQVAEModule(L.LightningModule):
         )
         if self.config.lr_schedule == "constant":
             return optimizer
-        factor = partial(warmup_cosine, steps=self.trainer.estimated_stepping_batches)
+        schedule = {"cosine": warmup_cosine, "cooldown": constant_then_cooldown}[self.config.lr_schedule]
+        factor = partial(schedule, steps=self.trainer.estimated_stepping_batches)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"},
@@ -158,3 +160,9 @@ def warmup_cosine(step: int, steps: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
+def constant_then_cooldown(step: int, steps: int) -> float:
+    """The learning rate's factor at `step` of `steps`: 1, then a linear decay to 0 over the last COOLDOWN_SHARE."""
+    cooldown = max(1, round(COOLDOWN_SHARE * steps))
+    return min(1.0, (steps - step) / cooldown)

@@ -23,7 +23,7 @@ from medvq.model import (
     rotated_onto,
     squared_distances,
 )
-from medvq.module import warmup_cosine
+from medvq.module import constant_then_cooldown, warmup_cosine
 
 
 def grid(rows: torch.Tensor) -> torch.Tensor:
@@ -205,6 +205,14 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero():
     assert factors[0] == pytest.approx(1 / 50) and factors[49] == pytest.approx(1.0)  # 5% warm-up
     assert all(a >= b for a, b in zip(factors[49:], factors[50:]))
     assert factors[-1] < 1e-4 and warmup_cosine(525, steps) == pytest.approx(0.5, abs=1e-2)
+
+
+def test_the_cooldown_schedule_holds_then_decays_linearly_over_the_last_fifth():
+    steps = 1000
+    factors = [constant_then_cooldown(step, steps) for step in range(steps)]
+    assert set(factors[:801]) == {1.0}
+    assert factors[900] == pytest.approx(0.5) and factors[-1] == pytest.approx(1 / 200)  # the last step still learns
+    assert all(a > b for a, b in zip(factors[800:], factors[801:]))
 
 
 # --- DDP: two gloo processes ----------------------------------------------------------------------
