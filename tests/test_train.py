@@ -152,7 +152,7 @@ def test_a_step_with_the_ssim_term_logs_the_losss_ssim_of_every_row(tiny_config,
 
 
 def test_codebook_is_not_trained_by_gradient(tiny_config):
-    module = VQVAEModule(tiny_config())
+    module = VQVAEModule(tiny_config(lr_schedule="constant"))  # the optimiser alone: a schedule needs a trainer
     optimiser = module.configure_optimizers()
     trained = {id(p) for group in optimiser.param_groups for p in group["params"]}
     assert id(module.model.quantizer.codebook.embedding) not in trained
