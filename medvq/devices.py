@@ -24,5 +24,11 @@ def resolve_accelerator(accelerator: str) -> str:
 def resolve_precision(precision: str, accelerator: str) -> str:
     """The Lightning precision of a run asking for `precision` ("auto", "32", "bf16") on `accelerator` ("gpu" or
     "cpu"): "auto" takes bf16 where matrix units make it pay, a GPU or a CPU with AMX (benchmarks/RESULTS.md)."""
-    bf16 = precision == "bf16" or (precision == "auto" and (accelerator == "gpu" or torch.cpu._is_amx_tile_supported()))
+    bf16 = precision == "bf16" or (precision == "auto" and (accelerator == "gpu" or has_amx()))
     return "bf16-mixed" if bf16 else "32-true"
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later). torch's check is private: a torch without it
+    counts as no AMX, and so trains in float32."""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()

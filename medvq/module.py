@@ -24,7 +24,7 @@ from medvq.storage import read_bytes
 
 PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
-COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hagele et al. (2024)
+COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hägele et al. (2024)
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 
 
@@ -165,4 +165,4 @@ def warmup_cosine(step: int, steps: int) -> float:
 def constant_then_cooldown(step: int, steps: int) -> float:
     """The learning rate's factor at `step` of `steps`: 1, then a linear decay to 0 over the last COOLDOWN_SHARE."""
     cooldown = max(1, round(COOLDOWN_SHARE * steps))
-    return min(1.0, (steps - step) / cooldown)
+    return max(0.0, min(1.0, (steps - step) / cooldown))  # 0 past the end: a step beyond the estimate learns nothing

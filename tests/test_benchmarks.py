@@ -142,7 +142,7 @@ def test_ablation_rows_of_the_same_model_share_one_epoch_time(monkeypatch):
 
     probed = {name: 10.0 for name in ROWS} | {"defaults": 8.0, "cosine": 9.0, "rotation": 30.0, "width-128": 20.0}
     probed |= {"ssim-0.3": 40.0, "no-ssim": 7.0}
-    # defaults, cosine, rotation, k-means, lr, EMA and SSIM-0.3 rows train one model: the median of their seven probes
+    # defaults, cosine, constant-lr, rotation, k-means, lr, EMA and SSIM-0.3 train one model: the median of their probes
     assert shared_epoch_seconds("rotation", probed) == shared_epoch_seconds("ssim-0.3", probed) == 10.0
     assert shared_epoch_seconds("defaults", probed) == 10.0
     assert shared_epoch_seconds("width-128", probed) == 20.0  # a wider model is its own

@@ -109,15 +109,25 @@ def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_amx(monkeypatch, precisio
     assert resolve_precision(precision, accelerator) == expected
 
 
-def test_bf16_training_on_a_cpu_keeps_the_codebook_in_float32(tiny_config):
-    config = tiny_config(precision="bf16", accelerator="cpu", epochs=1)
-    trainer = build_trainer(config, progress_bar=False)
-    module = VQVAEModule(config)
+@pytest.mark.parametrize(("precision", "decoded"), [("bf16", torch.bfloat16), ("32", torch.float32)])
+def test_a_cpu_fit_decodes_in_the_precision_asked_for_and_stays_finite(tiny_config, precision, decoded):
+    config = tiny_config(precision=precision, accelerator="cpu", epochs=1)
+    trainer, module = build_trainer(config, progress_bar=False), VQVAEModule(config)
+    seen = set()
+    module.model.decoder.net[0].register_forward_hook(lambda layer, inputs, output: seen.add(output.dtype))
     trainer.fit(module, datamodule=MedMNISTDataModule(config))
-    assert trainer.precision == "bf16-mixed"
-    codebook = module.model.quantizer.codebook
-    assert codebook.embedding.dtype == codebook.embed_sum.dtype == torch.float32
-    assert torch.isfinite(codebook.embedding).all() and torch.isfinite(trainer.callback_metrics["val_nmse"])
+    assert seen == {decoded}
+    assert torch.isfinite(module.model.quantizer.codebook.embedding).all()
+    assert torch.isfinite(trainer.callback_metrics["val_nmse"])
+
+
+def test_the_default_schedule_cools_the_rate_to_zero_by_the_last_step(tiny_config):
+    config = tiny_config(epochs=3)
+    trainer = build_trainer(config, progress_bar=False)
+    trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == trainer.global_step == trainer.estimated_stepping_batches
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
 
 
 def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
