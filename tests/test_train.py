@@ -72,9 +72,9 @@ def test_stage_metrics_score_only_the_first_rows_when_asked(tiny_config):
     assert values[None]["loss"] == 0.5 and values[None]["codes_used"] == 1 / config.codebook_size
 
 
-@pytest.mark.parametrize("side", [28, 64])
-def test_ssim_is_torchmetrics_value_and_passes_a_gradient(side):
-    target = torch.rand(5, 3, side, side)
+@pytest.mark.parametrize("shape", [(28, 28), (64, 64), (28, 40)])  # non-square: the two blur matrices differ
+def test_ssim_is_torchmetrics_value_and_passes_a_gradient(shape):
+    target = torch.rand(5, 3, *shape)
     recon = (target + 0.2 * torch.randn_like(target)).clamp(0, 1).requires_grad_()
     ours = structural_similarity(recon, target)
     theirs = structural_similarity_index_measure(recon.detach(), target, data_range=1.0, reduction="none")
