@@ -26,6 +26,7 @@ PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
 COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hägele et al. (2024)
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
+TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
 
 
 @contextmanager
@@ -71,6 +72,15 @@ class VQVAEModule(L.LightningModule):
             self.model.decoder.compile()
         self.train_metrics = StageMetrics(self.config, scored_images=TRAIN_SCORED_IMAGES)
         self.val_metrics = StageMetrics(self.config)
+        self.trained_precision: str | None = None  # set from a checkpoint; None for one saved before it was kept
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The config may say "auto", which each node resolves by its own hardware (medvq/devices.py): the
+        # checkpoint keeps what the rank that saved it trained in.
+        checkpoint[TRAINED_PRECISION] = self.trainer.precision
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.trained_precision = checkpoint.get(TRAINED_PRECISION)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path | IO[bytes], **kwargs) -> VQVAEModule:

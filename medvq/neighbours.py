@@ -57,14 +57,13 @@ def neighbours_of(
         table = neighbour_table(pd.read_parquet(run / LATENTS_DIR), dataset, split, index, k)
         checkpoint = find_checkpoint(run)
         # The model's own data root and image size, unless the run has no checkpoint to say them.
-        config = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").config if checkpoint else Config()
+        module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu") if checkpoint else None
+        config = module.config if module else Config()
         splits = {
             key: rgb(load_split(*key, data_root or config.data_root, config.size)[0])
             for key in set(zip(table["dataset"], table["split"]))
         }
         images = np.stack([splits[key][i] for key, i in zip(zip(table["dataset"], table["split"]), table["index"])])
         (run / "plots").mkdir(exist_ok=True)
-        draw_neighbours(
-            table, images, run / "plots" / name, run_caption(run, config if checkpoint else None, shipped_history(run))
-        )
+        draw_neighbours(table, images, run / "plots" / name, run_caption(run, module, shipped_history(run)))
     return table, join(str(run_dir), "plots", name)

@@ -23,7 +23,6 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from medvq import provenance
-from medvq.config import Config
 from medvq.data import each_split_read_once, load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
@@ -317,10 +316,13 @@ def shipped_history(run: Path) -> pd.DataFrame | None:
     return read_history(histories[0]) if histories else None
 
 
-def run_caption(run: Path, config: Config | None, history: pd.DataFrame | None) -> str:
-    """The caption of a run's figures: its data, the shipped model's epochs (from shipped_history), and its
-    provenance."""
-    return provenance.caption(run, config, len(history) if history is not None else None)
+def run_caption(run: Path, module: VQVAEModule | None, history: pd.DataFrame | None) -> str:
+    """The caption of a run's figures: its data, the shipped model's epochs (from shipped_history) and precision,
+    and its provenance."""
+    epochs = len(history) if history is not None else None
+    if module is None:
+        return provenance.caption(run, None, epochs)
+    return provenance.caption(run, module.config, epochs, module.trained_precision)
 
 
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
@@ -336,7 +338,7 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
             "point --run at the --out folder of a sweep or a training run"
         )
     module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
-    caption = run_caption(run, module.config if module else None, history)
+    caption = run_caption(run, module, history)
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
         ("latent_space.png", latents is not None, _saved(lambda: draw_latent_space(latents))),

@@ -17,6 +17,7 @@ from medvq.config import Config
 from medvq.storage import is_file, join, read_bytes
 
 PROVENANCE_FILE = "provenance.json"
+PRECISION_WORDS = {"32-true": "float32", "bf16-mixed": "bf16 mixed precision"}  # Lightning's names, for a caption
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -79,13 +80,15 @@ def write_provenance(folder: Path, hardware: str, out: str) -> None:
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
-def caption(run: Path, config: Config | None, epochs: int | None) -> str:
-    """One line for a run's figures: data, epochs, and what provenance.json says (nothing for an older run)."""
+def caption(run: Path, config: Config | None, epochs: int | None, precision: str | None = None) -> str:
+    """One line for a run's figures: data, epochs and the precision trained in (Lightning's name, where the
+    checkpoint keeps it), and what provenance.json says (nothing for an older run)."""
     parts = []
     if config is not None:
         parts.append(f"data: {', '.join(config.datasets)} at {config.size} px")
     if epochs is not None:
-        parts.append(f"model: {epochs} epochs")
+        trained_in = f" in {PRECISION_WORDS.get(precision, precision)}" if precision else ""
+        parts.append(f"model: {epochs} epochs{trained_in}")
     if (run / PROVENANCE_FILE).is_file():
         record = json.loads((run / PROVENANCE_FILE).read_text())
         parts += [record["hardware"], f"medvq {record['commit']}, {record['date']}"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from medvq.config import SweepConfig
+from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
-from medvq.module import VQVAEModule, read_checkpoint
+from medvq.module import TRAINED_PRECISION, VQVAEModule, read_checkpoint
 from medvq.train import TRAIN_CHECKPOINT, run_on_ray, train_on_ray
 from medvq.tune import run_sweep, write_sweep_outputs
 
@@ -22,7 +23,9 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
     # The ranks' three codebook buffers, compared by the run itself every epoch (max - min over ranks): equal.
     assert result.metrics["val_codebook_rank_spread"] == 0
     with result.checkpoint.as_directory() as folder:
-        codebook = read_checkpoint(f"{folder}/{TRAIN_CHECKPOINT}")["state_dict"]
+        saved = read_checkpoint(f"{folder}/{TRAIN_CHECKPOINT}")
+    codebook = saved["state_dict"]
+    assert saved[TRAINED_PRECISION] == resolve_precision("auto", "cpu")  # as the worker resolved the config's "auto"
     # The EMA really moved: the codebook is not still its random initialisation.
     assert not torch.allclose(codebook["model.quantizer.codebook.cluster_size"], torch.ones(config.codebook_size))
 

@@ -239,8 +239,8 @@ def test_a_later_job_in_a_runs_folder_keeps_its_first_start_and_names_the_code_i
     record = json.loads((folder / PROVENANCE_FILE).read_text())
     assert (record["commit"], record["hardware"]) == ("aaa1111", "first machine")
     assert [start["hardware"] for start in record["later_starts"]] == ["second machine", "third"]
-    said = provenance.caption(folder, None, 7)
-    assert said.startswith("model: 7 epochs | first machine | medvq aaa1111, ")
+    said = provenance.caption(folder, None, 7, "bf16-mixed")
+    assert said.startswith("model: 7 epochs in bf16 mixed precision | first machine | medvq aaa1111, ")
     assert said.endswith(" | then medvq bbb2222")
 
 

@@ -109,8 +109,12 @@ def test_auto_precision_is_bf16_on_a_gpu_or_a_cpu_with_amx(monkeypatch, precisio
     assert resolve_precision(precision, accelerator) == expected
 
 
-@pytest.mark.parametrize(("precision", "decoded"), [("bf16", torch.bfloat16), ("32", torch.float32)])
-def test_a_cpu_fit_decodes_in_the_precision_asked_for_and_stays_finite(tiny_config, precision, decoded):
+@pytest.mark.parametrize(
+    ("precision", "decoded", "kept"), [("bf16", torch.bfloat16, "bf16-mixed"), ("32", torch.float32, "32-true")]
+)
+def test_a_cpu_fit_decodes_in_the_precision_asked_for_and_its_checkpoint_says_it(
+    tiny_config, tmp_path, precision, decoded, kept
+):
     config = tiny_config(precision=precision, accelerator="cpu", epochs=1)
     trainer, module = build_trainer(config, progress_bar=False), VQVAEModule(config)
     seen = set()
@@ -119,6 +123,8 @@ def test_a_cpu_fit_decodes_in_the_precision_asked_for_and_stays_finite(tiny_conf
     assert seen == {decoded}
     assert torch.isfinite(module.model.quantizer.codebook.embedding).all()
     assert torch.isfinite(trainer.callback_metrics["val_nmse"])
+    trainer.save_checkpoint(tmp_path / "model.ckpt", weights_only=False)
+    assert VQVAEModule.load_from_checkpoint(tmp_path / "model.ckpt").trained_precision == kept
 
 
 def test_the_default_schedule_cools_the_rate_to_zero_by_the_last_step(tiny_config):
