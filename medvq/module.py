@@ -20,6 +20,7 @@ from medvq.data import to_float_images
 from medvq.errors import UserError
 from medvq.metrics import StageMetrics, structural_similarity
 from medvq.model import VQVAE
+from medvq.provenance import STRETCHES_JOINED_BY
 from medvq.storage import read_bytes
 
 PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
@@ -75,9 +76,12 @@ class VQVAEModule(L.LightningModule):
         self.trained_precision: str | None = None  # set from a checkpoint; None for one saved before it was kept
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The config may say "auto", which each node resolves by its own hardware (medvq/devices.py): the
-        # checkpoint keeps what the rank that saved it trained in.
-        checkpoint[TRAINED_PRECISION] = self.trainer.precision
+        # The config may say "auto", which each node resolves by its own hardware (medvq/devices.py): the checkpoint
+        # keeps what rank zero trained in, and each stretch of a run resumed elsewhere ("bf16-mixed, then 32-true").
+        stretches = self.trained_precision.split(STRETCHES_JOINED_BY) if self.trained_precision else []
+        if stretches[-1:] != [self.trainer.precision]:
+            stretches.append(self.trainer.precision)
+        checkpoint[TRAINED_PRECISION] = STRETCHES_JOINED_BY.join(stretches)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.trained_precision = checkpoint.get(TRAINED_PRECISION)

@@ -58,7 +58,7 @@ def neighbours_of(
         checkpoint = find_checkpoint(run)
         # The model's own data root and image size, unless the run has no checkpoint to say them.
         module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu") if checkpoint else None
-        config = module.config if module else Config()
+        config = module.config if module is not None else Config()
         splits = {
             key: rgb(load_split(*key, data_root or config.data_root, config.size)[0])
             for key in set(zip(table["dataset"], table["split"]))

@@ -17,6 +17,7 @@ from medvq.config import Config
 from medvq.storage import is_file, join, read_bytes
 
 PROVENANCE_FILE = "provenance.json"
+STRETCHES_JOINED_BY = ", then "  # a run's precisions, where a resume on other hardware changed it
 PRECISION_WORDS = {"32-true": "float32", "bf16-mixed": "bf16 mixed precision"}  # Lightning's names, for a caption
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +81,12 @@ def write_provenance(folder: Path, hardware: str, out: str) -> None:
     (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def precision_words(precision: str) -> str:
+    """A checkpoint's trained_precision in words: "bf16-mixed, then 32-true" -> "bf16 mixed precision, then float32"."""
+    stretches = precision.split(STRETCHES_JOINED_BY)
+    return STRETCHES_JOINED_BY.join(PRECISION_WORDS.get(stretch, stretch) for stretch in stretches)
+
+
 def caption(run: Path, config: Config | None, epochs: int | None, precision: str | None = None) -> str:
     """One line for a run's figures: data, epochs and the precision trained in (Lightning's name, where the
     checkpoint keeps it), and what provenance.json says (nothing for an older run)."""
@@ -87,8 +94,7 @@ def caption(run: Path, config: Config | None, epochs: int | None, precision: str
     if config is not None:
         parts.append(f"data: {', '.join(config.datasets)} at {config.size} px")
     if epochs is not None:
-        trained_in = f" in {PRECISION_WORDS.get(precision, precision)}" if precision else ""
-        parts.append(f"model: {epochs} epochs{trained_in}")
+        parts.append(f"model: {epochs} epochs" + (f" in {precision_words(precision)}" if precision else ""))
     if (run / PROVENANCE_FILE).is_file():
         record = json.loads((run / PROVENANCE_FILE).read_text())
         parts += [record["hardware"], f"medvq {record['commit']}, {record['date']}"]

@@ -24,7 +24,7 @@ from medvq.config import Config
 from medvq.data import LABEL_CHARS, short_label
 from medvq.encode import RECONSTRUCTION, THUMB, thumbnails
 from medvq.errors import UserError
-from medvq.module import VQVAEModule
+from medvq.module import TRAINED_PRECISION, VQVAEModule
 from medvq.provenance import PROVENANCE_FILE, ray_hardware, write_provenance
 from medvq.report import RECONSTRUCTIONS_FILE, ROW_KEY
 from tests.conftest import REPO, SYNTHETIC_DATASETS
@@ -97,6 +97,7 @@ def save_checkpoint(config: Config, path: Path) -> None:
             "state_dict": module.state_dict(),
             "hyper_parameters": dict(module.hparams),
             "pytorch-lightning_version": lightning.__version__,
+            TRAINED_PRECISION: "bf16-mixed",
         },
         path,
     )
@@ -182,7 +183,12 @@ def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     assert said["commit"].startswith(head.strip()) and said["commit"] != "unknown"
     datasets = ", ".join(json.loads((sweep_run / "best.json").read_text())["config"]["datasets"])
-    expected = [f"data: {datasets} at 28 px", "model: 3 epochs", "16 CPUs, 8 GPUs (H200)", said["commit"]]
+    expected = [
+        f"data: {datasets} at 28 px",
+        "model: 3 epochs in bf16 mixed precision",
+        "16 CPUs, 8 GPUs (H200)",
+        said["commit"],
+    ]
     for path in map(Path, plots.draw_run(sweep_run)):
         if path.suffix == ".png":
             with Image.open(path) as image:

@@ -127,6 +127,17 @@ def test_a_cpu_fit_decodes_in_the_precision_asked_for_and_its_checkpoint_says_it
     assert VQVAEModule.load_from_checkpoint(tmp_path / "model.ckpt").trained_precision == kept
 
 
+def test_a_run_resumed_in_another_precision_keeps_each_stretch(tiny_config, tmp_path):
+    saved, said = tmp_path / "model.ckpt", []
+    for precision, epochs in (("32", 1), ("bf16", 2), ("bf16", 3)):  # as "auto" on a CPU, then on one with AMX
+        config = tiny_config(precision=precision, accelerator="cpu", epochs=epochs)
+        trainer = build_trainer(config, progress_bar=False)
+        trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config), ckpt_path=saved if said else None)
+        trainer.save_checkpoint(saved, weights_only=False)
+        said.append(VQVAEModule.load_from_checkpoint(saved).trained_precision)
+    assert said == ["32-true", "32-true, then bf16-mixed", "32-true, then bf16-mixed"]
+
+
 def test_the_default_schedule_cools_the_rate_to_zero_by_the_last_step(tiny_config):
     config = tiny_config(epochs=3)
     trainer = build_trainer(config, progress_bar=False)
