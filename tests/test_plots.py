@@ -247,6 +247,8 @@ def test_a_later_job_in_a_runs_folder_keeps_its_first_start_and_names_the_code_i
     assert [start["hardware"] for start in record["later_starts"]] == ["second machine", "third"]
     said = provenance.caption(folder, None, 7, "bf16-mixed")
     assert said.startswith("model: 7 epochs in bf16 mixed precision | first machine | medvq aaa1111, ")
+    older = provenance.caption(folder, None, 7)  # a checkpoint from before trained_precision was kept
+    assert older.startswith("model: 7 epochs | first machine | medvq aaa1111, ")
     assert said.endswith(" | then medvq bbb2222")
 
 
