@@ -113,6 +113,14 @@ class Config:
         "its code (Fifty et al., 2024)",
         choices=("straight-through", "rotation"),
     )
+    error_loss: str = setting(
+        "mse",
+        "the squared error trained on: 'mse' over every pixel of the batch; 'log-mse' the log of each image's mean "
+        "squared error, i.e. the mean per-image PSNR that the scores report, so an image already reconstructed well "
+        "still counts (its value is logged as the batch's mse)",
+        choices=("mse", "log-mse"),
+        before_it_existed="mse",
+    )
     # 0.1: more SSIM for little PSNR in the ablations' third round (results/ablations/ablations.md)
     ssim_weight: float = setting(
         0.1,

@@ -13,7 +13,6 @@ from typing import IO
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from medvq.config import Config
 from medvq.data import to_float_images
@@ -27,6 +26,7 @@ PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
 COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hägele et al. (2024)
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
+MIN_IMAGE_MSE = 1e-6  # 60 dB: an image reconstructed better than this weighs no more in the 'log-mse' loss
 TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
 
 
@@ -104,7 +104,7 @@ class VQVAEModule(L.LightningModule):
         """Reconstruct the batch, update the stage's metrics; returns the loss."""
         x = to_float_images(batch["image"])
         recon, quantized = self.model(x)
-        recon_loss = F.mse_loss(recon.float(), x)
+        recon_loss = squared_error_loss(recon.float(), x, self.config.error_loss)
         ssim = None  # per image, computed once for the loss and the logged score
         if self.config.ssim_weight:
             ssim = structural_similarity(recon.float(), x)
@@ -166,6 +166,17 @@ class VQVAEModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, factor), "interval": "step"},
         }
+
+
+def squared_error_loss(recon: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """The batch's mean squared error, (B, C, H, W) x 2 -> scalar. 'log-mse' has the gradient of
+    mse * mean(log(mse_i)): each image weighted by the inverse of its own error, as a mean of per-image PSNRs weighs
+    it, where 'mse' lets the worst images drive the step. Its value is still the mse, so logs compare."""
+    per_image = (recon - target).pow(2).mean(dim=(1, 2, 3))  # (B,)
+    if kind == "mse":
+        return per_image.mean()
+    weights = (per_image.mean() / per_image.clamp_min(MIN_IMAGE_MSE)).detach()  # mean(weights) >= 1
+    return (weights * per_image).mean()
 
 
 def warmup_cosine(step: int, steps: int) -> float:
