@@ -136,9 +136,17 @@ class Config:
     # cooldown: beat constant (which beat cosine) in the 15-minute runs, and ends without its swing (results/ablations)
     lr_schedule: str = setting(
         "cooldown",
-        "'cooldown': constant, then a linear decay to zero over the last 20%% of steps; 'constant': one rate "
-        "throughout; 'cosine': a linear warm-up over the first 5%% of steps, then a cosine decay to zero at the last",
+        "'cooldown': constant, then a linear decay to zero over the last --cooldown-share of steps; 'constant': one "
+        "rate throughout; 'cosine': a linear warm-up over the first 5%% of steps, then a cosine decay to zero at the "
+        "last",
         choices=("constant", "cosine", "cooldown"),
+    )
+    # 0.2: as long a decay as matched cosine in Hägele et al. (2024)
+    cooldown_share: float = setting(
+        0.2,
+        "the share of the steps over which 'cooldown' decays the rate to zero",
+        bound="in (0, 1)",
+        before_it_existed=0.2,
     )
     epochs: int = setting(10, "passes over the training images", bound="> 0")
     limit_batches: int | None = setting(

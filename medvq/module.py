@@ -24,7 +24,6 @@ from medvq.storage import read_bytes
 
 PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run's progress bar shows
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
-COOLDOWN_SHARE = 0.2  # of a cooldown schedule's steps: as long a decay as matched cosine in Hägele et al. (2024)
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 MIN_IMAGE_MSE = 1e-6  # 60 dB: an image reconstructed better than this weighs no more in the 'log-mse' loss
 TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
@@ -160,7 +159,10 @@ class VQVAEModule(L.LightningModule):
         )
         if self.config.lr_schedule == "constant":
             return optimizer
-        schedule = {"cosine": warmup_cosine, "cooldown": constant_then_cooldown}[self.config.lr_schedule]
+        schedule = {
+            "cosine": warmup_cosine,
+            "cooldown": partial(constant_then_cooldown, share=self.config.cooldown_share),
+        }[self.config.lr_schedule]
         factor = partial(schedule, steps=self.trainer.estimated_stepping_batches)
         return {
             "optimizer": optimizer,
@@ -187,7 +189,7 @@ def warmup_cosine(step: int, steps: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
 
 
-def constant_then_cooldown(step: int, steps: int) -> float:
-    """The learning rate's factor at `step` of `steps`: 1, then a linear decay to 0 over the last COOLDOWN_SHARE."""
-    cooldown = max(1, round(COOLDOWN_SHARE * steps))
+def constant_then_cooldown(step: int, steps: int, share: float) -> float:
+    """The learning rate's factor at `step` of `steps`: 1, then a linear decay to 0 over the last `share` of them."""
+    cooldown = max(1, round(share * steps))
     return max(0.0, min(1.0, (steps - step) / cooldown))  # 0 past the end: a step beyond the estimate learns nothing

@@ -74,3 +74,5 @@ def test_a_config_saved_before_a_setting_existed_reads_as_what_it_trained_with()
     assert Config.from_dict(saved).ssim_weight == 0.0
     assert Config.from_dict(Config().to_dict()) == Config()  # today's saved config reads as it was
     assert Config().ssim_weight > 0
+    del saved["error_loss"]
+    assert Config.from_dict(saved).error_loss == "mse"

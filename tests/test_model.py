@@ -207,12 +207,15 @@ def test_the_cosine_schedule_warms_up_then_decays_to_zero():
     assert factors[-1] < 1e-4 and warmup_cosine(525, steps) == pytest.approx(0.5, abs=1e-2)
 
 
-def test_the_cooldown_schedule_holds_then_decays_linearly_over_the_last_fifth():
+@pytest.mark.parametrize("share", [0.2, 0.4])
+def test_the_cooldown_schedule_holds_then_decays_linearly_over_its_share_of_the_steps(share):
     steps = 1000
-    factors = [constant_then_cooldown(step, steps) for step in range(steps)]
-    assert set(factors[:801]) == {1.0}
-    assert factors[900] == pytest.approx(0.5) and factors[-1] == pytest.approx(1 / 200)  # the last step still learns
-    assert all(a > b for a, b in zip(factors[800:], factors[801:]))
+    start = round(steps * (1 - share))
+    factors = [constant_then_cooldown(step, steps, share) for step in range(steps)]
+    assert set(factors[: start + 1]) == {1.0}
+    assert factors[(start + steps) // 2] == pytest.approx(0.5)
+    assert factors[-1] == pytest.approx(1 / (share * steps))  # the last step still learns
+    assert all(a > b for a, b in zip(factors[start:], factors[start + 1 :]))
 
 
 # --- DDP: two gloo processes ----------------------------------------------------------------------

@@ -19,7 +19,7 @@ from medvq.data import MedMNISTDataModule, to_float_images
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
-from medvq.module import VQVAEModule
+from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
 from medvq.train import CHECKPOINT_NAME, METRICS_NAME, build_trainer, train_local
 from tests.clusters import wait_for
@@ -160,6 +160,28 @@ def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
     ssim = structural_similarity(recon, to_float_images(batch["image"])).mean()
     assert 0 < float(ssim) < 1
     assert float(losses[0.5] - losses[0.0]) == pytest.approx(0.5 * (1 - float(ssim)), rel=1e-4)
+
+
+def test_log_mse_loss_has_mse_value_and_the_gradient_of_mean_log_image_error():
+    """'log-mse' logs as the batch's mse, and steps as mse * mean(log(mse_i)): each image's gradient divided by its
+    own error, so a well reconstructed image is not outweighed by a poor one as under plain 'mse'."""
+    target = torch.rand(3, 3, 8, 8)
+    noise = torch.stack([scale * torch.randn(3, 8, 8) for scale in (0.01, 0.1, 0.3)])
+    losses, gradients = {}, {}
+    for kind in ("mse", "log-mse"):
+        recon = (target + noise).requires_grad_()
+        losses[kind] = squared_error_loss(recon, target, kind)
+        losses[kind].backward()
+        gradients[kind] = recon.grad
+    mse = torch.nn.functional.mse_loss(target + noise, target)
+    assert float(losses["mse"]) == pytest.approx(float(mse)) and float(losses["log-mse"]) == pytest.approx(float(mse))
+    recon = (target + noise).requires_grad_()
+    (mse.detach() * (recon - target).pow(2).mean(dim=(1, 2, 3)).log().mean()).backward()
+    assert torch.allclose(gradients["log-mse"], recon.grad, rtol=1e-4, atol=1e-9)
+    # per unit of error, plain mse weighs every image alike; log-mse weighs the best image the most
+    per_image_weight = lambda gradient: (gradient / noise).mean(dim=(1, 2, 3))
+    assert torch.allclose(per_image_weight(gradients["mse"]), per_image_weight(gradients["mse"])[0], rtol=1e-4)
+    assert per_image_weight(gradients["log-mse"]).argsort().tolist() == [2, 1, 0]
 
 
 def test_a_step_with_the_ssim_term_logs_the_losss_ssim_of_every_row(tiny_config, monkeypatch):
