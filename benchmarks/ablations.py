@@ -31,7 +31,7 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128, SSIM term 0.1, cooldown; bf16 on AMX)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
     "defaults": [],
     "batch-256": ["--batch-size", "256"],
     "no-ssim": ["--ssim-weight", "0"],
@@ -48,11 +48,15 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128, SSIM term 0.
     "lr-2e-3": ["--learning-rate", "2e-3"],
     "ema-decay-0.95": ["--ema-decay", "0.95"],
     "precision-32": ["--precision", "32"],
+    "mse": ["--error-loss", "mse"],
+    "cooldown-0.4": ["--cooldown-share", "0.4"],
 }
 SCORES = ("psnr", "ssim")
-# Flags that leave the model and the batch as they are: the optimiser's schedule and the codebook's update
+# Flags that leave the model and the batch as they are: the schedule, how the loss weighs images, the codebook update
 COST_FREE_FLAGS = {
     "--lr-schedule",
+    "--cooldown-share",
+    "--error-loss",
     "--learning-rate",
     "--kmeans-init",
     "--ema-decay",

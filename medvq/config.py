@@ -113,8 +113,9 @@ class Config:
         "its code (Fifty et al., 2024)",
         choices=("straight-through", "rotation"),
     )
+    # log-mse: +0.10 dB on the mean of the sets in the 15-minute run, +0.3 through its middle (results/ablations)
     error_loss: str = setting(
-        "mse",
+        "log-mse",
         "the squared error trained on: 'mse' over every pixel of the batch; 'log-mse' the log of each image's mean "
         "squared error, i.e. the mean per-image PSNR that the scores report, so an image already reconstructed well "
         "still counts (its value is logged as the batch's mse)",
