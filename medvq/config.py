@@ -142,7 +142,7 @@ class Config:
         "last",
         choices=("constant", "cosine", "cooldown"),
     )
-    # 0.2: as long a decay as matched cosine in Hägele et al. (2024)
+    # 0.2: as long a decay as matched cosine in Hägele et al. (2024); 0.4 did not beat it (results/ablations)
     cooldown_share: float = setting(
         0.2,
         "the share of the steps over which 'cooldown' decays the rate to zero",

@@ -138,13 +138,18 @@ def test_a_run_resumed_in_another_precision_keeps_each_stretch(tiny_config, tmp_
     assert said == ["32-true", "32-true, then bf16-mixed", "32-true, then bf16-mixed"]
 
 
-def test_the_default_schedule_cools_the_rate_to_zero_by_the_last_step(tiny_config):
-    config = tiny_config(epochs=3)
+@pytest.mark.parametrize("cooldown_share", [None, 0.5])
+def test_the_default_schedule_cools_the_rate_to_zero_by_the_last_step(tiny_config, cooldown_share):
+    config = tiny_config(epochs=3, **({} if cooldown_share is None else {"cooldown_share": cooldown_share}))
     trainer = build_trainer(config, progress_bar=False)
     trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config))
     scheduler = trainer.lr_scheduler_configs[0].scheduler
-    assert scheduler.last_epoch == trainer.global_step == trainer.estimated_stepping_batches
+    steps = trainer.estimated_stepping_batches
+    assert scheduler.last_epoch == trainer.global_step == steps
     assert trainer.optimizers[0].param_groups[0]["lr"] == 0.0
+    # two steps before the end (of 9) the default cooldown (the last 20%, 2 steps) has not started; a 50% one has
+    factor = scheduler.lr_lambdas[0](steps - 2)
+    assert factor == 1.0 if cooldown_share is None else factor < 1.0
 
 
 def test_ssim_weight_adds_its_share_of_one_minus_ssim_to_the_loss(tiny_config):
