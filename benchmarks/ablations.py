@@ -31,8 +31,9 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 128, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 64, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
     "defaults": [],
+    "batch-128": ["--batch-size", "128"],
     "batch-256": ["--batch-size", "256"],
     "no-ssim": ["--ssim-weight", "0"],
     "ssim-0.3": ["--ssim-weight", "0.3"],

@@ -40,7 +40,7 @@ def test_a_runs_name_ignores_where_its_data_lives_and_which_hardware_is_up(base_
         dict(workers=2),
         dict(datasets=("bloodmnist",)),
         dict(size=64),
-        dict(batch_size=64),
+        dict(batch_size=32),
     ],
 )
 def test_a_runs_name_changes_with_what_shapes_its_results(base_changes):
