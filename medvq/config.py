@@ -268,7 +268,7 @@ class SweepConfig:
         None, "trials at once (default: as many as the cluster fits)", bound="> 0", shapes_results=False
     )
     grace_period: int = setting(2, "epochs every trial runs before ASHA may stop the poor ones", bound="> 0")
-    # At least the 15-minute single run's epochs (111-134, results/ablations), so the sweep ships a model as good.
+    # About the 15-minute single runs' epochs (111-134, results/ablations), so the sweep ships a model as good.
     final_epochs: int = setting(
         120,
         "after the search, train the best trial's settings afresh for this many epochs and ship that model "
