@@ -130,18 +130,21 @@ def trained_row(
     their means, the share of codes used, the wall time and the command."""
     started = time.monotonic()
     history = train(flags, epochs, out / "runs" / slug(name), common)
-    last = history.iloc[-1]
-    scores = {f"{score}_{d}": last[f"val_{score}_{d}"] for score in SCORES for d in datasets}
-    means = {f"mean_{score}": sum(last[f"val_{score}_{d}"] for d in datasets) / len(datasets) for score in SCORES}
     return {
         "row": name,
-        **means,
-        **scores,
-        "codes_used": last["val_codes_used"],
+        **scores(history, datasets),
         "epochs": epochs,
         "wall_seconds": time.monotonic() - started,
         "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)]),
     }
+
+
+def scores(history: pd.DataFrame, datasets: tuple[str, ...]) -> dict:
+    """A run's last epoch: validation PSNR and SSIM per set, their means over the sets, the share of codes used."""
+    last = history.iloc[-1]
+    per_set = {f"{score}_{d}": last[f"val_{score}_{d}"] for score in SCORES for d in datasets}
+    means = {f"mean_{score}": sum(last[f"val_{score}_{d}"] for d in datasets) / len(datasets) for score in SCORES}
+    return {**means, **per_set, "codes_used": last["val_codes_used"]}
 
 
 def slug(name: str) -> str:

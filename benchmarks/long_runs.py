@@ -1,0 +1,164 @@
+"""Long runs side by side within one wall budget, for a lent GPU: each row is jobs/train.py with its flags. The rows'
+epochs are timed together first, then the rows train together for as many epochs as fit the rest of the budget (a
+model this small leaves a GPU mostly idle, so rows that share one cost little more than one row alone). A row still
+running at the budget's end is stopped the graceful way (its checkpoint kept; the same command continues it).
+Scored on each row's last epoch's validation images; writes OUT/long_runs.csv and OUT/long_runs.md.
+
+    python benchmarks/long_runs.py --data-root ../shared/medmnist \
+        --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist --minutes 8 --out runs/long
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from ablations import TRAIN_JOB, common_flags, markdown, score_columns, scores, slug, table_parser
+
+from medvq.cli import POSITIVE, list_value, run_job, text_value
+from medvq.errors import RunFailed, UserError
+
+JOB_WINNER = ["--codebook-size", "1024", "--commitment-weight", "1.0"]  # the sweep job's best cell in every run here
+ROWS = {  # name: flags beyond jobs/train.py's defaults; a GPU's step costs about the same at any of these sizes
+    "batch-256": [*JOB_WINNER, "--batch-size", "256"],
+    "batch-256-width-128": [*JOB_WINNER, "--batch-size", "256", "--hidden-channels", "128"],
+    "batch-128-width-128": [*JOB_WINNER, "--batch-size", "128", "--hidden-channels", "128"],
+}
+PROBE_EPOCHS = 4  # the first pays for warming up; the others are timed
+POLL_SECONDS = 0.05
+SAFETY = 1.1  # epochs are sized to this much more than the probed epoch, so a row ends inside the budget
+STOP_GRACE_SECONDS = 30  # after SIGTERM, for the epoch's checkpoint to be written
+
+
+def start(flags: list[str], epochs: int, out: Path, common: list[str], threads: int) -> subprocess.Popen:
+    """jobs/train.py in the background with `threads` CPU threads, its output in OUT.log."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(TRAIN_JOB), *common, *flags, "--epochs", str(epochs), "--out", str(out)]
+    # Each run's own share of the cores: runs whose thread pools overlap spin against each other.
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    log = open(out.with_suffix(".log"), "w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+
+
+def wait_all(runs: dict[str, subprocess.Popen], deadline: float) -> set[str]:
+    """Wait for every run; SIGTERM those still going at the deadline. Returns the names of the runs stopped."""
+    stopped = set()
+    for name, process in runs.items():
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=STOP_GRACE_SECONDS)
+            stopped.add(name)
+    return stopped
+
+
+def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], deadline: float) -> dict:
+    """Wait for the runs, watching their metrics.csv (rewritten at each epoch's end, checkpoint and validation
+    done): {name: {epochs in the file: when it was written}}."""
+    written: dict[str, dict[int, float]] = {name: {} for name in runs}
+
+    def look() -> None:
+        for name, out in outs.items():
+            try:
+                when, epochs = (out / "metrics.csv").stat().st_mtime, len(pd.read_csv(out / "metrics.csv"))
+            except (FileNotFoundError, pd.errors.EmptyDataError):
+                continue
+            written[name].setdefault(epochs, when)
+
+    while any(process.poll() is None for process in runs.values()) and time.monotonic() < deadline:
+        look()
+        time.sleep(POLL_SECONDS)
+    wait_all(runs, deadline)
+    look()
+    return written
+
+
+def seconds_per_epoch(written: dict[int, float], name: str) -> float:
+    """Wall seconds from one epoch's end to the next, over the epochs after the first."""
+    later = {epochs: when for epochs, when in written.items() if epochs > 1}
+    if len(later) < 2:
+        raise RunFailed(f"row {name}: too few epochs were seen written to time one ({sorted(written)})")
+    return (later[max(later)] - later[min(later)]) / (max(later) - min(later))
+
+
+def history(out: Path, name: str) -> pd.DataFrame:
+    """A run's metrics.csv; a run that kept none failed, and its log's last line says why."""
+    if not (out / "metrics.csv").is_file():
+        log = out.with_suffix(".log").read_text().strip().splitlines()
+        raise RunFailed(f"row {name} trained no epoch: {log[-1] if log else 'no output'}")
+    return pd.read_csv(out / "metrics.csv")
+
+
+def epochs_that_fit(seconds_left: float, start_seconds: float, epoch_seconds: float) -> int:
+    """Epochs of `epoch_seconds` (times SAFETY) that fit after a run's start; at least one."""
+    return max(1, math.floor((seconds_left - start_seconds) / (epoch_seconds * SAFETY)))
+
+
+def main() -> None:
+    parser = table_parser(__doc__)
+    parser.add_argument(
+        "--minutes", type=POSITIVE, default=8.0, help="wall budget, timing included (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--rows", type=list_value(text_value), default=tuple(ROWS), help="comma-separated row names (default: all)"
+    )
+    parser.add_argument(
+        "--row-flags",
+        type=text_value,
+        default="",
+        help="jobs/train.py flags added after every row's own, space-separated (a smoke run's tiny model)",
+    )
+    args = parser.parse_args()
+    unknown = [name for name in args.rows if name not in ROWS]
+    if unknown:
+        raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    deadline = time.monotonic() + args.minutes * 60
+    common, out = common_flags(args), Path(args.out)
+    flags = {name: [*ROWS[name], *args.row_flags.split()] for name in args.rows}
+
+    threads = max(1, (os.cpu_count() or 1) // len(flags))
+    began = time.time()
+    probes = {name: start(flags[name], PROBE_EPOCHS, out / "probe" / slug(name), common, threads) for name in flags}
+    written = epochs_written(probes, {name: out / "probe" / slug(name) for name in flags}, deadline)
+    epoch_seconds = {name: seconds_per_epoch(written[name], name) for name in flags}
+    # Start: from launch to the first epoch's end, less one epoch (the first also pays for warming up).
+    start_seconds = {name: min(written[name].values()) - began - epoch_seconds[name] for name in flags}
+    seconds_left = deadline - time.monotonic()
+    epochs = {name: epochs_that_fit(seconds_left, start_seconds[name], epoch_seconds[name]) for name in flags}
+    print(
+        "side by side, seconds per epoch / epochs that fit: "
+        + ", ".join(f"{name} {epoch_seconds[name]:.2f} / {epochs[name]}" for name in flags),
+        flush=True,
+    )
+
+    runs = {name: start(flags[name], epochs[name], out / "runs" / slug(name), common, threads) for name in flags}
+    stopped = wait_all(runs, deadline)
+    rows = []
+    for name in flags:
+        trained = history(out / "runs" / slug(name), name)
+        command = " ".join(["python jobs/train.py", *common, *flags[name], "--epochs", str(epochs[name])])
+        rows.append(
+            {
+                "row": name,
+                **scores(trained, args.datasets),
+                "epochs": f"{len(trained)} of {epochs[name]}" + (" (stopped at the budget)" if name in stopped else ""),
+                "epoch_seconds": float(trained["epoch_seconds"].median()),
+                "command": command,
+            }
+        )
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "long_runs.csv", index=False)
+    columns = ["row", *score_columns(args.datasets), "epochs", "epoch_seconds"]
+    (out / "long_runs.md").write_text(markdown(table, columns))
+    print(markdown(table, columns))
+
+
+if __name__ == "__main__":
+    run_job(main)
