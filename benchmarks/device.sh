@@ -43,8 +43,9 @@ fi
 out=${OUT:-/tmp/medvq-device}
 mkdir -p "$out" /tmp/site /tmp/medmnist
 if [ ! -d /tmp/site/ray ]; then
-  bundle=$(ls .devbundle/site.tar.xz .devbundle/site-lite.tar.xz 2>/dev/null | head -1)
-  [ -n "$bundle" ] || { echo "no bundle here and none unpacked: the machine was given back; start again" >&2; exit 2; }
+  bundle=.devbundle/site.tar.xz
+  [ -f "$bundle" ] || bundle=.devbundle/site-lite.tar.xz
+  [ -f "$bundle" ] || { echo "no bundle here and none unpacked: the machine was given back; start again" >&2; exit 2; }
   tar -xJf "$bundle" -C /tmp/site
 fi
 cp .devdata/*/*.npz /tmp/medmnist/ 2>/dev/null || true  # the real files, kept in /tmp while the machine stays warm
@@ -60,7 +61,7 @@ case "$step" in
                   --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
   long-runs)
     python benchmarks/long_runs.py --data-root /tmp/medmnist --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist \
-      --minutes "${MINUTES:-8}" --row-flags "${ROW_FLAGS:-}" --out /tmp/long-runs 2>&1 | tee "$out/long-runs.log"
+      --minutes "${MINUTES:-8}" ${ROW_FLAGS:+--row-flags "$ROW_FLAGS"} --out /tmp/long-runs 2>&1 | tee "$out/long-runs.log"
     cp /tmp/long-runs/long_runs.md /tmp/long-runs/long_runs.csv "$out/"
     for run in /tmp/long-runs/runs/*/; do
       row=$(basename "$run")

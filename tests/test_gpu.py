@@ -15,13 +15,19 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 class BatchDevices(L.Callback):
-    """Records where each training batch and the split it came from live."""
+    """Records where each training batch and the split it came from live, and where the codebook's vectors and
+    sums are after each step (read during training: Lightning moves the module back to the CPU once fit ends)."""
 
     def __init__(self):
         self.seen: set[tuple[str, str]] = set()
+        self.codebook: set[tuple[str, torch.dtype, torch.dtype]] = set()
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.seen.add((batch["image"].device.type, trainer.datamodule.train_arrays.images.device.type))
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        codebook = module.model.quantizer.codebook
+        self.codebook.add((codebook.embedding.device.type, codebook.embedding.dtype, codebook.embed_sum.dtype))
 
 
 @pytest.mark.parametrize("compile_model", [False, True])
@@ -33,8 +39,7 @@ def test_gpu_training_keeps_splits_on_the_gpu_and_the_codebook_in_float32(tiny_c
     trainer.fit(module, datamodule=MedMNISTDataModule(config))
     assert trainer.precision == "bf16-mixed"
     assert devices.seen == {("cuda", "cuda")}
-    codebook = module.model.quantizer.codebook
-    assert codebook.embedding.dtype == codebook.embed_sum.dtype == torch.float32
-    assert codebook.embedding.is_cuda and torch.isfinite(codebook.embedding).all()
+    assert devices.codebook == {("cuda", torch.float32, torch.float32)}
+    assert torch.isfinite(module.model.quantizer.codebook.embedding).all()
     metrics = trainer.callback_metrics
     assert torch.isfinite(metrics["val_nmse"]) and torch.isfinite(metrics["train_loss"])
