@@ -7,10 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
+import pandas as pd
 import pytest
 
 from jobs.sweep import sweep_summary
+from medvq.errors import RunFailed
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
@@ -147,3 +150,36 @@ def test_ablation_rows_of_the_same_model_share_one_epoch_time(monkeypatch):
     assert shared_epoch_seconds("defaults", probed) == 10.0
     assert shared_epoch_seconds("width-128", probed) == 20.0  # a wider model is its own
     assert shared_epoch_seconds("no-ssim", probed) == 7.0  # without the SSIM term: a cheaper step
+
+
+def test_long_runs_time_an_epoch_from_one_rewrite_of_metrics_to_the_next(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from long_runs import SAFETY, epochs_that_fit, seconds_per_epoch
+
+    # The first epoch (warm-up) is left out; an epoch the watcher missed (3) does not count twice.
+    written = {1: 100.0, 2: 102.5, 4: 107.5}
+    assert seconds_per_epoch(written, "row") == 2.5
+    with pytest.raises(RunFailed, match="too few epochs"):
+        seconds_per_epoch({1: 100.0, 2: 102.5}, "row")
+    assert epochs_that_fit(seconds_left=300, start_seconds=20, epoch_seconds=2.5) == int(280 / (2.5 * SAFETY))
+    assert epochs_that_fit(seconds_left=10, start_seconds=20, epoch_seconds=2.5) == 1
+
+
+def test_long_runs_train_every_row_side_by_side_within_the_budget(synthetic_root, tmp_path):
+    rows, minutes = ("batch-256", "batch-128-width-128"), 1.0
+    tiny = "--limit-batches 2 --hidden-channels 16 --embedding-dim 8 --batch-size 32"
+    command = [sys.executable, "benchmarks/long_runs.py", "--data-root", str(synthetic_root)]
+    command += ["--datasets", ",".join(SYNTHETIC_DATASETS), "--rows", ",".join(rows), "--minutes", str(minutes)]
+    command += ["--row-flags", tiny, "--out", str(tmp_path)]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # The budget, plus the grace a run stopped at its end has to write its checkpoint, plus this process's start.
+    assert time.monotonic() - started < minutes * 60 + 30 + 30
+    table = pd.read_csv(tmp_path / "long_runs.csv")
+    assert list(table["row"]) == list(rows)
+    for name, epochs in zip(table["row"], table["epochs"]):
+        trained = pd.read_csv(tmp_path / "runs" / name / "metrics.csv")
+        assert epochs.startswith(f"{len(trained)} of ") and len(trained) >= 1
+        assert "--hidden-channels 16" in table.set_index("row").loc[name, "command"]
+    assert "| batch-128-width-128 |" in (tmp_path / "long_runs.md").read_text()
