@@ -1,6 +1,7 @@
 """Which reading of a model's latents carries the most about an image's class: each reading of the same checkpoint,
-probed per dataset by an 11-NN classifier (MedMNIST+'s protocol) and a logistic regression, both fit on the train
-split and scored on the test split, beside the same probes on raw pixels and the majority class.
+probed per dataset by an 11-NN classifier (MedMNIST+'s protocol) and a logistic regression (its strength chosen on the
+val split), both fit on the train split and scored on the test split, beside the same probes on raw pixels and the
+majority class.
 
     python benchmarks/probes.py --checkpoint results/model.ckpt --data-root ../shared/medmnist \
         --datasets bloodmnist,breastmnist,pneumoniamnist,retinamnist --out results/probes
@@ -18,7 +19,7 @@ from sklearn.decomposition import PCA
 
 from medvq.cli import JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job, text_value
 from medvq.data import load_split, rgb, to_float_images
-from medvq.latent_space import RESNET18_28, class_probes
+from medvq.latent_space import PROBE_SPLITS, RESNET18_28, class_probes
 from medvq.model import FEATURE_GRID, pooled_features
 from medvq.module import VQVAEModule
 
@@ -58,7 +59,7 @@ def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.Da
     splits = {
         (name, split): load_split(name, split, data_root, module.config.size)
         for name in datasets
-        for split in ("train", "test")
+        for split in PROBE_SPLITS
     }
     read = {key: readings(module, images) for key, (images, _) in splits.items()}
     # PCA of each grid, fit on every dataset's train split: a short vector that keeps the grid's layout
@@ -68,15 +69,16 @@ def measure(checkpoint: str, datasets: tuple[str, ...], data_root: str) -> pd.Da
             values[f"{grid}, PCA {PCA_DIMENSIONS}"] = pca.transform(values[grid])
     rows = []
     for name in datasets:
-        (train, train_y), (test, test_y) = ((read[(name, s)], splits[(name, s)][1]) for s in ("train", "test"))
-        for reading in train:
+        labels = {split: splits[(name, split)][1] for split in PROBE_SPLITS}
+        test_y = labels["test"]
+        for reading in read[(name, "train")]:
             started = time.monotonic()
-            scores = class_probes(train[reading], train_y, test[reading], test_y)
+            scores = class_probes({split: read[(name, split)][reading] for split in PROBE_SPLITS}, labels)
             rows.append(
                 {
                     "dataset": name,
                     "reading": reading,
-                    "features": train[reading].shape[1],
+                    "features": read[(name, "train")][reading].shape[1],
                     "11-NN": scores["knn"],
                     "linear": scores["linear"],
                     "seconds": time.monotonic() - started,

@@ -14,7 +14,7 @@ import pyarrow as pa
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from medvq.data import load_split
@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 KNN_NEIGHBOURS = 11  # MedMNIST+'s k-NN protocol
 LINEAR_ITERATIONS = 300  # of the linear probe's lbfgs: a probe's accuracy, not the optimum, is what is measured
+# The linear probe's inverse regularisation strengths C, weakest regularisation last; the val split picks one. At C = 1
+# alone, pixels beat the features on retina (results/probes/probes.md).
+LINEAR_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # The supervised ceiling: ResNet-18 (28) test accuracy, MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
 RESNET18_28 = {
     "bloodmnist": 0.958,
@@ -31,6 +34,7 @@ RESNET18_28 = {
     "retinamnist": 0.524,
     "dermamnist": 0.735,
 }
+PROBE_SPLITS = ("train", "val", "test")  # the probes' fit, the linear probe's choice of strength, the score
 NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
 SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "dataset": "dataset",
@@ -94,19 +98,26 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
     return float(probe.fit(train_x, train_y).score(test_x, test_y))
 
 
-def linear_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    """A logistic regression on standardised features, fit on train, scored on test."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=LINEAR_ITERATIONS))
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> Pipeline:
+    """A logistic regression on standardised features, fit on train, with the strength of LINEAR_STRENGTHS that
+    scores best on val (the strongest regularisation among ties)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # stopping at LINEAR_ITERATIONS is the protocol
-        return float(probe.fit(train_x, train_y).score(test_x, test_y))
+        fitted = [
+            make_pipeline(StandardScaler(), LogisticRegression(C=strength, max_iter=LINEAR_ITERATIONS)).fit(
+                train_x, train_y
+            )
+            for strength in LINEAR_STRENGTHS
+        ]
+    return max(fitted, key=lambda probe: probe.score(val_x, val_y))  # max keeps the first of equals
 
 
-def class_probes(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> dict:
-    """{"knn": ..., "linear": ...}: the test accuracy of both class probes on these features."""
+def class_probes(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict:
+    """{"knn": ..., "linear": ...}: the test accuracy of both class probes, fit on x["train"]; x["val"] only
+    chooses the linear probe's strength. x and y: one array per split of PROBE_SPLITS."""
     return {
-        "knn": knn_accuracy(train_x, train_y, test_x, test_y),
-        "linear": linear_accuracy(train_x, train_y, test_x, test_y),
+        "knn": knn_accuracy(x["train"], y["train"], x["test"], y["test"]),
+        "linear": float(linear_probe(x["train"], y["train"], x["val"], y["val"]).score(x["test"], y["test"])),
     }
 
 
@@ -135,10 +146,10 @@ def dataset_records(
     latents: pd.DataFrame, datasets: tuple[str, ...], data_root: str, size: int, codebook_size: int
 ) -> list[dict]:
     """One record per dataset, in the order of `datasets` (not the rows' order, which Ray Data does not fix), on
-    its test split: reconstruction scores, codebook use, an 11-NN and a linear class probe on the features
-    (fit on train) beside the same probes on raw pixels, the majority-class share (floor) and the supervised
-    ResNet-18 (28) accuracy (ceiling; None for a set it has none for) for scale, and the share of test images
-    whose dataset a k-NN on features recovers among all datasets."""
+    its test split: reconstruction scores, codebook use, an 11-NN and a linear class probe on the features (fit
+    on train; the linear one's strength chosen on val) beside the same probes on raw pixels, the majority-class
+    share (floor) and the supervised ResNet-18 (28) accuracy (ceiling; None for a set it has none for) for scale,
+    and the share of test images whose dataset a k-NN on features recovers among all datasets."""
     names = [name for name in datasets if name in set(latents["dataset"])]
     train_all = latents[latents["split"] == "train"]
     dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(
@@ -146,14 +157,13 @@ def dataset_records(
     )
     records = []
     for name in names:
-        train, test = _split_rows(latents, name, "train"), _split_rows(latents, name, "test")
-        train_y, test_y = train["label"].to_numpy(), test["label"].to_numpy()
-        test_features = vectors(test["features"])
+        rows = {split: _split_rows(latents, name, split) for split in PROBE_SPLITS}
+        labels = {split: rows[split]["label"].to_numpy() for split in PROBE_SPLITS}
+        features = {split: vectors(rows[split]["features"]) for split in PROBE_SPLITS}
+        pixels = {split: _pixels(name, split, data_root, size) for split in PROBE_SPLITS}
+        test, test_y, test_features = rows["test"], labels["test"], features["test"]
         counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
-        features = class_probes(vectors(train["features"]), train_y, test_features, test_y)
-        pixels = class_probes(
-            _pixels(name, "train", data_root, size), train_y, _pixels(name, "test", data_root, size), test_y
-        )
+        on_features, on_pixels = class_probes(features, labels), class_probes(pixels, labels)
         records.append(
             {
                 "dataset": name,
@@ -161,8 +171,8 @@ def dataset_records(
                 **{score: float(test[score].mean()) for score in ("psnr", "ssim", "mae", "mse")},
                 "codes_used": float((counts > 0).mean()),
                 "perplexity": perplexity,
-                **{f"{probe}_features": accuracy for probe, accuracy in features.items()},
-                **{f"{probe}_pixels": accuracy for probe, accuracy in pixels.items()},
+                **{f"{probe}_features": accuracy for probe, accuracy in on_features.items()},
+                **{f"{probe}_pixels": accuracy for probe, accuracy in on_pixels.items()},
                 "majority_class": float(np.bincount(test_y).max() / len(test_y)),
                 "supervised_ceiling": RESNET18_28.get(name),
                 "dataset_recovered": float((dataset_probe.predict(test_features) == name).mean()),
@@ -193,7 +203,9 @@ def write_summary(records: list[dict], out: Path, preface: str = "") -> None:
     (out / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     notes = (
         f"Test split of each dataset. Class probes, fit on the train split, on the features (the encoder's, pooled) "
-        f"or on raw pixels: {KNN_NEIGHBOURS}-NN, and a logistic regression on standardised features (linear); majority "
+        f"or on raw pixels: {KNN_NEIGHBOURS}-NN, and a logistic regression on standardised features (linear) whose "
+        "inverse regularisation strength C is the one of "
+        f"{', '.join(f'{strength:g}' for strength in LINEAR_STRENGTHS)} that scores best on the val split; majority "
         "class: the accuracy of always guessing the commonest class (a floor); ResNet-18 (28): the supervised "
         "accuracy of MedMNIST v2's benchmark (Yang et al., Scientific Data 2023, Table 3; a ceiling); dataset "
         "recovered: share of test images a k-NN on features assigns to their own dataset.\n"
