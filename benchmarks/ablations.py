@@ -71,9 +71,14 @@ TERM_WEIGHT_FLAGS = {"--ssim-weight"}
 TRAIN_JOB = Path(__file__).resolve().parents[1] / "jobs" / "train.py"
 
 
+def train_command(flags: list[str], epochs: int, out: Path, common: list[str]) -> list[str]:
+    """The jobs/train.py command of a row: the shared flags, the row's, its epochs and folder."""
+    return [sys.executable, str(TRAIN_JOB), *common, *flags, "--epochs", str(epochs), "--out", str(out)]
+
+
 def train(flags: list[str], epochs: int, out: Path, common: list[str]) -> pd.DataFrame:
     """Run jobs/train.py (or continue it: the same command resumes) and return its metrics.csv."""
-    command = [sys.executable, str(TRAIN_JOB), *common, *flags, "--epochs", str(epochs), "--out", str(out)]
+    command = train_command(flags, epochs, out, common)
     if not (out / "metrics.csv").is_file() or len(pd.read_csv(out / "metrics.csv")) < epochs:
         finished = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if finished.returncode != 0:
@@ -135,8 +140,13 @@ def trained_row(
         **scores(history, datasets),
         "epochs": epochs,
         "wall_seconds": time.monotonic() - started,
-        "command": " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)]),
+        "command": shown_command(flags, epochs, common),
     }
+
+
+def shown_command(flags: list[str], epochs: int, common: list[str]) -> str:
+    """A row's command as a reader reruns it (no interpreter path, no output folder)."""
+    return " ".join(["python jobs/train.py", *common, *flags, "--epochs", str(epochs)])
 
 
 def scores(history: pd.DataFrame, datasets: tuple[str, ...]) -> dict:
@@ -176,12 +186,30 @@ def score_columns(datasets: tuple[str, ...]) -> list[str]:
     return ["mean_psnr", "mean_ssim", *(f"psnr_{d}" for d in datasets), "codes_used"]
 
 
-def table_parser(doc: str) -> JobParser:
+def table_parser(
+    doc: str, out_help: str = "folder for the runs and the tables; rows already trained there are read, not rerun"
+) -> JobParser:
     """The flags of a table of training runs: the data, and the folder its runs and tables go to."""
     parser = JobParser(doc.strip().splitlines()[0])
     add_data_flags(parser)
-    add_out_flag(parser, "folder for the runs and the tables; rows already trained there are read, not rerun")
+    add_out_flag(parser, out_help)
     return parser
+
+
+def add_rows_flag(parser: JobParser, rows: dict[str, list[str]]) -> None:
+    parser.add_argument(
+        "--rows", type=list_value(text_value), default=tuple(rows), help="comma-separated row names (default: all)"
+    )
+
+
+def chosen_rows(args: argparse.Namespace, rows: dict[str, list[str]]) -> tuple[str, ...]:
+    """The --rows asked for, each one of `rows`: one line naming the first that is not."""
+    unknown = [name for name in args.rows if name not in rows]
+    if unknown:
+        raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(rows)}")
+    if not args.rows:
+        raise UserError(f"--rows: name at least one of {', '.join(rows)}")
+    return args.rows
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
@@ -191,14 +219,10 @@ def common_flags(args: argparse.Namespace) -> list[str]:
 
 def main() -> None:
     parser = table_parser(__doc__)
+    add_rows_flag(parser, ROWS)
     parser.add_argument("--minutes", type=POSITIVE, default=4.0, help="training budget per row (default: %(default)s)")
-    parser.add_argument(
-        "--rows", type=list_value(text_value), default=tuple(ROWS), help="comma-separated row names (default: all)"
-    )
     args = parser.parse_args()
-    unknown = [name for name in args.rows if name not in ROWS]
-    if unknown:
-        raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
+    chosen_rows(args, ROWS)
     common = common_flags(args)
     out, rows = Path(args.out), []
     columns = ["row", *score_columns(args.datasets), "epochs", "epoch_seconds"]

@@ -30,13 +30,16 @@ case "$step" in
 esac
 if [ "$step" = prepare-long-runs ]; then  # here, not there
   work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
   tar -xJf .devbundle/site.tar.xz -C "$work"
   rm "$work/ray/core/src/ray/raylet/raylet" "$work/ray/core/src/ray/gcs/gcs_server"
-  tar -cJf .devbundle/site-lite.tar.xz -C "$work" . && rm -rf "$work"
-  grep -qx '/.devdata/' .git/info/exclude || echo '/.devdata/' >> .git/info/exclude
+  tar -cJf .devbundle/site-lite.tar.xz -C "$work" .
+  exclude=$(git rev-parse --git-path info/exclude)
+  grep -qx '/.devdata/' "$exclude" || echo '/.devdata/' >> "$exclude"
   mkdir -p .devdata/small .devdata/blood
   data=${MEDVQ_DATA_ROOT:-../shared/medmnist}
-  cp "$data"/{pneumoniamnist,retinamnist,breastmnist}.npz .devdata/small/ && cp "$data/bloodmnist.npz" .devdata/blood/
+  cp "$data"/{pneumoniamnist,retinamnist,breastmnist}.npz .devdata/small/
+  cp "$data/bloodmnist.npz" .devdata/blood/
   du -sh .devbundle/site-lite.tar.xz .devdata/*
   exit 0
 fi
@@ -60,11 +63,17 @@ case "$step" in
   packed-sweep) python benchmarks/ray_cost.py --synthetic --sweep packed --gpus-per-trial 0.25 \
                   --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
   long-runs)
-    python benchmarks/long_runs.py --data-root /tmp/medmnist --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist \
-      --minutes "${MINUTES:-8}" ${ROW_FLAGS:+--row-flags "$ROW_FLAGS"} --out /tmp/long-runs 2>&1 | tee "$out/long-runs.log"
-    cp /tmp/long-runs/long_runs.md /tmp/long-runs/long_runs.csv "$out/"
+    rm -rf /tmp/long-runs  # a second call on a warm machine starts afresh
+    status=0
+    python benchmarks/long_runs.py --data-root /tmp/medmnist \
+      --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist --minutes "${MINUTES:-8}" \
+      ${ROW_FLAGS:+--row-flags="$ROW_FLAGS"} --out /tmp/long-runs 2>&1 | tee "$out/long-runs.log" || status=$?
+    # Whatever the runs left comes back, also when the script failed.
+    cp /tmp/long-runs/long_runs.md /tmp/long-runs/long_runs.csv "$out/" 2>/dev/null || true
     for run in /tmp/long-runs/runs/*/; do
+      [ -d "$run" ] || continue
       row=$(basename "$run")
       tar -czf "$out/$row.tar.gz" -C /tmp/long-runs "runs/$row" "runs/$row.log" "probe/$row.log"
-    done ;;
+    done
+    exit "$status" ;;
 esac

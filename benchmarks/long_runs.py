@@ -14,14 +14,24 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
-from ablations import TRAIN_JOB, common_flags, markdown, score_columns, scores, slug, table_parser
+from ablations import (
+    add_rows_flag,
+    chosen_rows,
+    common_flags,
+    markdown,
+    score_columns,
+    scores,
+    shown_command,
+    slug,
+    table_parser,
+    train_command,
+)
 
-from medvq.cli import POSITIVE, list_value, run_job, text_value
+from medvq.cli import POSITIVE, run_job, text_value
 from medvq.errors import RunFailed, UserError
 
 JOB_WINNER = ["--codebook-size", "1024", "--commitment-weight", "1.0"]  # the sweep job's best cell in every run here
@@ -31,7 +41,7 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults; a GPU's step costs abou
     "batch-128-width-128": [*JOB_WINNER, "--batch-size", "128", "--hidden-channels", "128"],
 }
 PROBE_EPOCHS = 4  # the first pays for warming up; the others are timed
-POLL_SECONDS = 0.05
+POLL_SECONDS = 0.05  # how often the probes' metrics.csv is read: well under an epoch of a tiny smoke model
 SAFETY = 1.1  # epochs are sized to this much more than the probed epoch, so a row ends inside the budget
 STOP_GRACE_SECONDS = 30  # after SIGTERM, for the epoch's checkpoint to be written
 
@@ -39,24 +49,36 @@ STOP_GRACE_SECONDS = 30  # after SIGTERM, for the epoch's checkpoint to be writt
 def start(flags: list[str], epochs: int, out: Path, common: list[str], threads: int) -> subprocess.Popen:
     """jobs/train.py in the background with `threads` CPU threads, its output in OUT.log."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(TRAIN_JOB), *common, *flags, "--epochs", str(epochs), "--out", str(out)]
     # Each run its own share of the cores: two runs of a tiny model on 2 cores, each with both, took 60x longer.
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     with open(out.with_suffix(".log"), "w") as log:  # the child keeps its own copy of the handle
-        return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        return subprocess.Popen(
+            train_command(flags, epochs, out, common), stdout=log, stderr=subprocess.STDOUT, env=environment
+        )
 
 
-def wait_all(runs: dict[str, subprocess.Popen], deadline: float) -> set[str]:
-    """Wait for every run; SIGTERM those still going at the deadline. Returns the names of the runs stopped."""
-    stopped = set()
-    for name, process in runs.items():
+def wait_all(runs: dict[str, subprocess.Popen], deadline: float) -> dict[str, str]:
+    """Wait for every run until the deadline; then SIGTERM those still going, all at once, and kill any that outlive
+    the grace. Returns {name: how it ended, for a run that did not end by itself with exit status 0}."""
+    for process in runs.values():
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=STOP_GRACE_SECONDS)
-            stopped.add(name)
-    return stopped
+            break
+    late = {name: process for name, process in runs.items() if process.poll() is None}
+    for process in late.values():
+        process.send_signal(signal.SIGTERM)
+    grace_ends = time.monotonic() + STOP_GRACE_SECONDS
+    for process in late.values():
+        try:
+            process.wait(timeout=max(0.0, grace_ends - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    failed = {name: process.returncode for name, process in runs.items() if name not in late and process.returncode}
+    return {name: "stopped at the budget" for name in late} | {
+        name: f"failed, exit status {status}" for name, status in failed.items()
+    }
 
 
 def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], deadline: float) -> dict:
@@ -75,7 +97,9 @@ def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], dea
     while any(process.poll() is None for process in runs.values()) and time.monotonic() < deadline:
         look()
         time.sleep(POLL_SECONDS)
-    wait_all(runs, deadline)
+    for name, ending in wait_all(runs, deadline).items():
+        if ending.startswith("failed"):
+            raise RunFailed(f"row {name}'s timing run {ending}: {last_line(outs[name])}")
     look()
     return written
 
@@ -88,11 +112,16 @@ def seconds_per_epoch(written: dict[int, float], name: str) -> float:
     return (later[max(later)] - later[min(later)]) / (max(later) - min(later))
 
 
+def last_line(out: Path) -> str:
+    """The last line a run wrote to its log: why it failed, when it did."""
+    lines = out.with_suffix(".log").read_text().strip().splitlines()
+    return lines[-1] if lines else "no output"
+
+
 def history(out: Path, name: str) -> pd.DataFrame:
     """A run's metrics.csv; a run that kept none failed, and its log's last line says why."""
     if not (out / "metrics.csv").is_file():
-        log = out.with_suffix(".log").read_text().strip().splitlines()
-        raise RunFailed(f"row {name} trained no epoch: {log[-1] if log else 'no output'}")
+        raise RunFailed(f"row {name} trained no epoch: {last_line(out)}")
     return pd.read_csv(out / "metrics.csv")
 
 
@@ -102,26 +131,23 @@ def epochs_that_fit(seconds_left: float, start_seconds: float, epoch_seconds: fl
 
 
 def main() -> None:
-    parser = table_parser(__doc__)
+    parser = table_parser(__doc__, out_help="folder for the runs and the tables: a new or empty one")
+    add_rows_flag(parser, ROWS)
     parser.add_argument(
         "--minutes", type=POSITIVE, default=8.0, help="wall budget, timing included (default: %(default)s)"
     )
     parser.add_argument(
-        "--rows", type=list_value(text_value), default=tuple(ROWS), help="comma-separated row names (default: all)"
-    )
-    parser.add_argument(
         "--row-flags",
         type=text_value,
-        default="",
         help="jobs/train.py flags added after every row's own, space-separated (a smoke run's tiny model)",
     )
     args = parser.parse_args()
-    unknown = [name for name in args.rows if name not in ROWS]
-    if unknown:
-        raise UserError(f"--rows: no row named {unknown[0]!r}; rows: {', '.join(ROWS)}")
     deadline = time.monotonic() + args.minutes * 60
     common, out = common_flags(args), Path(args.out)
-    flags = {name: [*ROWS[name], *args.row_flags.split()] for name in args.rows}
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out} is not empty: its runs would be continued, not timed; give a new folder")
+    extra = (args.row_flags or "").split()
+    flags = {name: [*ROWS[name], *extra] for name in chosen_rows(args, ROWS)}
 
     threads = max(1, (os.cpu_count() or 1) // len(flags))
     began = time.time()
@@ -139,18 +165,17 @@ def main() -> None:
     )
 
     runs = {name: start(flags[name], epochs[name], out / "runs" / slug(name), common, threads) for name in flags}
-    stopped = wait_all(runs, deadline)
+    endings = wait_all(runs, deadline)
     rows = []
     for name in flags:
         trained = history(out / "runs" / slug(name), name)
-        command = " ".join(["python jobs/train.py", *common, *flags[name], "--epochs", str(epochs[name])])
         rows.append(
             {
                 "row": name,
                 **scores(trained, args.datasets),
-                "epochs": f"{len(trained)} of {epochs[name]}" + (" (stopped at the budget)" if name in stopped else ""),
+                "epochs": f"{len(trained)} of {epochs[name]}" + (f" ({endings[name]})" if name in endings else ""),
                 "epoch_seconds": float(trained["epoch_seconds"].median()),
-                "command": command,
+                "command": shown_command(flags[name], epochs[name], common),
             }
         )
     table = pd.DataFrame(rows)

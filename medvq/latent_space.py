@@ -101,15 +101,16 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> Pipeline:
     """A logistic regression on standardised features, fit on train, with the strength of LINEAR_STRENGTHS that
     scores best on val (the strongest regularisation among ties)."""
+    scaler = StandardScaler().fit(train_x)  # one scaling for every strength
+    train_scaled, val_scaled = scaler.transform(train_x), scaler.transform(val_x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # stopping at LINEAR_ITERATIONS is the protocol
         fitted = [
-            make_pipeline(StandardScaler(), LogisticRegression(C=strength, max_iter=LINEAR_ITERATIONS)).fit(
-                train_x, train_y
-            )
+            LogisticRegression(C=strength, max_iter=LINEAR_ITERATIONS).fit(train_scaled, train_y)
             for strength in LINEAR_STRENGTHS
         ]
-    return max(fitted, key=lambda probe: probe.score(val_x, val_y))  # max keeps the first of equals
+    best = max(fitted, key=lambda probe: probe.score(val_scaled, val_y))  # max keeps the first of equals
+    return make_pipeline(scaler, best)
 
 
 def class_probes(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict:
