@@ -42,7 +42,9 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults; a GPU's step costs abou
 }
 PROBE_EPOCHS = 4  # the first pays for warming up; the others are timed
 POLL_SECONDS = 0.05  # how often the probes' metrics.csv is read: well under an epoch of a tiny smoke model
-SAFETY = 1.1  # epochs are sized to this much more than the probed epoch, so a row ends inside the budget
+# Epochs are sized to this much more than the probed epoch, so a row ends inside the budget; on the H200 one row's
+# epochs still ran 19% over their probe, and the budget stopped it (results/gpu-long-runs/README.md).
+SAFETY = 1.1
 STOP_GRACE_SECONDS = 30  # after SIGTERM, for the epoch's checkpoint to be written
 
 
