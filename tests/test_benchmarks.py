@@ -167,7 +167,8 @@ def test_long_runs_time_an_epoch_from_one_rewrite_of_metrics_to_the_next(monkeyp
 
 def test_long_runs_train_every_row_side_by_side_within_the_budget(synthetic_root, tmp_path):
     rows, minutes = ("batch-256", "batch-128-width-128"), 1.0
-    tiny = "--limit-batches 2 --hidden-channels 16 --embedding-dim 8 --batch-size 32"
+    # Epochs of a few tenths of a second: long enough for the probe's watcher to see each one written.
+    tiny = "--limit-batches 8 --hidden-channels 16 --embedding-dim 8 --batch-size 32"
     command = [sys.executable, "benchmarks/long_runs.py", "--data-root", str(synthetic_root)]
     command += ["--datasets", ",".join(SYNTHETIC_DATASETS), "--rows", ",".join(rows), "--minutes", str(minutes)]
     command += ["--row-flags", tiny, "--out", str(tmp_path)]
