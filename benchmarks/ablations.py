@@ -222,7 +222,7 @@ def main() -> None:
     add_rows_flag(parser, ROWS)
     parser.add_argument("--minutes", type=POSITIVE, default=4.0, help="training budget per row (default: %(default)s)")
     args = parser.parse_args()
-    chosen_rows(args, ROWS)
+    names = chosen_rows(args, ROWS)
     common = common_flags(args)
     out, rows = Path(args.out), []
     columns = ["row", *score_columns(args.datasets), "epochs", "epoch_seconds"]
@@ -230,12 +230,12 @@ def main() -> None:
     probed = {
         name: probe(name, ROWS[name], out, common) for name in ROWS
     }  # all: a row's budget never depends on --rows
-    epoch_seconds = {name: shared_epoch_seconds(name, probed) for name in args.rows}
+    epoch_seconds = {name: shared_epoch_seconds(name, probed) for name in names}
     print(
         "seconds per epoch: " + ", ".join(f"{name} {seconds:.1f}" for name, seconds in epoch_seconds.items()),
         flush=True,
     )
-    for name in args.rows:
+    for name in names:
         rows.append(row(name, ROWS[name], epoch_seconds[name], args.minutes * 60, out, common, args.datasets))
         print(
             f"{name}: mean val PSNR {rows[-1]['mean_psnr']:.2f} dB, SSIM {rows[-1]['mean_ssim']:.3f} after "

@@ -17,9 +17,9 @@
 # machine's 30 s warm window: the repo (~25 MB), the bundle and the files exceed one call's 64 MiB. Here, once:
 #   bash benchmarks/device.sh prepare-long-runs    # .devbundle/site-lite.tar.xz (no Ray node binaries: a local
 #                                                  # run starts no Ray node), .devdata/small/ and .devdata/blood/
-# There: `MEDVQ_COMMIT=<commit> bash benchmarks/device.sh tests` carrying [".devbundle/site-lite.tar.xz",
-# ".devdata/small"], then `MEDVQ_COMMIT=<commit> MINUTES=<budget> bash benchmarks/device.sh long-runs` carrying
-# [".devdata/blood"]. Each row's run comes back as ROW.tar.gz, beside long_runs.md and long_runs.csv.
+# There: `bash benchmarks/device.sh tests` carrying [".devbundle/site-lite.tar.xz", ".devdata/small"], then
+# `MINUTES=<budget> bash benchmarks/device.sh long-runs` carrying [".devdata/blood"]. Each row's run comes back as
+# ROW.tar.gz, beside long_runs.md and long_runs.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}

@@ -88,13 +88,17 @@ def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], dea
     done): {name: {epochs in the file: when it was written}}."""
     written: dict[str, dict[int, float]] = {name: {} for name in runs}
 
+    seen: dict[str, float] = {}  # each file's last modification time read
+
     def look() -> None:
         for name, out in outs.items():
             try:
-                when, epochs = (out / "metrics.csv").stat().st_mtime, len(pd.read_csv(out / "metrics.csv"))
+                when = (out / "metrics.csv").stat().st_mtime
+                if seen.get(name) != when:  # read the file only when it was rewritten
+                    written[name].setdefault(len(pd.read_csv(out / "metrics.csv")), when)
+                    seen[name] = when
             except (FileNotFoundError, pd.errors.EmptyDataError):
                 continue
-            written[name].setdefault(epochs, when)
 
     while any(process.poll() is None for process in runs.values()) and time.monotonic() < deadline:
         look()
@@ -153,8 +157,9 @@ def main() -> None:
 
     threads = max(1, (os.cpu_count() or 1) // len(flags))
     began = time.time()
-    probes = {name: start(flags[name], PROBE_EPOCHS, out / "probe" / slug(name), common, threads) for name in flags}
-    written = epochs_written(probes, {name: out / "probe" / slug(name) for name in flags}, deadline)
+    probe_outs = {name: out / "probe" / slug(name) for name in flags}
+    probes = {name: start(flags[name], PROBE_EPOCHS, probe_outs[name], common, threads) for name in flags}
+    written = epochs_written(probes, probe_outs, deadline)
     epoch_seconds = {name: seconds_per_epoch(written[name], name) for name in flags}
     # Start: from launch to the first epoch's end, less one epoch (the first also pays for warming up).
     start_seconds = {name: min(written[name].values()) - began - epoch_seconds[name] for name in flags}

@@ -36,8 +36,8 @@ def test_repeated_umap_warnings_become_one_line_each(caplog):
 
 
 def by_split(values: np.ndarray) -> dict[str, np.ndarray]:
-    """300 train, 50 val and 50 test rows."""
-    return {"train": values[:300], "val": values[300:350], "test": values[350:]}
+    """250 train, 50 val and 100 test rows."""
+    return {"train": values[:250], "val": values[250:300], "test": values[300:]}
 
 
 def test_both_class_probes_separate_separable_classes_and_not_random_labels():
@@ -46,7 +46,7 @@ def test_both_class_probes_separate_separable_classes_and_not_random_labels():
     separable = rng.normal(size=(400, 8)) + 6 * labels[:, None]
     assert class_probes(by_split(separable), by_split(labels)) == {"knn": 1.0, "linear": 1.0}
     noise = rng.normal(size=(400, 8))
-    assert all(0.2 < accuracy < 0.8 for accuracy in class_probes(by_split(noise), by_split(labels)).values())
+    assert all(0.3 < accuracy < 0.7 for accuracy in class_probes(by_split(noise), by_split(labels)).values())
 
 
 def test_the_val_split_chooses_the_linear_probes_strength(monkeypatch):
