@@ -21,7 +21,16 @@ from medvq.errors import RunFailed
 from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
-from medvq.train import CHECKPOINT_NAME, METRICS_NAME, build_trainer, train_local
+from medvq.train import (
+    CHECKPOINT_NAME,
+    DIVERGED,
+    EPOCH_SECONDS,
+    EPOCHS_DONE,
+    METRICS_NAME,
+    build_trainer,
+    epoch_line,
+    train_local,
+)
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -304,3 +313,14 @@ def test_a_stopped_local_run_continues_with_the_same_command_and_refuses_other_f
     ]:
         refused = run_train_job(*flags, *extra)
         assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_a_ray_train_runs_epoch_line_gives_its_scores_and_the_time_left_or_why_it_stopped():
+    row = {EPOCHS_DONE: 30, "val_psnr": 28.104, "val_ssim": 0.9051, EPOCH_SECONDS: 10.0}
+    assert epoch_line("medvq-train-ab", 120, row) == (
+        "medvq-train-ab: epoch 30/120, val PSNR 28.10 dB, SSIM 0.905, 10.0 s an epoch, about 15 min left"
+    )
+    last = {**row, EPOCHS_DONE: 120}
+    assert epoch_line("medvq-train-ab", 120, last).endswith("SSIM 0.905, 10.0 s an epoch")
+    diverged = {EPOCHS_DONE: 3, "val_psnr": float("nan"), DIVERGED: "val_loss became nan in epoch 2"}
+    assert epoch_line("run", 5, diverged) == "run: epoch 3/5 diverged (val_loss became nan in epoch 2)"
