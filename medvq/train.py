@@ -138,42 +138,50 @@ class EpochsToDriver(ray.train.UserCallback):
     """Hands each epoch rank zero reports to the driver through a Ray queue. The callback runs in Ray Train's
     controller, an actor whose prints the job does not forward (`cli.start_ray`)."""
 
-    def __init__(self, rows: Queue):
-        self.rows = rows
+    def __init__(self, epoch_queue: Queue):
+        self.epoch_queue: Queue | None = epoch_queue
 
     def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        self.rows.put(metrics[0])
+        if self.epoch_queue is None:
+            return
+        try:
+            self.epoch_queue.put(metrics[0])  # blocking: the last epoch is queued before the run's fit() returns
+        except ray.exceptions.RayError:
+            # The queue is gone (the driver stopped, or its node failed). An error here would fail the whole run:
+            # Ray Train retries no error of its controller's callbacks.
+            self.epoch_queue = None
 
 
 @contextmanager
 def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
     """While the block runs, the driver prints an `epoch_line` for each epoch the callback it yields hands over:
     outside Tune, whose trial table shows its runs, a long fit would otherwise be silent until it ends."""
-    rows, done = Queue(actor_options={"num_cpus": 0}), threading.Event()  # never waits for a free CPU
+    epoch_queue, fit_returned = Queue(actor_options={"num_cpus": 0}), threading.Event()  # never waits for a CPU
 
-    def print_rows() -> None:
+    def print_epochs() -> None:
         try:
-            while not (done.is_set() and rows.empty()):
+            while not (fit_returned.is_set() and epoch_queue.empty()):
                 with suppress(queue.Empty):
-                    print(epoch_line(name, epochs, rows.get(timeout=1)), flush=True)
+                    print(epoch_line(name, epochs, epoch_queue.get(timeout=1)), flush=True)
         except ray.exceptions.RayError:  # the queue's actor is gone (its node failed): only the lines stop
             pass
 
-    printer = threading.Thread(target=print_rows, daemon=True)
+    printer = threading.Thread(target=print_epochs, daemon=True)
     printer.start()
     try:
-        yield EpochsToDriver(rows)
+        yield EpochsToDriver(epoch_queue)
     finally:
-        done.set()
+        fit_returned.set()
         printer.join()
-        rows.shutdown()
+        epoch_queue.shutdown()
 
 
 def epoch_line(name: str, epochs: int, row: dict) -> str:
-    """'NAME: epoch 7/120, val PSNR 28.10 dB, SSIM 0.905, 9.8 s an epoch, about 19 min left', or why it stopped."""
+    """'NAME: epoch 7/120, val PSNR 28.10 dB, SSIM 0.905, 9.8 s an epoch, about 19 min left', or why it stopped.
+    PSNR and SSIM over all val images, as the job's summary gives them."""
     done = row[EPOCHS_DONE]
     if row.get(DIVERGED):
-        return f"{name}: epoch {done}/{epochs} diverged ({row[DIVERGED]})"
+        return f"{name}: diverged: {row[DIVERGED]}"
     minutes_left = max(1, round((epochs - done) * row[EPOCH_SECONDS] / 60))
     return (
         f"{name}: epoch {done}/{epochs}, val PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}, "

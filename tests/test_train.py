@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import ray
 import torch
 from torchmetrics.functional.image import structural_similarity_index_measure
 
@@ -29,6 +30,7 @@ from medvq.train import (
     METRICS_NAME,
     build_trainer,
     epoch_line,
+    printed_epochs,
     train_local,
 )
 from tests.clusters import wait_for
@@ -323,4 +325,15 @@ def test_a_ray_train_runs_epoch_line_gives_its_scores_and_the_time_left_or_why_i
     last = {**row, EPOCHS_DONE: 120}
     assert epoch_line("medvq-train-ab", 120, last).endswith("SSIM 0.905, 10.0 s an epoch")
     diverged = {EPOCHS_DONE: 3, "val_psnr": float("nan"), DIVERGED: "val_loss became nan in epoch 2"}
-    assert epoch_line("run", 5, diverged) == "run: epoch 3/5 diverged (val_loss became nan in epoch 2)"
+    assert epoch_line("run", 5, diverged) == "run: diverged: val_loss became nan in epoch 2"
+
+
+def test_each_reported_epoch_is_printed_on_the_driver_and_a_gone_queue_fails_nothing(ray_instance, capsys):
+    row = {EPOCHS_DONE: 1, "val_psnr": 20.0, "val_ssim": 0.5, EPOCH_SECONDS: 2.0}
+    with printed_epochs("run", 2) as callback:
+        progress = ray.get(ray.put(callback))  # the copy Ray Train's controller gets
+        progress.after_report(None, [row, {**row, "val_psnr": 0.0}], None)  # every rank's metrics; rank zero's first
+    printed = "run: epoch 1/2, val PSNR 20.00 dB, SSIM 0.500, 2.0 s an epoch, about 1 min left\n"
+    assert capsys.readouterr().out == printed
+    progress.after_report(None, [row], None)  # the queue was shut down with the block: dropped, no error
+    assert capsys.readouterr().out == ""
