@@ -46,6 +46,7 @@ POLL_SECONDS = 0.05  # how often the probes' metrics.csv is read: well under an 
 # epochs still ran 19% over their probe, and the budget stopped it (results/gpu-long-runs/README.md).
 SAFETY = 1.1
 STOP_GRACE_SECONDS = 30  # after SIGTERM, for the epoch's checkpoint to be written
+STOPPED = "stopped at the budget"  # how wait_all says a run ended that was still going at the deadline
 
 
 def start(flags: list[str], epochs: int, out: Path, common: list[str], threads: int) -> subprocess.Popen:
@@ -78,9 +79,7 @@ def wait_all(runs: dict[str, subprocess.Popen], deadline: float) -> dict[str, st
             process.kill()
             process.wait()
     failed = {name: process.returncode for name, process in runs.items() if name not in late and process.returncode}
-    return {name: "stopped at the budget" for name in late} | {
-        name: f"failed, exit status {status}" for name, status in failed.items()
-    }
+    return {name: STOPPED for name in late} | {name: f"failed, exit status {status}" for name, status in failed.items()}
 
 
 def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], deadline: float) -> dict:
@@ -104,7 +103,7 @@ def epochs_written(runs: dict[str, subprocess.Popen], outs: dict[str, Path], dea
         look()
         time.sleep(POLL_SECONDS)
     for name, ending in wait_all(runs, deadline).items():
-        if ending.startswith("failed"):
+        if ending != STOPPED:
             raise RunFailed(f"row {name}'s timing run {ending}: {last_line(outs[name])}")
     look()
     return written

@@ -182,6 +182,7 @@ def test_long_runs_train_every_row_side_by_side_within_the_budget(synthetic_root
     for name, epochs in zip(table["row"], table["epochs"]):
         trained = pd.read_csv(tmp_path / "runs" / name / "metrics.csv")
         assert epochs.startswith(f"{len(trained)} of ") and "failed" not in epochs
+        assert tiny in table.set_index("row").loc[name, "command"]  # the row flags reach every row's command
     assert "| batch-128-width-128 |" in (tmp_path / "long_runs.md").read_text()
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "is not empty" in again.stderr  # its runs would be continued, not timed
