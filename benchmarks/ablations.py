@@ -31,7 +31,7 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 64, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (128 channels, batch 64, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
     "defaults": [],
     "batch-128": ["--batch-size", "128"],
     "batch-256": ["--batch-size", "256"],
@@ -43,7 +43,7 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults (batch 64, log-mse + SSI
     "l2-codes-d8": ["--l2-codes", "--embedding-dim", "8"],
     "l2-codes-d32": ["--l2-codes", "--embedding-dim", "32"],
     "rotation": ["--gradient", "rotation"],
-    "width-128": ["--hidden-channels", "128"],
+    "width-64": ["--hidden-channels", "64"],
     "width-32": ["--hidden-channels", "32"],
     "4-residual-blocks": ["--residual-blocks", "4"],
     "lr-2e-3": ["--learning-rate", "2e-3"],

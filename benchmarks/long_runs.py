@@ -36,7 +36,7 @@ from medvq.errors import RunFailed, UserError
 
 JOB_WINNER = ["--codebook-size", "1024", "--commitment-weight", "1.0"]  # the sweep job's best cell in every run here
 ROWS = {  # name: flags beyond jobs/train.py's defaults; a GPU's step costs about the same at any of these sizes
-    "batch-256": [*JOB_WINNER, "--batch-size", "256"],
+    "batch-256-width-64": [*JOB_WINNER, "--batch-size", "256", "--hidden-channels", "64"],
     "batch-256-width-128": [*JOB_WINNER, "--batch-size", "256", "--hidden-channels", "128"],
     "batch-128-width-128": [*JOB_WINNER, "--batch-size", "128", "--hidden-channels", "128"],
 }

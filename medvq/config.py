@@ -84,7 +84,7 @@ class Config:
         choices=("proportional", "balanced"),
     )
     # --- model ---
-    hidden_channels: int = setting(64, "channels of the encoder and decoder", bound="> 0")
+    hidden_channels: int = setting(128, "channels of the encoder and decoder", bound="> 0")
     residual_blocks: int = setting(2, "residual blocks on each side, as in the VQ-VAE paper", bound=">= 0")
     downsample: int = setting(2, "stride-2 stages: 2 turns 28x28 images into a 7x7 latent grid", bound="> 0")
     embedding_dim: int = setting(64, "D, the size of one code vector", bound="> 0")
