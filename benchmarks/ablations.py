@@ -31,7 +31,7 @@ from medvq.cli import (
 )
 from medvq.errors import RunFailed, UserError
 
-ROWS = {  # name: flags beyond jobs/train.py's defaults (128 channels, batch 64, log-mse + SSIM 0.1, cooldown; bf16 on AMX)
+ROWS = {  # name: flags beyond jobs/train.py's defaults (128 channels, batch 64, log-mse + SSIM 0.1, cooldown; bf16)
     "defaults": [],
     "batch-128": ["--batch-size", "128"],
     "batch-256": ["--batch-size", "256"],
