@@ -14,7 +14,7 @@
 # bundle together exceed what a call can carry): speeds as on the real files; quality figures mean nothing.
 #
 # The long runs on the four real sets (benchmarks/long_runs.py) take two calls back to back, the second inside the
-# machine's 30 s warm window: the repo (~25 MB), the bundle and the files exceed one call's 64 MiB. Here, once:
+# machine's 30 s warm window: the repo (~30 MB), the bundle and the files exceed one call's 64 MiB. Here, once:
 #   bash benchmarks/device.sh prepare-long-runs    # .devbundle/site-lite.tar.xz (no Ray node binaries: a local
 #                                                  # run starts no Ray node), .devdata/small/ and .devdata/blood/
 # There: `bash benchmarks/device.sh tests` carrying [".devbundle/site-lite.tar.xz", ".devdata/small"], then
