@@ -11,7 +11,7 @@ from pathlib import Path
 from medvq.cli import POSITIVE_INT, JobParser, config_from_args, run_job, start_ray, storage_from_args, training_parser
 from medvq.config import Config
 from medvq.data import check_data
-from medvq.devices import resolve_accelerator, uses_gpu
+from medvq.devices import local_device_line, resolve_accelerator, uses_gpu, workers_device
 from medvq.errors import UserError
 from medvq.nodes import Capacity, capacity, check_nodes_see
 from medvq.provenance import local_hardware, ray_hardware, write_provenance
@@ -56,7 +56,7 @@ def main() -> None:
     config = config_from_args(flags, args)
     check_data(config)
     if args.ray_workers is None:
-        hardware = local_hardware(resolve_accelerator(config.accelerator) == "gpu")
+        hardware = local_hardware(resolve_accelerator(config.accelerator))
         if not is_uri(args.out):
             local_resume_point(config, Path(args.out))  # refuses a folder it cannot continue, before any work
     else:
@@ -70,9 +70,11 @@ def main() -> None:
     with output_folder(args.out) as out:
         write_provenance(out, hardware, args.out)
         if args.ray_workers is None:
+            print(local_device_line(config.accelerator, config.precision), flush=True)
             final = train_local(config, out)
         else:
-            print(f"Ray Train run {config.run_name()}: {config.workers} workers, storage {storage}", flush=True)
+            workers = f"{config.workers} workers on {workers_device(config.gpus_per_worker)}"
+            print(f"Ray Train run {config.run_name()}: {workers}, storage {storage}", flush=True)
             final = train_on_ray(config, out, storage)
     print(
         f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "

@@ -155,13 +155,18 @@ class Config:
         None, "at most this many train and val batches per epoch (smoke runs)", bound="> 0"
     )
     seed: int = setting(0, "seeds the weights, the codebook and the batch order", bound=">= 0")
+    # No "mps" of its own: "gpu" means Apple's GPU where Lightning's does, and Ray runs cannot use it (devices.py).
     accelerator: str = setting(
-        "auto", "'auto': the GPU when there is one, else the CPU", choices=("auto", "cpu", "gpu")
+        "auto",
+        "'auto': a CUDA GPU when there is one, else Apple's GPU (MPS) for a run in this process, else the CPU; 'gpu' "
+        "insists on a GPU (a Ray run's workers: a CUDA GPU, as Ray has no resource for Apple's)",
+        choices=("auto", "cpu", "gpu"),
     )
     precision: str = setting(
         "auto",
         "arithmetic of the encoder and decoder: 'bf16' mixed precision (the quantizer and SSIM stay float32) or '32'; "
-        "'auto' is bf16 on a GPU and on a CPU with bf16 matrix units (Intel AMX), 32 elsewhere",
+        "'auto' is bf16 on a CUDA GPU and on a CPU with bf16 matrix units (Intel AMX), 32 elsewhere (Apple's GPU "
+        "too)",
         choices=("auto", "32", "bf16"),
     )
     compile_model: bool = setting(

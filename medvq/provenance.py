@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 
 from medvq.config import Config
+from medvq.devices import PRECISION_WORDS, device_words
 from medvq.storage import is_file, join, read_bytes
 
 PROVENANCE_FILE = "provenance.json"
 STRETCHES_JOINED_BY = ", then "  # a run's precisions, where a resume on other hardware changed it
-PRECISION_WORDS = {"32-true": "float32", "bf16-mixed": "bf16 mixed precision"}  # Lightning's names, for a caption
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,9 +60,9 @@ def ray_hardware(totals: dict[str, float], autoscaling: bool) -> str:
     )
 
 
-def local_hardware(use_gpu: bool) -> str:
-    """This machine, and the GPU a local run trains on."""
-    gpu = torch.cuda.get_device_name(0) if use_gpu else "no GPU"
+def local_hardware(accelerator: str) -> str:
+    """This machine, and the GPU a local run trains on (`accelerator` as devices.resolve_accelerator names it)."""
+    gpu = "no GPU" if accelerator == "cpu" else device_words(accelerator)
     return f"{torch.get_num_threads()} CPU threads of {cpu_model()}, {gpu}"
 
 
