@@ -8,11 +8,11 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 
 import jsonschema
 import kubernetes_validate
 import pytest
-import tomllib
 import yaml
 
 from tests.conftest import REPO
