@@ -1,8 +1,9 @@
 """cluster/: the manifests parse and validate, agree with pyproject.toml and with each other, give the
-job the GPUs, storage and entrypoint it expects, and hold no secrets."""
+job the GPUs, storage, S3 credentials and entrypoint it expects, follow the docs' GPU advice, and hold no secrets."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import re
 import shlex
@@ -29,6 +30,9 @@ RAY_VERSION = next(
 KUBERNETES_VERSION = "1.30"  # an old-enough API server: the manifests must not need newer pod fields
 SHARED = "/mnt/shared"  # where every KubeRay pod mounts the shared volume
 TOKEN_SECRET = "medvq-ray-token"
+S3_SECRET = "medvq-s3"  # the pods' S3 credentials in rayjob-s3.yaml, made by hand as cluster/README.md says
+S3_KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"}  # what the README's Secret must hold
+BUCKET = "your-bucket-name"  # rayjob-s3.yaml's placeholder, which the README's sed replaces
 
 
 def load(path):
@@ -37,7 +41,10 @@ def load(path):
 
 
 RAYJOB, RAYCLUSTER, AWS = load(KUBERAY / "rayjob.yaml"), load(KUBERAY / "raycluster.yaml"), load(CLUSTER / "aws.yaml")
-KUBERAY_CLUSTERS = {"rayjob": RAYJOB["spec"]["rayClusterSpec"], "raycluster": RAYCLUSTER["spec"]}
+RAYJOB_S3 = load(KUBERAY / "rayjob-s3.yaml")
+KUBERAY_CLUSTERS = {"rayjob": RAYJOB["spec"]["rayClusterSpec"], "raycluster": RAYCLUSTER["spec"]}  # shared volume
+EVERY_KUBERAY = {**KUBERAY_CLUSTERS, "rayjob-s3": RAYJOB_S3["spec"]["rayClusterSpec"]}
+RAYJOBS = {"rayjob.yaml": RAYJOB, "rayjob-s3.yaml": RAYJOB_S3}
 
 
 def pod_templates(spec: dict) -> list[dict]:
@@ -155,7 +162,7 @@ def test_every_yaml_file_parses_into_mappings(path):
     assert documents and all(isinstance(doc, dict) for doc in documents)
 
 
-@pytest.mark.parametrize("resource", [RAYJOB, RAYCLUSTER], ids=["rayjob", "raycluster"])
+@pytest.mark.parametrize("resource", [RAYJOB, RAYCLUSTER, RAYJOB_S3], ids=["rayjob", "raycluster", "rayjob-s3"])
 def test_kuberay_manifests_fit_the_crd_and_their_pods_fit_kubernetes(resource):
     check_kuberay(resource)
 
@@ -191,9 +198,9 @@ def test_ray_version_is_pyprojects_everywhere():
     assert python, f"the base image must be rayproject/ray:<pinned Ray>-py3XX-gpu, not {base}"
     lowest = PYPROJECT["project"]["requires-python"].removeprefix(">=").split(".")
     assert (3, int(python[1])) >= tuple(map(int, lowest))
-    for spec in KUBERAY_CLUSTERS.values():
+    for spec in EVERY_KUBERAY.values():
         assert spec["rayVersion"] == RAY_VERSION
-    images = [ray_container(t)["image"] for spec in KUBERAY_CLUSTERS.values() for t in pod_templates(spec)]
+    images = [ray_container(t)["image"] for spec in EVERY_KUBERAY.values() for t in pod_templates(spec)]
     for image in [*images, AWS["docker"]["image"]]:
         assert image.endswith(f"-ray{RAY_VERSION}"), f"{image}: tag the image with the Ray it carries"
     assert len(set(images + [AWS["docker"]["image"]])) == 1
@@ -201,7 +208,7 @@ def test_ray_version_is_pyprojects_everywhere():
 
 
 # ---- the pods the job expects
-@pytest.mark.parametrize("spec", KUBERAY_CLUSTERS.values(), ids=KUBERAY_CLUSTERS.keys())
+@pytest.mark.parametrize("spec", EVERY_KUBERAY.values(), ids=EVERY_KUBERAY.keys())
 def test_the_head_has_no_gpu_and_the_workers_do(spec):
     head = spec["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
@@ -213,18 +220,27 @@ def test_the_head_has_no_gpu_and_the_workers_do(spec):
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in worker["spec"]["tolerations"]
 
 
+def volumes_by_mount(template: dict) -> dict[str, dict]:
+    """{mount path: volume} of a pod template's Ray container."""
+    volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
+    return {mount["mountPath"]: volumes[mount["name"]] for mount in ray_container(template)["volumeMounts"]}
+
+
+@pytest.mark.parametrize("spec", EVERY_KUBERAY.values(), ids=EVERY_KUBERAY.keys())
+def test_every_pod_has_shm_in_memory(spec):
+    for template in pod_templates(spec):
+        assert volumes_by_mount(template)["/dev/shm"]["emptyDir"]["medium"] == "Memory"
+
+
 @pytest.mark.parametrize("spec", KUBERAY_CLUSTERS.values(), ids=KUBERAY_CLUSTERS.keys())
-def test_every_pod_has_shm_in_memory_and_the_shared_volume(spec):
+def test_every_pod_of_the_shared_volume_manifests_mounts_it(spec):
     claim = load(KUBERAY / "shared-volume.yaml")
     assert "ReadWriteMany" in claim["spec"]["accessModes"]  # every worker pod writes checkpoints
     for template in pod_templates(spec):
-        volumes = {volume["name"]: volume for volume in template["spec"]["volumes"]}
-        mounts = {mount["mountPath"]: mount["name"] for mount in ray_container(template)["volumeMounts"]}
-        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
-        assert volumes[mounts[SHARED]]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert volumes_by_mount(template)[SHARED]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
-@pytest.mark.parametrize("spec", KUBERAY_CLUSTERS.values(), ids=KUBERAY_CLUSTERS.keys())
+@pytest.mark.parametrize("spec", EVERY_KUBERAY.values(), ids=EVERY_KUBERAY.keys())
 def test_token_auth_comes_from_a_secret_reference(spec):
     assert spec["authOptions"] == {"mode": "token", "secretName": TOKEN_SECRET}
     for template in pod_templates(spec):
@@ -245,6 +261,49 @@ def test_rayjob_runs_the_same_pods_as_raycluster_and_shuts_down():
     assert RAYJOB["spec"]["submissionMode"] == "K8sJobMode"
 
 
+def pod_without(template: dict, mount_path: str | None = None) -> dict:
+    """A copy of a pod template whose Ray container has no envFrom, nor the volume mounted at `mount_path`."""
+    template = copy.deepcopy(template)
+    container = ray_container(template)
+    container.pop("envFrom", None)
+    if mount_path:
+        (name,) = [mount["name"] for mount in container["volumeMounts"] if mount["mountPath"] == mount_path]
+        container["volumeMounts"] = [mount for mount in container["volumeMounts"] if mount["name"] != name]
+        template["spec"]["volumes"] = [volume for volume in template["spec"]["volumes"] if volume["name"] != name]
+    return template
+
+
+def test_rayjob_s3_is_rayjob_with_s3_credentials_from_a_secret_instead_of_the_volume():
+    s3, shared = copy.deepcopy(RAYJOB_S3), copy.deepcopy(RAYJOB)
+    for job, mount_path in ((s3, None), (shared, SHARED)):
+        spec = job["spec"]["rayClusterSpec"]
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            group["template"] = pod_without(group["template"], mount_path)
+        del job["spec"]["entrypoint"], job["metadata"]
+    assert s3 == shared
+    for template in pod_templates(RAYJOB_S3["spec"]["rayClusterSpec"]):
+        assert ray_container(template)["envFrom"] == [{"secretRef": {"name": S3_SECRET}}]
+        assert "env" not in ray_container(template) and SHARED not in str(template)
+
+
+def test_rayjob_s3_reads_and_writes_the_bucket_the_readme_fills_and_reads_back():
+    flag = flags(shlex.split(RAYJOB_S3["spec"]["entrypoint"]))
+    data, out = flag["--data-root"], flag["--out"]
+    assert data.startswith(f"s3://{BUCKET}/") and out.startswith(f"s3://{BUCKET}/") and "--storage" not in flag
+    assert RAYJOB_S3["spec"]["entrypoint"] in README
+    assert RAYJOB_S3["metadata"]["name"] != RAYJOB["metadata"]["name"]  # both can run in one namespace
+    secret = next(
+        line for line in README.splitlines() if line.startswith(f"kubectl create secret generic {S3_SECRET} ")
+    )
+    assert S3_KEYS <= set(re.findall(r"--from-literal=(\w+)=", secret))
+    assert "AWS_ENDPOINT_URL" in README
+    in_readme = lambda uri: uri.replace(f"s3://{BUCKET}/", "s3://$BUCKET/")  # the README's commands say $BUCKET
+    assert re.search(rf'^aws s3 sync medmnist "{re.escape(in_readme(data))}"', README, re.M)
+    assert re.search(rf'^aws s3 cp --recursive "{re.escape(in_readme(out))}" ', README, re.M)
+    assert f'sed -i "s#{BUCKET}#$BUCKET#" cluster/kuberay/rayjob-s3.yaml' in README
+    assert "kubectl apply -f cluster/kuberay/rayjob-s3.yaml" in README
+
+
 def test_aws_has_a_cpu_head_and_gpu_workers_with_token_auth():
     types = AWS["available_node_types"]
     assert types[AWS["head_node_type"]]["resources"]["GPU"] == 0
@@ -255,19 +314,18 @@ def test_aws_has_a_cpu_head_and_gpu_workers_with_token_auth():
     assert "-e RAY_AUTH_MODE=token" in AWS["docker"]["run_options"]
 
 
-def test_the_data_upload_command_imports_what_exists():
-    imports = re.findall(
-        r"from ([\w.]+) import (\w+)", next(line for line in README.splitlines() if "verified_file" in line)
-    )
-    assert imports
+def test_the_data_upload_commands_import_what_exists():
+    lines = [line for line in README.splitlines() if "verified_file" in line]
+    imports = {pair for line in lines for pair in re.findall(r"from ([\w.]+) import (\w+)", line)}
+    assert len(lines) == 2 and imports  # KubeRay with S3, and AWS
     for module, name in imports:
         assert hasattr(importlib.import_module(module), name), f"aws.yaml imports {module}.{name}"
 
 
 # ---- the entrypoint and every sweep command in the docs
 def sweep_commands() -> dict[str, list[str]]:
-    """Each `python jobs/sweep.py ...` command: the RayJob entrypoint and the README's, as argv."""
-    commands, in_code = {"rayjob.yaml": shlex.split(RAYJOB["spec"]["entrypoint"])}, False
+    """Each `python jobs/sweep.py ...` command: the RayJobs' entrypoints and the README's, as argv."""
+    commands, in_code = {name: shlex.split(job["spec"]["entrypoint"]) for name, job in RAYJOBS.items()}, False
     for number, line in enumerate(README.splitlines(), start=1):
         in_code = in_code != line.startswith("```")
         if in_code and "jobs/sweep.py" in line:
@@ -314,26 +372,64 @@ def test_rayjob_entrypoint_uses_the_shared_volume_and_is_in_the_readme():
     assert RAYJOB["spec"]["entrypoint"] in README
 
 
-def test_the_aws_command_keeps_everything_on_s3_as_the_multinode_test_runs_it():
-    (aws,) = [flags(argv) for argv in sweep_commands().values() if flags(argv)["--data-root"].startswith("s3://")]
-    assert aws["--out"].startswith("s3://") and "--storage" not in aws  # storage: OUT/ray_results, on S3
+def test_the_s3_commands_keep_everything_on_s3_as_the_multinode_test_runs_it():
+    on_s3 = [flags(argv) for argv in sweep_commands().values() if flags(argv)["--data-root"].startswith("s3://")]
+    assert len(on_s3) == 3  # rayjob-s3.yaml's entrypoint, the README's copy of it, and the AWS command
+    for flag in on_s3:
+        assert flag["--out"].startswith("s3://") and "--storage" not in flag  # storage: OUT/ray_results, on S3
+
+
+def capacities_for(argv: list[str]) -> list[tuple[float, float, float]]:
+    """The clusters a sweep command is written for: a RayJob's own pods for its entrypoint (and the README's copy of
+    it), else the shared-volume KubeRay clusters or AWS, by where its storage is."""
+    for job in RAYJOBS.values():
+        if argv == shlex.split(job["spec"]["entrypoint"]):
+            return [kuberay_capacity(job["spec"]["rayClusterSpec"])]
+    flag = flags(argv)
+    if (flag.get("--storage") or flag["--out"]).startswith(SHARED):
+        return [kuberay_capacity(spec) for spec in KUBERAY_CLUSTERS.values()]
+    return [aws_capacity()]
 
 
 @pytest.mark.parametrize("source, argv", sweep_commands().items())
 def test_every_sweep_command_fills_the_cluster_it_is_written_for(source, argv):
     flag = flags(argv)
     storage = flag.get("--storage") or f"{flag['--out']}/ray_results"
-    capacities = (
-        [kuberay_capacity(spec) for spec in KUBERAY_CLUSTERS.values()]
-        if storage.startswith(SHARED)
-        else [aws_capacity()]
-    )
+    capacities = capacities_for(argv)
     assert storage.startswith((SHARED, "s3://")), "cluster storage must be shared by every node"
     assert flag["--data-root"].startswith((SHARED, "s3://")), "every node reads the data"
     total, per_worker, cpus = gpu_demand(flag)
     for gpus, gpus_per_node, cpus_per_node in capacities:
         assert total == gpus, f"{source}: asks for {total:g} GPUs at once, the cluster has {gpus:g}"
         assert per_worker <= gpus_per_node and cpus <= cpus_per_node, f"{source}: a worker must fit in a node"
+
+
+def test_the_gpu_advice_is_in_the_docs():
+    advice = (REPO / "docs" / "behaviour.md").read_text().split("## On a GPU")[1].split("\n## ")[0]
+    assert "`--batch-size 128` to `jobs/sweep.py`" in advice
+    assert "one worker on one GPU (`--workers-per-trial 1`" in advice
+
+
+@pytest.mark.parametrize("source, argv", sweep_commands().items())
+def test_every_sweep_command_follows_the_docs_gpu_advice(source, argv):
+    """docs/behaviour.md, "On a GPU": batch 128, and a 28x28 trial is one worker on (at most) one GPU."""
+    flag = flags(argv)
+    assert flag.get("--batch-size") == "128", f"{source}: a GPU sweep trains at batch 128"
+    assert int(flag.get("--size", 28)) == 28 and int(flag.get("--workers-per-trial", 1)) == 1, source
+    assert float(flag["--gpus-per-trial"]) <= 1, source
+
+
+@pytest.mark.parametrize("source, argv", sweep_commands().items())
+def test_every_sweep_command_parses_with_the_jobs_own_flags(source, argv):
+    from jobs.sweep import parser, sweep_from_args, with_gpus
+
+    job_flags, flag = parser(), flags(argv)
+    args = job_flags.parse_args(argv[2:])
+    sweep = with_gpus(sweep_from_args(args, job_flags), args.gpus_per_trial, cluster_gpus=capacities_for(argv)[0][0])
+    assert sweep.base.batch_size == int(flag["--batch-size"]) and sweep.base.accelerator == flag["--accelerator"]
+    assert sweep.base.workers * sweep.base.gpus_per_worker == float(flag["--gpus-per-trial"])
+    assert sweep.max_concurrent_trials == int(flag["--max-concurrent-trials"])
+    assert sweep.base.data_root == flag["--data-root"]
 
 
 def test_the_readme_table_has_the_manifests_numbers():
@@ -415,7 +511,8 @@ def test_dockerignore_keeps_data_and_outputs_out_and_the_code_in():
 
 SECRET_PATTERNS = {
     "an AWS access key": r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",
-    "an AWS secret key": r"(?i)aws_secret_access_key",
+    # the key itself (40 characters) after its name; the name alone, as a Secret's key or a shell variable, is fine
+    "an AWS secret key": r"(?i)aws_secret_access_key\W{1,4}[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+])",
     "a private key": r"-----BEGIN [A-Z ]*PRIVATE KEY-----",
     "an account id": r"(?<![\d.])\d{12}(?![\d.])",
     "an ARN": r"arn:aws[\w-]*:",
@@ -434,3 +531,17 @@ def test_no_secrets_in_cluster_files(path):
     text = path.read_text()
     for what, pattern in SECRET_PATTERNS.items():
         assert not re.search(pattern, text), f"{path.name} holds {what}"
+
+
+def test_the_secret_check_finds_a_key_but_not_its_name():
+    found = lambda text: {what for what, pattern in SECRET_PATTERNS.items() if re.search(pattern, text)}
+    example = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"  # the example secret key of AWS's documentation
+    for leaked in (
+        f"aws_secret_access_key = {example}",
+        f'AWS_SECRET_ACCESS_KEY="{example}"',
+        f"AWS_SECRET_ACCESS_KEY: {example}",
+    ):
+        assert found(leaked) == {"an AWS secret key"}, leaked
+    assert found("AKIAIOSFODNN7EXAMPLE") == {"an AWS access key"}
+    (secret_command,) = [line for line in README.splitlines() if "AWS_SECRET_ACCESS_KEY" in line]
+    assert found(secret_command) == set()
