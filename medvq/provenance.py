@@ -15,7 +15,7 @@ import torch
 
 from medvq.config import Config
 from medvq.devices import PRECISION_WORDS, device_words
-from medvq.storage import is_file, join, read_bytes
+from medvq.storage import is_file, is_uri, join, read_bytes, write_bytes
 
 PROVENANCE_FILE = "provenance.json"
 STRETCHES_JOINED_BY = ", then "  # a run's precisions, where a resume on other hardware changed it
@@ -67,9 +67,10 @@ def local_hardware(accelerator: str) -> str:
 
 
 def write_provenance(folder: Path, hardware: str, out: str) -> None:
-    """Record this start of a job in `folder`, the local folder it writes `out` (a path or a URI) from. When `out`
-    has a record already (a resumed run, or latents encoded again into a run's folder), its first start stays on
-    top and this one is added to its `later_starts`."""
+    """Record this start of a job in `folder`, the local folder it writes `out` (a path or a URI) from, and at once
+    in `out` itself, so that a URI has it even after a SIGKILL. When `out` has a record already (a resumed run, or
+    latents encoded again into a run's folder), its first start stays on top and this one is added to its
+    `later_starts`."""
     folder.mkdir(parents=True, exist_ok=True)
     now = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
     earlier = join(out, PROVENANCE_FILE)
@@ -78,7 +79,10 @@ def write_provenance(folder: Path, hardware: str, out: str) -> None:
         record["later_starts"] = [*record.get("later_starts", []), now]
     else:
         record = now
-    (folder / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    text = json.dumps(record, indent=2) + "\n"
+    (folder / PROVENANCE_FILE).write_text(text)
+    if is_uri(out):
+        write_bytes(earlier, text.encode())
 
 
 def precision_words(precision: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,7 @@ import pyarrow.fs as pafs
 from medvq.errors import UserError
 
 PARTIAL = ".partial"  # the end of a file's name while it is written beside the one it replaces
+ERROR_FILE = "error.txt"  # why a job that wrote to a folder failed or was stopped, with its traceback
 
 
 def is_uri(location: str | Path | None) -> bool:
@@ -72,6 +74,17 @@ def read_bytes(location: str | Path) -> bytes:
         raise UserError(f"cannot read {location}: {error}".splitlines()[0]) from None
 
 
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write a file to a folder (created if need be) or a URI."""
+    filesystem, path = resolve(location)
+    try:
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as error:
+        raise UserError(f"cannot write {location}: {error}".splitlines()[0]) from None
+
+
 def check_writable(location: str) -> None:
     """Fail before any worker starts if `location` (a folder or a URI) cannot be created and written to."""
     try:
@@ -87,16 +100,47 @@ def check_writable(location: str) -> None:
 
 @contextmanager
 def output_folder(out: str) -> Iterator[Path]:
-    """The local folder a job writes to: --out itself, or for a URI (s3://bucket/run) a temporary
-    folder whose contents are uploaded there once the job has succeeded."""
+    """The local folder a job writes to: --out itself, or for a URI (s3://bucket/run) a temporary folder whose
+    contents are uploaded there as the job ends, however it ends (a failure, Ctrl-C, SIGTERM). A job that fails or
+    is stopped leaves why in OUT/error.txt, and its error names OUT, never the temporary folder; a job that
+    succeeds removes an earlier start's error.txt."""
     if not is_uri(out):
-        yield Path(absolute(out))
+        folder = Path(absolute(out))
+        with noted_errors(folder, str(folder)):
+            yield folder
+        (folder / ERROR_FILE).unlink(missing_ok=True)
         return
     check_writable(out)
     with tempfile.TemporaryDirectory(prefix="medvq-out-") as local:
-        yield Path(local)
-        pafs.copy_files(local, out)
-        print(f"uploaded the outputs to {out}", flush=True)
+        try:
+            with noted_errors(Path(local), out):
+                yield Path(local)
+        except BaseException:
+            upload(local, out, "what the job wrote before it ended")
+            raise
+        upload(local, out, "the outputs")
+        filesystem, path = resolve(join(out, ERROR_FILE))
+        if filesystem.get_file_info(path).type == pafs.FileType.File:
+            filesystem.delete_file(path)
+
+
+@contextmanager
+def noted_errors(folder: Path, out: str) -> Iterator[None]:
+    """An error that leaves the block is written, with its traceback, to folder/error.txt (when the job has made the
+    folder), and names `out` where it said `folder`, the local folder that stands for it."""
+    try:
+        yield
+    except BaseException as error:
+        local, named = str(folder), out.rstrip("/")
+        error.args = tuple(arg.replace(local, named) if isinstance(arg, str) else arg for arg in error.args)
+        if folder.is_dir():
+            (folder / ERROR_FILE).write_text("".join(traceback.format_exception(error)).replace(local, named))
+        raise
+
+
+def upload(local: str, out: str, what: str) -> None:
+    pafs.copy_files(local, out)
+    print(f"uploaded {what} to {out}", flush=True)
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from medvq.devices import resolve_accelerator, resolve_precision
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule, read_checkpoint
 from medvq.provenance import PROVENANCE_FILE
-from medvq.storage import PARTIAL, replace_atomically
+from medvq.storage import ERROR_FILE, PARTIAL, replace_atomically
 
 CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
 TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
@@ -216,8 +216,9 @@ def build_trainer(
 def local_resume_point(config: Config, out: Path) -> Path | None:
     """The checkpoint to continue from when `out` holds an unfinished local run of these settings; None for a new
     or empty folder. A folder with anything else, a different run or a finished one is refused in one line."""
-    # A run stopped before its first checkpoint leaves only its provenance, or a save cut short
-    if not out.exists() or all(path.name.endswith(PARTIAL) or path.name == PROVENANCE_FILE for path in out.iterdir()):
+    # A run stopped before its first checkpoint leaves only its provenance and why it stopped, or a save cut short
+    left = (PROVENANCE_FILE, ERROR_FILE)
+    if not out.exists() or all(path.name.endswith(PARTIAL) or path.name in left for path in out.iterdir()):
         return None
     checkpoint = out / CHECKPOINT_NAME
     if not checkpoint.is_file():

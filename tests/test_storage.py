@@ -5,8 +5,16 @@ from __future__ import annotations
 import pytest
 
 from medvq.cli import default_storage
-from medvq.errors import UserError
-from medvq.storage import cached_copy, check_writable, local_folder, output_folder, read_bytes, uri_on
+from medvq.errors import RunFailed, UserError
+from medvq.storage import (
+    ERROR_FILE,
+    cached_copy,
+    check_writable,
+    local_folder,
+    output_folder,
+    read_bytes,
+    uri_on,
+)
 
 
 def test_a_folder_is_written_in_place(tmp_path):
@@ -24,12 +32,29 @@ def test_a_uri_gets_a_local_folder_uploaded_after_success(tmp_path):
     assert not out.exists()  # the temporary folder is gone
 
 
-def test_a_failed_job_uploads_nothing(tmp_path):
-    target = tmp_path / "remote"
-    with pytest.raises(RuntimeError), output_folder(f"file://{target}") as out:
-        (out / "half-written.csv").write_text("1,2")
-        raise RuntimeError("the job failed")
-    assert not (target / "half-written.csv").exists()
+@pytest.mark.parametrize("error", [RunFailed, KeyboardInterrupt])
+def test_a_failed_or_stopped_job_uploads_what_it_wrote_and_why_naming_the_uri(tmp_path, error):
+    target = f"file://{tmp_path}/remote"
+    with pytest.raises(error) as raised, output_folder(target) as out:
+        (out / "trials.csv").write_text("1,2")
+        raise error(f"no trial left a model; see {out / 'trials.csv'}")
+    assert (tmp_path / "remote" / "trials.csv").read_text() == "1,2"
+    assert str(raised.value) == f"no trial left a model; see {target}/trials.csv"  # not the deleted local folder
+    note = (tmp_path / "remote" / ERROR_FILE).read_text()
+    assert note.startswith("Traceback") and note.strip().endswith(f"see {target}/trials.csv") and str(out) not in note
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["folder", "uri"])
+def test_a_job_that_succeeds_removes_an_earlier_starts_error_note(tmp_path, remote):
+    out = f"file://{tmp_path}/out" if remote else str(tmp_path / "out")
+    with pytest.raises(RunFailed), output_folder(out) as folder:
+        folder.mkdir(parents=True, exist_ok=True)
+        raise RunFailed("every trial diverged")
+    assert "RunFailed: every trial diverged" in (tmp_path / "out" / ERROR_FILE).read_text()
+    with output_folder(out) as folder:
+        (folder / "best.json").write_text("{}")
+    assert not (tmp_path / "out" / ERROR_FILE).exists() and (tmp_path / "out" / "best.json").exists()
 
 
 def test_storage_defaults_to_ray_results_under_out(tmp_path):
