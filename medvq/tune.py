@@ -10,12 +10,14 @@ import math
 import os
 import re
 import signal
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from ray import tune
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
@@ -112,8 +114,73 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
             storage_path=storage,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+            # Kept in the stored Tuner: a resumed sweep prints its progress too.
+            callbacks=[SearchProgress(sweep.trial_count, sweep.base.epochs)],
         ),
     )
+
+
+class SearchProgress(tune.Callback):
+    """A line as each trial ends: trials done of all, the best so far (the objective and its settings) and about how
+    long the rest takes (the trials left, each the mean time of the trials ended so far, as many at once as ran at
+    once). Tune's trial table scrolls past; this says where the search stands."""
+
+    def __init__(self, trials: int, epochs: int):
+        self.trials, self.epochs = trials, epochs
+
+    def setup(self, **info) -> None:  # each fit(), the first or a resumed one
+        self.started: dict[str, float] = {}
+        self.seconds: list[float] = []
+        self.at_once = 1
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.started[trial.trial_id] = time.monotonic()
+        running = {t.trial_id for t in trials if t.status == Trial.RUNNING} | {trial.trial_id}
+        self.at_once = max(self.at_once, len(running))
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        if trial.status == Trial.RUNNING:  # not a trial that never started, dropped as the search ends
+            self.print_line(trials, trial, metrics_status(trial.last_result, self.epochs))
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        self.print_line(trials, trial, ("failed", ""))
+
+    def print_line(self, trials: list[Trial], trial: Trial, outcome: tuple[str, str]) -> None:
+        if trial.trial_id in self.started:
+            self.seconds.append(time.monotonic() - self.started.pop(trial.trial_id))
+        ended = [t for t in trials if t.status in (Trial.TERMINATED, Trial.ERROR) and t is not trial]
+        print(progress_line([*ended, trial], outcome, self.trials, self.at_once, self.seconds), flush=True)
+
+
+def progress_line(ended: list[Trial], outcome: tuple[str, str], trials: int, at_once: int, seconds: list[float]) -> str:
+    """'search: 7 of 15 trials done; 5e42f_00006 stopped by ASHA at epoch 2 (val_nmse 0.0931); best so far val_nmse
+    0.0874 (codebook 256, commitment 0.31, seed 0); about 12 min left'. `ended` ends with the trial that just ended,
+    and `outcome` is its (status, reason)."""
+    last, (status, reason) = ended[-1], outcome
+    line = f"search: {len(ended)} of {trials} trials done; {last.trial_id} {status}"
+    if status == "stopped":
+        line += " by ASHA"
+    if status in MODEL_STATUSES:
+        line += f" at epoch {last.last_result[EPOCHS_DONE]} ({OBJECTIVE} {last.last_result[OBJECTIVE]:.4f})"
+    elif reason:
+        line += f": {reason}"
+    usable = [
+        t
+        for t in ended
+        if t.status != Trial.ERROR
+        and DIVERGED not in t.last_result
+        and math.isfinite(t.last_result.get(OBJECTIVE, math.nan))
+    ]
+    if usable:
+        best = min(usable, key=lambda t: t.last_result[OBJECTIVE])
+        line += (
+            f"; best so far {OBJECTIVE} {best.last_result[OBJECTIVE]:.4f} (codebook {best.config['codebook_size']}, "
+            f"commitment {best.config['commitment_weight']:.3g}, seed {best.config['seed']})"
+        )
+    left = trials - len(ended)
+    if left and seconds:
+        line += f"; about {max(1, round(left / min(at_once, left) * np.mean(seconds) / 60))} min left"
+    return line
 
 
 @contextmanager
@@ -167,9 +234,14 @@ def error_line(error: BaseException) -> str:
 
 def trial_status(result: tune.Result, epochs: int) -> tuple[str, str]:
     """(status, reason): "error" (failed for good), "diverged", "stopped" (early, by ASHA) or "finished"."""
-    last = result.metrics or {}  # None for a trial that never reported
     if result.error is not None:
         return "error", error_line(result.error)
+    return metrics_status(result.metrics, epochs)
+
+
+def metrics_status(last: dict | None, epochs: int) -> tuple[str, str]:
+    """`trial_status` of a trial that raised no error, from its last metrics (None if it never reported)."""
+    last = last or {}
     if DIVERGED in last:
         return "diverged", last[DIVERGED]
     if EPOCHS_DONE not in last:

@@ -9,7 +9,7 @@ import pytest
 from ray.tune.search.variant_generator import generate_variants
 
 from medvq.config import Config, SweepConfig
-from medvq.tune import SEARCHED, error_line, search_space, trial_order, trial_status
+from medvq.tune import SEARCHED, error_line, progress_line, search_space, trial_order, trial_status
 
 
 @pytest.mark.parametrize("sizes, weights", [((64, 128, 256, 512, 1024), (0.1, 0.5, 2.0)), ((64, 512), (0.1, 1.0))])
@@ -60,3 +60,26 @@ def test_each_outcome_has_its_status_even_without_metrics():
     assert outcome(metrics={"epochs_done": 2}) == ("stopped", "")
     assert outcome(metrics={"epochs_done": 6}) == ("finished", "")
     assert outcome() == ("error", "the trial reported no epoch")  # no model, though nothing failed
+
+
+def test_the_search_says_as_each_trial_ends_how_many_are_done_the_best_so_far_and_the_time_left():
+    trial = lambda n, status, size, **last: SimpleNamespace(
+        trial_id=f"5e42f_0000{n}",
+        status=status,
+        config={"codebook_size": size, "commitment_weight": 0.3125, "seed": 0},
+        last_result=last,
+    )
+    ended = [
+        trial(0, "TERMINATED", 64, epochs_done=6, val_nmse=0.0874),
+        trial(1, "ERROR", 128, epochs_done=6, val_nmse=0.01),  # failed later: no model, whatever it reported
+        trial(2, "TERMINATED", 128, epochs_done=1, val_nmse=float("inf"), diverged="train_loss became inf"),
+        trial(3, "RUNNING", 256, epochs_done=2, val_nmse=0.0931),  # the one that just ended
+    ]
+    # 11 trials left, 4 at once, 3 minutes each: about 8 minutes
+    assert progress_line(ended, ("stopped", ""), 15, 4, [120.0, 240.0]) == (
+        "search: 4 of 15 trials done; 5e42f_00003 stopped by ASHA at epoch 2 (val_nmse 0.0931); best so far val_nmse "
+        "0.0874 (codebook 64, commitment 0.312, seed 0); about 8 min left"
+    )
+    assert progress_line(ended[1:3], ("diverged", "train_loss became inf"), 2, 1, []) == (
+        "search: 2 of 2 trials done; 5e42f_00002 diverged: train_loss became inf"
+    )
