@@ -18,9 +18,11 @@ from medvq.cli import (
     POSITIVE,
     POSITIVE_INT,
     JobParser,
+    check_same_run,
     config_from_args,
     list_value,
     run_job,
+    run_record,
     start_ray,
     storage_from_args,
     training_parser,
@@ -36,7 +38,7 @@ from medvq.provenance import ray_hardware, write_provenance
 from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
 from medvq.train import CHECKPOINT_NAME, train_on_ray
-from medvq.tune import run_sweep, write_final_fit, write_sweep_outputs
+from medvq.tune import final_fit_name, run_sweep, sweep_start, write_final_fit, write_sweep_outputs
 
 
 def commitment_weights(text: str) -> dict:
@@ -142,6 +144,8 @@ def main() -> None:
     flags = parser()
     args = flags.parse_args()
     sweep = sweep_from_args(args, flags)
+    run = run_record("sweep", args.out, sweep)
+    check_same_run(args.out, run)
     storage, storage_flag = storage_from_args(args)
     check_data(sweep.base)
     seconds, started = {}, time.monotonic()
@@ -153,31 +157,31 @@ def main() -> None:
     check_nodes_see(sweep.base, storage, storage_flag)
     check_writable(storage)
     with output_folder(args.out) as out:
-        write_provenance(out, ray_hardware(most.totals, most.autoscaling), args.out)
+        write_provenance(out, ray_hardware(most.totals, most.autoscaling), args.out, run)
         print(
-            f"sweep {sweep.run_name()}: {sweep.trial_count} trials, up to "
+            f"{sweep_start(sweep, storage, run['name'], args.out)}; up to "
             f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
             flush=True,
         )
-        search_and_describe(sweep, storage, out, seconds)
+        search_and_describe(sweep, storage, run["name"], out, seconds)
     print(
         f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, metrics.csv, latents/, "
         f"summary.json, summary.md, provenance.json and plots/ to {args.out}"
     )
 
 
-def search_and_describe(sweep: SweepConfig, storage: str, out: Path, seconds: dict[str, float]) -> None:
-    """Search, then encode, measure and draw the best model; `seconds` gathers each step's time."""
+def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, seconds: dict[str, float]) -> None:
+    """Search (the sweep `name`), then encode, measure and draw the best model; `seconds` gathers each step's time."""
     started = time.monotonic()
-    results = run_sweep(sweep, storage)
+    results = run_sweep(sweep, storage, name)
     seconds["search"] = time.monotonic() - started
     out.mkdir(parents=True, exist_ok=True)
     best = write_sweep_outputs(results, sweep, storage, out)
     config = Config.from_dict(best["config"])
     if sweep.final_epochs:
-        started, config = time.monotonic(), config.with_changes(epochs=sweep.final_epochs)
-        print(f"final fit {config.run_name()}: the best trial's settings, --final-epochs {config.epochs}", flush=True)
-        best = write_final_fit(best, config, train_on_ray(config, out, storage), out)
+        started, config, final = time.monotonic(), config.with_changes(epochs=sweep.final_epochs), final_fit_name(name)
+        print(f"final fit {final}: the best trial's settings, --final-epochs {config.epochs}", flush=True)
+        best = write_final_fit(best, config, train_on_ray(config, out, storage, final), out)
         seconds["final_fit"] = time.monotonic() - started
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0

@@ -8,7 +8,17 @@ Both keep a checkpoint of every epoch; the same command continues a run that was
 
 from pathlib import Path
 
-from medvq.cli import POSITIVE_INT, JobParser, config_from_args, run_job, start_ray, storage_from_args, training_parser
+from medvq.cli import (
+    POSITIVE_INT,
+    JobParser,
+    check_same_run,
+    config_from_args,
+    run_job,
+    run_record,
+    start_ray,
+    storage_from_args,
+    training_parser,
+)
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.devices import local_device_line, resolve_accelerator, uses_gpu, workers_device
@@ -55,6 +65,7 @@ def main() -> None:
     args = flags.parse_args()
     config = config_from_args(flags, args)
     check_data(config)
+    run = None  # a local run is what its --out holds (local_resume_point); a Ray Train run, what run_record names
     if args.ray_workers is None:
         hardware = local_hardware(resolve_accelerator(config.accelerator))
         if not is_uri(args.out):
@@ -64,18 +75,20 @@ def main() -> None:
         cluster = capacity()
         hardware = ray_hardware(cluster.totals, cluster.autoscaling)
         config = with_workers(config, args.ray_workers, cluster)
+        run = run_record("train", args.out, config)
+        check_same_run(args.out, run)
         storage, storage_flag = storage_from_args(args)
         check_nodes_see(config, storage, storage_flag)
         check_writable(storage)
     with output_folder(args.out) as out:
-        write_provenance(out, hardware, args.out)
+        write_provenance(out, hardware, args.out, run)
         if args.ray_workers is None:
             print(local_device_line(config.accelerator, config.precision), flush=True)
             final = train_local(config, out)
         else:
             workers = f"{config.workers} workers on {workers_device(config.gpus_per_worker)}"
-            print(f"Ray Train run {config.run_name()}: {workers}, storage {storage}", flush=True)
-            final = train_on_ray(config, out, storage)
+            print(f"Ray Train run {run['name']}: {workers}, storage {storage}", flush=True)
+            final = train_on_ray(config, out, storage, run["name"])
     print(
         f"val PSNR {final['val_psnr']:.2f} dB, SSIM {final['val_ssim']:.3f}, MAE {final['val_mae']:.4f}, "
         f"codes used {final['val_codes_used']:.0%} of {config.codebook_size} "

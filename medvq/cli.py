@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable, Iterable
@@ -14,8 +17,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 import ray
 from medmnist.info import DEFAULT_ROOT
 
-from medvq.config import BOUNDS, Config, Setting, settings
+from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
 from medvq.errors import RunFailed, Stopped, UserError
+from medvq.provenance import provenance_of
 from medvq.storage import absolute, join
 
 
@@ -173,6 +177,52 @@ def storage_from_args(args: argparse.Namespace) -> tuple[str, str]:
     if args.storage:
         return absolute(args.storage), f"--storage {args.storage}"
     return default_storage(args.out), f"--out {args.out} (Ray's storage defaults to OUT/ray_results; or give --storage)"
+
+
+def run_record(job: str, out: str, config: Config | SweepConfig) -> dict:
+    """A run is what its --out names. Its Ray name comes from that location (Ray's advice: no timestamps or random
+    values), so the same command resumes it and a new --out is a new run, also with a shared --storage; with it
+    goes what shapes the run's results, by flag, which a resumed run must repeat (`check_same_run`)."""
+    location = absolute(out).rstrip("/")
+    words = re.sub(r"[^A-Za-z0-9_]+", "-", location.rsplit("/", 1)[-1]).strip("-")[:40]
+    name = "-".join(filter(None, [f"medvq-{job}", words, hashlib.sha1(location.encode()).hexdigest()[:10]]))
+    return {"job": job, "name": name, "settings": json.loads(json.dumps(shaping_flags(results_shaping(config))))}
+
+
+def shaping_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """config.results_shaping's values, flattened and named by their flags ("--epochs"; a field whose flag a job
+    declares itself by its own name)."""
+    declared = {**settings(Config), **settings(SweepConfig)}
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat.update(shaping_flags(value))
+        else:
+            flag = declared[name].flag
+            flat[flag or (name if flag == "" else f"--{name.replace('_', '-')}")] = value
+    return flat
+
+
+def check_same_run(out: str, record: dict) -> None:
+    """Refuse, in one line and before anything starts, to continue in `out` a run of another job or of other
+    settings than its first start's (provenance.json); a new folder, or one from before runs recorded this, passes."""
+    first = provenance_of(out).get("run")
+    if not first:
+        return
+    if first["job"] != record["job"]:
+        raise UserError(f"--out {out} holds a run of jobs/{first['job']}.py: give a new --out")
+    had, now = first["settings"], record["settings"]
+    shown = lambda value: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    changed = [
+        f"{flag} {shown(now.get(flag))} (it has {shown(had.get(flag))})"
+        for flag in {**had, **now}
+        if had.get(flag) != now.get(flag)
+    ]
+    if changed:
+        raise UserError(
+            f"--out {out} holds a run of jobs/{record['job']}.py started with other settings: {'; '.join(changed)}; "
+            "repeat its flags to continue it, or give a new --out"
+        )
 
 
 def resolve_data_root(flag: str | None) -> str:

@@ -29,8 +29,8 @@ class Setting:
     bound: str | None = None  # a key of BOUNDS; for a tuple, each item's
     choices: tuple[str, ...] = ()
     flag: str | None = None  # the flag's name if not --field-name; "" when a job declares its own flag for it
-    # False for what says where or how fast a run goes, not what it learns: left out of the run's name, so the same
-    # command resumes the same run from another data mount, with other concurrency or GPUs up.
+    # False for what says where or how fast a run goes, not what it learns: left out of what a resumed run must
+    # repeat, so the same command resumes the same run from another data mount, with other concurrency or GPUs up.
     shapes_results: bool = True
     # For a setting added after runs had been saved: the value those runs trained with, which a saved config
     # without the key reads as (rather than today's default).
@@ -232,8 +232,8 @@ class Config:
         return replace(self, **changes)
 
     def run_name(self) -> str:
-        """Deterministic name of a Ray Train run of this config, from what shapes its results: the same
-        command resumes the same run."""
+        """A short name of what shapes this config's results: a local run continues in its --out only under the
+        same. (A Ray run is named after its --out: cli.run_record.)"""
         return f"medvq-train-{_digest(self)}"
 
 
@@ -307,10 +307,6 @@ class SweepConfig:
     @property
     def trial_count(self) -> int:
         return self.num_samples * len(self.codebook_sizes) * max(1, len(self.commitment_grid))
-
-    def run_name(self) -> str:
-        """Deterministic name from what shapes the results, so the same command resumes the same sweep."""
-        return f"medvq-sweep-{_digest(self)}"
 
 
 def smoke_sweep(base: Config) -> SweepConfig:

@@ -66,23 +66,29 @@ def local_hardware(accelerator: str) -> str:
     return f"{torch.get_num_threads()} CPU threads of {cpu_model()}, {gpu}"
 
 
-def write_provenance(folder: Path, hardware: str, out: str) -> None:
+def write_provenance(folder: Path, hardware: str, out: str, run: dict | None = None) -> None:
     """Record this start of a job in `folder`, the local folder it writes `out` (a path or a URI) from, and at once
     in `out` itself, so that a URI has it even after a SIGKILL. When `out` has a record already (a resumed run, or
     latents encoded again into a run's folder), its first start stays on top and this one is added to its
-    `later_starts`."""
+    `later_starts`. `run` (cli.run_record: the run's name and the settings it was started with) is kept from the
+    first start, which a resumed run must repeat."""
     folder.mkdir(parents=True, exist_ok=True)
     now = {"hardware": hardware, "commit": code_commit(), "date": datetime.date.today().isoformat()}
-    earlier = join(out, PROVENANCE_FILE)
-    if is_file(earlier):
-        record = json.loads(read_bytes(earlier))
+    record = provenance_of(out)
+    if record:
         record["later_starts"] = [*record.get("later_starts", []), now]
     else:
-        record = now
+        record = {**now, **({"run": run} if run else {})}
     text = json.dumps(record, indent=2) + "\n"
     (folder / PROVENANCE_FILE).write_text(text)
     if is_uri(out):
-        write_bytes(earlier, text.encode())
+        write_bytes(join(out, PROVENANCE_FILE), text.encode())
+
+
+def provenance_of(out: str) -> dict:
+    """`out`'s provenance.json (its first start on top), or {} when no job has written there."""
+    earlier = join(out, PROVENANCE_FILE)
+    return json.loads(read_bytes(earlier)) if is_file(earlier) else {}
 
 
 def precision_words(precision: str) -> str:

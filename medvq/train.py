@@ -331,10 +331,9 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
     return trainer.fit()
 
 
-def train_on_ray(config: Config, out_dir: Path, storage: str) -> dict[str, float]:
-    """A Ray Train run named after its config: model.ckpt and metrics.csv land in out_dir as for a local
-    run. Running the same config again resumes it from its last checkpoint in `storage`."""
-    name = config.run_name()
+def train_on_ray(config: Config, out_dir: Path, storage: str, name: str) -> dict[str, float]:
+    """The Ray Train run `name`: model.ckpt and metrics.csv land in out_dir as for a local run. Running it again
+    resumes it from its last checkpoint in `storage`."""
     with printed_epochs(name, config.epochs) as progress:
         result = run_on_ray(config, storage=storage, name=name, callbacks=[progress])
     rows = []

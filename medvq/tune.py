@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pyarrow.fs import FileType
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
@@ -24,7 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from medvq.config import Config, SweepConfig
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.nodes import capacity
-from medvq.storage import join, read_bytes, uri_on
+from medvq.storage import info, is_file, join, read_bytes, uri_on
 from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, run_on_ray
 
 OBJECTIVE, MODE = "val_nmse", "min"
@@ -84,13 +85,35 @@ def run_trial(params: dict, base: Config, storage: str) -> None:
     )
 
 
-def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
+def final_fit_name(name: str) -> str:
+    """The Ray Train run of the final fit of the sweep `name`: resumed, like the sweep, by the same command."""
+    return f"{name}-final"
+
+
+def sweep_start(sweep: SweepConfig, storage: str, name: str, out: str) -> str:
+    """Whether the job starts the sweep `name` or resumes it, and how far it got: 'new sweep NAME: 15 trials', or
+    'resuming sweep NAME: 7 of 15 trials done, final fit not started'."""
+    path = join(storage, name)
+    if not tune.Tuner.can_restore(path):
+        return f"new sweep {name}: {sweep.trial_count} trials"
+    done = sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in tune.ExperimentAnalysis(path).trials)
+    line = f"resuming sweep {name}: {done} of {sweep.trial_count} trials done"
+    if not sweep.final_epochs:
+        return line
+    best = join(out, "best.json")
+    if is_file(best) and "final_fit" in json.loads(read_bytes(best)):
+        return f"{line}, final fit done"
+    started = info(join(storage, final_fit_name(name))).type != FileType.NotFound
+    return f"{line}, final fit {'started' if started else 'not started'}"
+
+
+def _tuner(sweep: SweepConfig, storage: str, name: str) -> tune.Tuner:
     """A new Tuner, or the stored one when this sweep already ran here: finished trials are not run again."""
     trainable = tune.with_parameters(run_trial, base=sweep.base, storage=storage)
     # The trial function only drives its Train run: the Train workers hold the CPUs and GPUs, so the
     # driver asks for a little memory only (Tune needs some request) and never blocks a worker's CPU.
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
-    path = f"{storage.rstrip('/')}/{sweep.run_name()}"
+    path = join(storage, name)
     if tune.Tuner.can_restore(path):
         # The same space again: Tune saves its lookups as placeholders, and trials not yet started need them.
         space = search_space(sweep)
@@ -110,7 +133,7 @@ def _tuner(sweep: SweepConfig, storage: str) -> tune.Tuner:
             max_concurrent_trials=limit,
         ),
         run_config=tune.RunConfig(
-            name=sweep.run_name(),
+            name=name,
             storage_path=storage,
             verbose=1,
             failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
@@ -208,14 +231,14 @@ def stopped_gracefully_by_signals():
             signal.signal(signum, handler)
 
 
-def run_sweep(sweep: SweepConfig, storage: str) -> tune.ResultGrid:
-    """Run (or resume) the search. Raises Stopped when a signal stopped it."""
+def run_sweep(sweep: SweepConfig, storage: str, name: str) -> tune.ResultGrid:
+    """Run (or resume) the search `name` in `storage`. Raises Stopped when a signal stopped it."""
     with stopped_gracefully_by_signals() as received:
-        results = _tuner(sweep, storage).fit()
+        results = _tuner(sweep, storage, name).fit()
     if received:
         raise Stopped(
             f"the sweep was stopped by {signal.Signals(received[0]).name}; its state is saved in "
-            f"{results.experiment_path}: the same command resumes it"
+            f"{join(storage, name)}: the same command resumes it"
         )
     return results
 
@@ -306,7 +329,7 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: s
     read_trial_history(best_row[CHECKPOINT_PATH_KEY]).to_csv(out / "best_metrics.csv", index=False)
     config = sweep.base.with_changes(**{name: type(getattr(sweep.base, name))(best_row[name]) for name in SEARCHED})
     best = {
-        "sweep": sweep.run_name(),
+        "sweep": results.experiment_path.rstrip("/").rsplit("/", 1)[-1],
         "trial_id": best_row["trial_id"],
         "config": config.to_dict(),
         "metrics": {k: float(v) for k, v in best_row.items() if k.startswith(("val_", "train_"))},
@@ -326,7 +349,7 @@ def write_final_fit(best: dict, config: Config, final: dict[str, float], out: Pa
     best = {
         **best,
         "final_fit": {
-            "run": config.run_name(),
+            "run": final_fit_name(best["sweep"]),
             "epochs": config.epochs,
             "metrics": {k: float(v) for k, v in final.items() if k.startswith(("val_", "train_"))},
         },

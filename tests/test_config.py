@@ -1,19 +1,25 @@
-"""The typed config: what names a run (its resume key), and the seeds of a grid's repeats."""
+"""The typed config: what a resumed run must repeat (what shapes its results), and the seeds of a grid's repeats."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from medvq.config import Config, SweepConfig
+from medvq.config import Config, SweepConfig, results_shaping
 
 
 def sweep(**changes) -> SweepConfig:
     return SweepConfig(Config(datasets=("breastmnist",)), codebook_sizes=(64, 128), commitment_grid=(0.25,), **changes)
 
 
+def shaping(config: Config | SweepConfig) -> str:
+    return json.dumps(results_shaping(config), sort_keys=True)
+
+
 @pytest.mark.parametrize("changes", [dict(max_concurrent_trials=4)])
-def test_a_sweeps_name_ignores_how_it_runs(changes):
-    assert sweep(**changes).run_name() == sweep().run_name()
+def test_what_shapes_a_sweep_ignores_how_it_runs(changes):
+    assert shaping(sweep(**changes)) == shaping(sweep())
 
 
 @pytest.mark.parametrize(
@@ -25,10 +31,10 @@ def test_a_sweeps_name_ignores_how_it_runs(changes):
         dict(compile_model=True),
     ],
 )
-def test_a_runs_name_ignores_where_its_data_lives_and_which_hardware_is_up(base_changes):
+def test_what_shapes_a_run_ignores_where_its_data_lives_and_which_hardware_is_up(base_changes):
     plain = sweep()
     moved = SweepConfig(plain.base.with_changes(**base_changes), codebook_sizes=(64, 128), commitment_grid=(0.25,))
-    assert moved.run_name() == plain.run_name() and moved.base.run_name() == plain.base.run_name()
+    assert shaping(moved) == shaping(plain) and moved.base.run_name() == plain.base.run_name()
 
 
 @pytest.mark.parametrize(
@@ -48,13 +54,13 @@ def test_a_runs_name_changes_with_what_shapes_its_results(base_changes):
     assert plain.with_changes(**base_changes).run_name() != plain.run_name()
 
 
-def test_a_sweeps_name_changes_with_its_search_space():
+def test_what_shapes_a_sweep_changes_with_its_search_space():
     assert (
         len(
             {
-                sweep().run_name(),
-                sweep(num_samples=2).run_name(),
-                SweepConfig(sweep().base, codebook_sizes=(64,), commitment_grid=(0.25,)).run_name(),
+                shaping(sweep()),
+                shaping(sweep(num_samples=2)),
+                shaping(SweepConfig(sweep().base, codebook_sizes=(64,), commitment_grid=(0.25,))),
             }
         )
         == 3

@@ -37,7 +37,7 @@ def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray
         tiny_config(epochs=2), codebook_sizes=(16,), commitment_grid=(0.25, 1e300), num_samples=2, grace_period=2
     )
     storage = str(tmp_path / "storage")
-    results = run_sweep(sweep, storage)
+    results = run_sweep(sweep, storage, "keeps-going")
     best = write_sweep_outputs(results, sweep, storage, tmp_path)
     table = pd.read_csv(tmp_path / "trials.csv")
     assert (
@@ -72,7 +72,7 @@ def test_a_sweep_whose_every_trial_diverged_fails_in_one_line_after_writing_its_
     ray_instance, tiny_config, tmp_path
 ):
     sweep = SweepConfig(tiny_config(), codebook_sizes=(16,), commitment_grid=(1e300,), num_samples=1, grace_period=1)
-    results = run_sweep(sweep, str(tmp_path / "storage"))
+    results = run_sweep(sweep, str(tmp_path / "storage"), "all-diverged")
     with pytest.raises(
         RunFailed, match=r"no trial left a model \(1 diverged\); first reason: train_loss became (nan|inf) in epoch 0"
     ):
@@ -84,5 +84,5 @@ def test_a_sweep_whose_every_trial_diverged_fails_in_one_line_after_writing_its_
 def test_a_ray_train_run_that_diverges_fails_in_one_line_and_leaves_no_model(ray_instance, tiny_config, tmp_path):
     config = tiny_config(workers=2, epochs=2, commitment_weight=1e300)
     with pytest.raises(RunFailed, match=r"train_loss became (nan|inf) in epoch 0; no checkpoint was written"):
-        train_on_ray(config, tmp_path, str(tmp_path / "storage"))
+        train_on_ray(config, tmp_path, str(tmp_path / "storage"), "diverges")
     assert not (tmp_path / "model.ckpt").exists()

@@ -208,7 +208,7 @@ def test_a_train_worker_killed_mid_run_restarts_from_the_last_checkpoint_and_a_r
     assert saved() < 5, "the run finished before its worker was killed: nothing was tested"
     log = job.communicate(timeout=600)[0]
     assert job.returncode == 0, log[-3000:]
-    assert re.search(r"medvq-train-\w+: epoch 5/5, val PSNR [\d.]+ dB", log), log[-3000:]  # progress, on the driver
+    assert re.search(r"medvq-train-out-\w+: epoch 5/5, val PSNR [\d.]+ dB", log), log[-3000:]  # progress, on the driver
     history = pd.read_csv(out / "metrics.csv")
     assert history["epoch"].tolist() == list(range(5))  # each epoch once, across the restart
     assert (history["val_codebook_rank_spread"] == 0).all()  # both ranks' codebooks equal, after the restart too
