@@ -52,7 +52,8 @@ from PIL import Image
 from medvq.data import SPLITS, load_split, rgb, short_label, to_float_images
 from medvq.encode import RECONSTRUCTION, THUMB, shrink
 from medvq.errors import UserError
-from medvq.latent_space import NEIGHBOURS, nearest, vectors
+from medvq.latent_space import NEIGHBOURS, vectors
+from medvq.probes import nearest
 from medvq.report import ROW_KEY
 from medvq.storage import write_atomically
 

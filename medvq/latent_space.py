@@ -11,21 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
-from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from medvq.data import load_split
+from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
 
 log = logging.getLogger(__name__)
 
-KNN_NEIGHBOURS = 11  # MedMNIST+'s k-NN protocol
-LINEAR_ITERATIONS = 300  # of the linear probe's lbfgs: a probe's accuracy, not the optimum, is what is measured
-# The linear probe's inverse regularisation strengths C, weakest regularisation last; the val split picks one. At C = 1
-# alone, pixels beat the features on retina (results/probes/probes.md).
-LINEAR_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 # The supervised ceiling: ResNet-18 (28) test accuracy, MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
 RESNET18_28 = {
     "bloodmnist": 0.958,
@@ -36,6 +27,7 @@ RESNET18_28 = {
 }
 PROBE_SPLITS = ("train", "val", "test")  # the probes' fit, the linear probe's choice of strength, the score
 NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
+UMAP_NEIGHBOURS = 15  # umap-learn's default, counting the point itself
 SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "dataset": "dataset",
     "test_images": "test images",
@@ -62,20 +54,31 @@ def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
     return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
-def with_umap(table: pa.Table, seed: int = 0) -> pa.Table:
-    """The latents table with `umap_x`, `umap_y`: a 2-D UMAP fit on every row's features."""
+def umap_projection(points: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, on their exact nearest neighbours."""
     import umap  # imported here: numba compiles on import, which only this step needs
 
-    points = vectors(table.column("features"))
     log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
-    # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded, which costs little beside
-    # numba's compiling in a fresh process (benchmarks/RESULTS.md).
+    # Exact neighbours from one matrix product, handed to UMAP: its own search (NN-descent) compiled and ran for
+    # most of its time (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
+    others, distances = nearest(points, min(UMAP_NEIGHBOURS, len(points)) - 1)
+    itself = np.arange(len(points))[:, None]
+    known = (np.hstack([itself, others]), np.hstack([np.zeros_like(itself, dtype=np.float32), distances]), None)
+    # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state")  # chosen above
-        projection = umap.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed).fit_transform(points)
+        warnings.filterwarnings("ignore", message=".*precomputed_knn.*knn_search_index")  # only fit, never transform
+        umap_model = umap.UMAP(
+            n_components=2, n_neighbors=known[0].shape[1], min_dist=0.1, random_state=seed, precomputed_knn=known
+        )
+        projection = umap_model.fit_transform(points)
     _log_once(caught)
-    projection = projection.astype(np.float32)
+    return projection.astype(np.float32)
+
+
+def with_umap(table: pa.Table, projection: np.ndarray) -> pa.Table:
+    """The latents table with `umap_x`, `umap_y` (columns of `projection`, one row per table row)."""
     return table.append_column("umap_x", pa.array(projection[:, 0])).append_column("umap_y", pa.array(projection[:, 1]))
 
 
@@ -93,44 +96,23 @@ def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float
     return counts, float(np.exp(-(p * np.log(p)).sum()))
 
 
-def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> float:
-    probe = KNeighborsClassifier(n_neighbors=min(KNN_NEIGHBOURS, len(train_y)))
-    return float(probe.fit(train_x, train_y).score(test_x, test_y))
-
-
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> Pipeline:
-    """A logistic regression on standardised features, fit on train, with the strength of LINEAR_STRENGTHS that
-    scores best on val (the strongest regularisation among ties)."""
-    scaler = StandardScaler().fit(train_x)  # one scaling for every strength
-    train_scaled, val_scaled = scaler.transform(train_x), scaler.transform(val_x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # stopping at LINEAR_ITERATIONS is the protocol
-        fitted = [
-            LogisticRegression(C=strength, max_iter=LINEAR_ITERATIONS).fit(train_scaled, train_y)
-            for strength in LINEAR_STRENGTHS
-        ]
-    best = max(fitted, key=lambda probe: probe.score(val_scaled, val_y))  # max keeps the first of equals
-    return make_pipeline(scaler, best)
-
-
 def class_probes(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> dict:
     """{"knn": ..., "linear": ...}: the test accuracy of both class probes, fit on x["train"]; x["val"] only
     chooses the linear probe's strength. x and y: one array per split of PROBE_SPLITS."""
-    return {
-        "knn": knn_accuracy(x["train"], y["train"], x["test"], y["test"]),
-        "linear": float(linear_probe(x["train"], y["train"], x["val"], y["val"]).score(x["test"], y["test"])),
-    }
+    return {"knn": knn_accuracy(x["train"], y["train"], x["test"], y["test"]), "linear": linear_probe_accuracy(x, y)}
 
 
-def nearest(points: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other points (Euclidean) of each of `rows` (default: every point), nearest first: their
-    row numbers and distances, both (R, k)."""
-    rows = np.arange(len(points)) if rows is None else np.asarray(rows)
-    distances, found = NearestNeighbors(n_neighbors=k + 1, algorithm="brute").fit(points).kneighbors(points[rows])
-    # Drop each query itself: usually its first hit, but an exact duplicate of it may come first.
-    itself = found == rows[:, None]
-    itself[~itself.any(axis=1), -1] = True
-    return found[~itself].reshape(len(rows), k), distances[~itself].reshape(len(rows), k)
+def dataset_recovered(latents: pd.DataFrame, names: list[str]) -> dict[str, float]:
+    """Per dataset: the share of its test images whose KNN_NEIGHBOURS nearest training images (of every dataset)
+    mostly come from it; a tie goes to the first name in alphabetical order, as in scikit-learn."""
+    train, test = latents[latents["split"] == "train"], latents[latents["split"] == "test"]
+    found, _ = closest(vectors(train["features"]), vectors(test["features"]), KNN_NEIGHBOURS)
+    names = sorted(names)
+    train_ids = pd.Categorical(train["dataset"], categories=names).codes
+    votes = np.zeros((len(test), len(names)))
+    np.add.at(votes, (np.arange(len(test))[:, None], train_ids[found]), 1)
+    recovered = np.asarray(names)[votes.argmax(1)] == test["dataset"].to_numpy()
+    return {name: float(recovered[test["dataset"].to_numpy() == name].mean()) for name in names}
 
 
 def _pixels(name: str, split: str, data_root: str, size: int) -> np.ndarray:
@@ -152,17 +134,14 @@ def dataset_records(
     share (floor) and the supervised ResNet-18 (28) accuracy (ceiling; None for a set it has none for) for scale,
     and the share of test images whose dataset a k-NN on features recovers among all datasets."""
     names = [name for name in datasets if name in set(latents["dataset"])]
-    train_all = latents[latents["split"] == "train"]
-    dataset_probe = KNeighborsClassifier(n_neighbors=KNN_NEIGHBOURS).fit(
-        vectors(train_all["features"]), train_all["dataset"]
-    )
+    recovered = dataset_recovered(latents, names)
     records = []
     for name in names:
         rows = {split: _split_rows(latents, name, split) for split in PROBE_SPLITS}
         labels = {split: rows[split]["label"].to_numpy() for split in PROBE_SPLITS}
         features = {split: vectors(rows[split]["features"]) for split in PROBE_SPLITS}
         pixels = {split: _pixels(name, split, data_root, size) for split in PROBE_SPLITS}
-        test, test_y, test_features = rows["test"], labels["test"], features["test"]
+        test, test_y = rows["test"], labels["test"]
         counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
         on_features, on_pixels = class_probes(features, labels), class_probes(pixels, labels)
         records.append(
@@ -176,7 +155,7 @@ def dataset_records(
                 **{f"{probe}_pixels": accuracy for probe, accuracy in on_pixels.items()},
                 "majority_class": float(np.bincount(test_y).max() / len(test_y)),
                 "supervised_ceiling": RESNET18_28.get(name),
-                "dataset_recovered": float((dataset_probe.predict(test_features) == name).mean()),
+                "dataset_recovered": recovered[name],
             }
         )
     return records

@@ -11,9 +11,10 @@ import pandas as pd
 from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb
 from medvq.errors import UserError
-from medvq.latent_space import nearest, vectors
+from medvq.latent_space import vectors
 from medvq.module import VQVAEModule
 from medvq.plots import draw_neighbours, find_checkpoint, run_caption, shipped_history
+from medvq.probes import nearest
 from medvq.report import LATENTS_DIR
 from medvq.storage import join, local_folder
 

@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medvq.latent_space import nearest
 from medvq.neighbours import neighbour_table
 from medvq.plots import DPI, NEIGHBOUR_COLUMNS, NEIGHBOUR_TILE
+from medvq.probes import nearest
 from tests.conftest import REPO
 from tests.test_plots import encoded_run
 
