@@ -2,7 +2,7 @@
 
 Every image (all datasets, all splits) with medvq's Ray Data pipeline (`encode_latents`), against a plain torch
 loop over the same read step (`read_split`) and encoder (`ImageEncoder`) writing the same columns to one file;
-then the UMAP (`umap_projection`) and the figures (`draw_run`) of the result.
+then the UMAP and the neighbours (`layout`) and the figures (`draw_run`) of the result.
 The model encoded is medvq as shipped, trained as in train_speed.py (60 s, or --seconds).
 
     python benchmarks/encode_speed.py --data-root DATA --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist
@@ -27,7 +27,7 @@ from medvq.cli import run_job
 from medvq.config import Config
 from medvq.data import SPLITS
 from medvq.encode import PIXELS_PER_BATCH, ImageEncoder, encode_latents, encoder_pool, read_split
-from medvq.latent_space import umap_projection, vectors, with_umap
+from medvq.latent_space import layout, vectors, with_layout
 from medvq.plots import draw_run
 from medvq.report import write_latents
 from medvq.train import CHECKPOINT_NAME
@@ -110,8 +110,8 @@ def umap_and_plots(table: pa.Table, run: Path, config: Config) -> dict:
     """The UMAP of the encoded rows, timed with importing umap (numba compiles then), and the run's figures."""
     print("UMAP and plots", flush=True)
     import_seconds, _ = timed(importlib.import_module, "umap")
-    fit_seconds, projection = timed(umap_projection, vectors(table.column("features")), seed=config.seed)
-    table = with_umap(table, projection)
+    fit_seconds, columns = timed(layout, vectors(table.column("features")), seed=config.seed)
+    table = with_layout(table, columns)
     write_latents(table, run)  # the latents draw_run plots, beside the trained model's checkpoint and metrics
     plots_seconds, written = timed(draw_run, run, config.data_root)
     return {
@@ -158,7 +158,7 @@ def rows(results: dict) -> list[Row]:
             *_steady(plain, ray_run),
         ),
         plots(
-            "UMAP (with_umap)",
+            "UMAP and neighbours (layout)",
             f"{projection['umap_seconds']:.1f} s",
             f"fit {projection['umap_fit_seconds']:.1f} s; the rest imports umap (numba)",
         ),

@@ -104,8 +104,10 @@ def draw_explorer(
     the run comes from) at its foot."""
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
-    k = min(NEIGHBOURS, len(latents) - 1)
-    neighbours, distances = nearest(vectors(latents["features"]), k)
+    if "neighbours" in latents:  # found beside the UMAP (latent_space.layout)
+        neighbours, distances = vectors(latents["neighbours"]), vectors(latents["neighbour_distances"])
+    else:  # latents written before they were kept
+        neighbours, distances = nearest(vectors(latents["features"]), min(NEIGHBOURS, len(latents) - 1))
     page = _page(latents, neighbours, distances, caption)
     page.stylesheets = [_sheet_variables(sheets)]
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())

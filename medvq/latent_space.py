@@ -54,32 +54,50 @@ def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
     return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
-def umap_projection(points: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, on their exact nearest neighbours."""
+def layout(points: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """The 2-D UMAP of the rows of `points` (N, D), and each row's NEIGHBOURS nearest other rows with their distances:
+    one exact neighbour search serves both. Columns of the latents table, by name (see `with_layout`)."""
+    others, distances = nearest(points, min(max(UMAP_NEIGHBOURS - 1, NEIGHBOURS), len(points) - 1))
+    projection = umap_projection(points, others, distances, seed)
+    return {
+        "umap_x": projection[:, 0],
+        "umap_y": projection[:, 1],
+        "neighbours": others[:, :NEIGHBOURS].astype(np.int32),
+        "neighbour_distances": distances[:, :NEIGHBOURS],
+    }
+
+
+def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, given each row's nearest other rows (N, k)."""
     import umap  # imported here: numba compiles on import, which only this step needs
 
     log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
-    # Exact neighbours from one matrix product, handed to UMAP: its own search (NN-descent) compiled and ran for
-    # most of its time (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
-    others, distances = nearest(points, min(UMAP_NEIGHBOURS, len(points)) - 1)
+    # Exact neighbours handed to UMAP: its own search (NN-descent) compiled and ran for most of its time
+    # (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
+    k = min(UMAP_NEIGHBOURS - 1, others.shape[1])
     itself = np.arange(len(points))[:, None]
-    known = (np.hstack([itself, others]), np.hstack([np.zeros_like(itself, dtype=np.float32), distances]), None)
+    known = (np.hstack([itself, others[:, :k]]), np.hstack([np.zeros(itself.shape, np.float32), distances[:, :k]]))
     # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state")  # chosen above
         warnings.filterwarnings("ignore", message=".*precomputed_knn.*knn_search_index")  # only fit, never transform
         umap_model = umap.UMAP(
-            n_components=2, n_neighbors=known[0].shape[1], min_dist=0.1, random_state=seed, precomputed_knn=known
+            n_components=2, n_neighbors=k + 1, min_dist=0.1, random_state=seed, precomputed_knn=(*known, None)
         )
         projection = umap_model.fit_transform(points)
     _log_once(caught)
     return projection.astype(np.float32)
 
 
-def with_umap(table: pa.Table, projection: np.ndarray) -> pa.Table:
-    """The latents table with `umap_x`, `umap_y` (columns of `projection`, one row per table row)."""
-    return table.append_column("umap_x", pa.array(projection[:, 0])).append_column("umap_y", pa.array(projection[:, 1]))
+def with_layout(table: pa.Table, columns: dict[str, np.ndarray]) -> pa.Table:
+    """The latents table with the columns of `layout`, one row per table row; a 2-D one as fixed-size lists."""
+    for name, values in columns.items():
+        column = (
+            pa.array(values) if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(values.ravel(), values.shape[1])
+        )
+        table = table.append_column(name, column)
+    return table
 
 
 def _log_once(caught: list[warnings.WarningMessage]) -> None:

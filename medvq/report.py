@@ -17,7 +17,7 @@ import ray
 
 from medvq.config import Config
 from medvq.encode import RECONSTRUCTION, encode_latents
-from medvq.latent_space import dataset_records, umap_projection, vectors, with_umap
+from medvq.latent_space import dataset_records, layout, vectors, with_layout
 from medvq.probes import threads_left_for
 
 LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
@@ -60,12 +60,12 @@ def encode_and_measure(
     table = encode_latents(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
     seconds["encode"], started = time.monotonic() - started, time.monotonic()
     # One CPU: UMAP is seeded, so single-threaded. A task, so that it runs beside the probes, on any node.
-    projection = ray.remote(num_cpus=1)(umap_projection).remote(vectors(table.column("features")), config.seed)
+    mapped = ray.remote(num_cpus=1)(layout).remote(vectors(table.column("features")), config.seed)
     frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
     with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
         records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
-    table = with_umap(table, ray.get(projection))
+    table = with_layout(table, ray.get(mapped))
     seconds["umap"] = time.monotonic() - started
     latents = write_latents(table, out)
     print(

@@ -19,9 +19,10 @@ from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb, to_float_images
 from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool
 from medvq.errors import UserError
-from medvq.latent_space import write_summary
+from medvq.latent_space import NEIGHBOURS, write_summary
 from medvq.model import FEATURE_GRID
 from medvq.module import VQVAEModule, checkpoint_config
+from medvq.probes import nearest
 from medvq.report import RECONSTRUCTIONS_FILE, encode_and_measure, replace_folder, write_latents
 from medvq.train import train_local
 from tests.conftest import SYNTHETIC_DATASETS, TINY
@@ -116,6 +117,11 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     assert written == [RECONSTRUCTIONS_FILE, "latents.parquet"]  # written once, whole; pandas reads only the latents
     assert len(frame) == image_count(SYNTHETIC_DATASETS) and not frame.duplicated(["dataset", "split", "index"]).any()
     assert frame[["umap_x", "umap_y"]].notna().all().all() and frame["umap_x"].std() > 0
+    # Each image's neighbours, row numbers of the file as pandas reads it, are the nearest other images' features
+    rows = np.arange(0, len(frame), 97)
+    expected, distances = nearest(np.stack(frame["features"].to_numpy()), NEIGHBOURS, rows)
+    np.testing.assert_array_equal(np.stack(frame["neighbours"].to_numpy()[rows]), expected)
+    np.testing.assert_allclose(np.stack(frame["neighbour_distances"].to_numpy()[rows]), distances, rtol=1e-5)
     assert not (tmp_path / "latents.partial").exists() and not (tmp_path / "latents.old").exists()
     records = json.loads((tmp_path / "summary.json").read_text())
     assert [record["dataset"] for record in records] == list(reversed(SYNTHETIC_DATASETS))
