@@ -164,8 +164,9 @@ def main() -> None:
             flush=True,
         )
         search_and_describe(sweep, storage, run["name"], out, seconds)
+    history = "metrics.csv, " if sweep.final_epochs else ""  # the final fit's; --final-epochs 0 writes none
     print(
-        f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, metrics.csv, latents/, "
+        f"wrote trials.csv, trials.parquet, best.json, best_metrics.csv, model.ckpt, {history}latents/, "
         f"summary.json, summary.md, provenance.json and plots/ to {args.out}"
     )
 

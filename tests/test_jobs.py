@@ -105,6 +105,8 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    (wrote,) = [line for line in rerun.stdout.splitlines() if line.startswith("wrote ")]
+    assert "model.ckpt, latents/" in wrote and not (out / "metrics.csv").exists()  # --final-epochs 0: no history
     for trial, reports in finished.items():
         assert finished_trial_results(storage)[trial] == reports, f"trial {trial} ran again"
     table = pd.read_csv(out / "trials.csv").set_index("trial_id")
