@@ -71,3 +71,14 @@ def workers_device(gpus_per_worker: float) -> str:
     if gpus_per_worker:
         return f"{gpus_per_worker:g} GPU each"
     return "the CPU" + (f" ({NOT_FOR_RAY})" if has_mps() else "")
+
+
+# A one-worker trial's default share of a GPU at MedMNIST's small sides (28 and 64 px). A 28 px step spends its time
+# launching kernels, not computing (benchmarks/RESULTS.md), and three 28 px runs shared one H200 at about a second an
+# epoch each: so four trials share a GPU. Larger images, and DDP trials (NCCL needs whole GPUs), take whole ones.
+SHARED_GPU, SHARED_UP_TO_SIZE = 0.25, 64
+
+
+def default_gpus_per_trial(workers: int, size: int) -> float:
+    """GPUs a trial of `workers` DDP workers on `size` px images holds when the user does not say."""
+    return SHARED_GPU if workers == 1 and size <= SHARED_UP_TO_SIZE else float(workers)

@@ -15,6 +15,8 @@ from lightning.fabric.accelerators.mps import MPSAccelerator as FabricMPS
 from lightning.pytorch.accelerators import CPUAccelerator, MPSAccelerator
 from ray.train.lightning import RayDDPStrategy
 
+from jobs.sweep import with_gpus
+from medvq.config import SweepConfig
 from medvq.devices import (
     has_mps,
     local_device_line,
@@ -87,3 +89,19 @@ def test_a_ray_run_that_insists_on_a_gpu_on_a_mac_is_told_why_not():
     with pytest.raises(UserError, match=r"the cluster has no GPUs; Ray has no resource for Apple's GPU \(MPS\)"):
         uses_gpu("gpu", 0, "the cluster has no GPUs")
     assert not uses_gpu("auto", 0, "the cluster has no GPUs")
+
+
+@pytest.mark.parametrize(
+    ("workers", "size", "cluster_gpus", "asked", "per_worker"),
+    [
+        (1, 28, 8, None, 0.25),  # small images: four trials share a GPU
+        (1, 64, 1, None, 0.25),
+        (1, 128, 8, None, 1.0),  # larger ones fill a GPU
+        (2, 28, 8, None, 1.0),  # DDP: NCCL needs a whole GPU per rank
+        (1, 28, 8, 1.0, 1.0),  # what the user asks for stands
+        (1, 28, 0, None, 0.0),  # no GPUs: CPU trials
+    ],
+)
+def test_trials_of_small_images_share_a_gpu_by_default(tiny_config, workers, size, cluster_gpus, asked, per_worker):
+    sweep = SweepConfig(tiny_config(workers=workers, size=size, accelerator="auto"))
+    assert with_gpus(sweep, asked, cluster_gpus).base.gpus_per_worker == per_worker
