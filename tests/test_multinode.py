@@ -34,6 +34,7 @@ from tests.clusters import (
     wait_for,
 )
 from tests.conftest import REPO, SYNTHETIC_DATASETS, slow_sweep_flags, smoke_command
+from tests.test_readme import assert_prints_like_the_readme
 
 pytestmark = pytest.mark.integration
 BUCKET = "medvq-test"
@@ -162,6 +163,7 @@ def test_the_sweep_with_everything_on_a_shared_volume(multinode):
     out = multinode.shared_data / "runs" / "sweep"  # removed with the volume's folder
     job = multinode.cluster.submit(*smoke_command(multinode.shared_data, out))
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
+    assert_prints_like_the_readme(job.stdout)  # the README's quick-start sample: this run's lines, in their shape
     best = json.loads((out / "best.json").read_text())
     assert best["checkpoint"].startswith(f"{out}/ray_results/") and Path(best["checkpoint"]).is_file()
     assert (out / "model.ckpt").is_file() and len(read_latents(out / "latents")) > 0
