@@ -121,5 +121,5 @@ def test_every_job_command_parses_with_the_jobs_own_flags(argv):
     args = flags.parse_args(argv[2:])
     if argv[1] == "jobs/sweep.py":
         sweep = job.sweep_from_args(args, flags)
-        if "--gpus-per-trial" in argv:  # a GPU command: docs/behaviour.md's advice, batch 128 and one worker a trial
-            assert sweep.base.batch_size == 128 and sweep.base.workers == 1 and args.gpus_per_trial <= 1
+        if "--batch-size" in argv:  # a GPU command: docs/behaviour.md's advice, batch 128 and one worker a trial
+            assert sweep.base.batch_size == 128 and sweep.base.workers == 1 and (args.gpus_per_trial or 0) <= 1
