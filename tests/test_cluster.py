@@ -407,7 +407,7 @@ def test_every_sweep_command_fills_the_cluster_it_is_written_for(source, argv):
 def test_the_gpu_advice_is_in_the_docs():
     advice = (REPO / "docs" / "behaviour.md").read_text().split("## On a GPU")[1].split("\n## ")[0]
     assert "`--batch-size 128` to `jobs/sweep.py`" in advice
-    assert "one worker on one GPU (`--workers-per-trial 1`" in advice
+    assert "one worker (`--workers-per-trial 1`" in advice and "holds a quarter of a GPU" in advice
 
 
 @pytest.mark.parametrize("source, argv", sweep_commands().items())
