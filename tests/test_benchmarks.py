@@ -128,6 +128,16 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}
 
 
+def test_the_quick_start_is_compared_with_its_lower_floor(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from quick_start import floor_seconds, rows
+
+    assert floor_seconds() > 0  # the floor's own process: the job's imports and a Ray start, for real
+    table = rows({"floor_seconds": [15.0, 12.5], "total_seconds": 50.0, "steps": {"ray_init": 3.0, "search": 20.0}})
+    assert table[0][2] == "15.0 and 12.5 s" and table[1][2:] == ("50.0 s wall", "4.0x")
+    assert table[2][2] == "ray_init 3.0 s, search 20.0 s"
+
+
 def test_rate_distortion_rows_are_every_grid_and_codebook_size_at_their_bits(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     from rate_distortion import CODEBOOK_SIZES, rows
