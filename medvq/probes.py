@@ -142,7 +142,7 @@ def linear_probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) ->
     """Test accuracy of a multinomial logistic regression on standardised inputs, fit on train with the strength
     of LINEAR_STRENGTHS that scores best on val (the strongest regularisation among ties)."""
     inputs = _standardised(x)
-    labels = {split: torch.from_numpy(np.asarray(values)).long() for split, values in y.items()}
+    labels = {split: torch.tensor(values, dtype=torch.long) for split, values in y.items()}
     weights, bias = fit_linear_probes(inputs["train"], labels["train"], 1 + max(int(v.max()) for v in labels.values()))
     correct = {
         split: ((inputs[split] @ weights.flatten(1)).reshape(len(labels[split]), *bias.shape) + bias).argmax(-1)
