@@ -171,7 +171,7 @@ class Config:
     )
     compile_model: bool = setting(
         False,
-        "torch.compile the encoder and decoder (compiling takes a while first: see benchmarks/RESULTS.md)",
+        "torch.compile the whole training step and the validation step, once each (compiling takes a while first)",
         flag="--compile",
         shapes_results=False,
     )

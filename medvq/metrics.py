@@ -1,8 +1,8 @@
 """The metrics of an epoch, per image and per dataset: PSNR, SSIM, MAE, the tuning objective and codebook use.
 
-Each stage accumulates torchmetrics objects every step and logs their values once per epoch, so a step
-costs little Python beyond the model itself: on a GPU that overhead, not the arithmetic, bounds the
-images per second. Image scores are per-image means.
+Each stage adds every step's sums into a few device tensors, with no Python that looks at their values, so the
+step never waits for its device and compiles into one graph with the model (Config.compile_model); the sums are
+read once per epoch, all-reduced over DDP ranks. Image scores are per-image means.
 """
 
 from __future__ import annotations
@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from medvq.config import Config
-from medvq.model import index_counts
+from medvq.model import all_reduce_sum_, index_counts
 
 IMAGE_SCORES = ("psnr", "ssim", "mae")
 LOSSES = ("loss", "recon_loss", "commitment_loss")
@@ -61,84 +59,21 @@ def image_scores(
     recon, target = recon.float(), target.float()
     return {
         "mae": (recon - target).abs().mean(dim=(1, 2, 3)),
-        "psnr": peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3)),
+        "psnr": -10 * (recon - target).pow(2).mean(dim=(1, 2, 3)).log10(),  # 10 log10(1 / mse): data range 1
         "ssim": structural_similarity(recon, target) if ssim is None else ssim.detach().float(),
     }
 
 
-class CodeUsage(Metric):
-    """How often each code was chosen over the epoch -> perplexity, exp(entropy) of the usage (K when all
-    codes are used evenly), and the share of the codebook chosen at least once (codebook health)."""
-
-    full_state_update = False
-
-    def __init__(self, codebook_size: int):
-        super().__init__()
-        self.add_state("counts", torch.zeros(codebook_size, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, indices: torch.Tensor) -> None:
-        self.counts += index_counts(indices, len(self.counts), self.counts.dtype)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        p = self.counts / self.counts.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-        return {"perplexity": perplexity.float(), "codes_used": (self.counts > 0).float().mean()}
-
-
-class DatasetMeans(Metric):
-    """Means of per-image scores over the epoch, per dataset and over all images."""
-
-    full_state_update = False
-
-    def __init__(self, n_datasets: int, n_scores: int):
-        super().__init__()
-        self.add_state("sums", torch.zeros(n_datasets, n_scores, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("counts", torch.zeros(n_datasets, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, scores: torch.Tensor, dataset_ids: torch.Tensor) -> None:
-        """scores (B, S) of B images from datasets dataset_ids (B,)."""
-        self.sums.index_add_(0, dataset_ids, scores.double())
-        self.counts += index_counts(dataset_ids, len(self.counts), self.counts.dtype)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        """{"per_dataset": (n_datasets, S), NaN for a dataset without images; "all": (S,)}."""
-        return {
-            "per_dataset": (self.sums / self.counts.unsqueeze(1)).float(),
-            "all": (self.sums.sum(0) / self.counts.sum()).float(),
-        }
-
-
-class MeanNormalizedMSE(Metric):
-    """The tuning objective: per dataset, MSE / pixel variance of its targets, averaged over datasets.
-
-    Dividing by each set's variance makes the sets comparable, and averaging over sets (not images)
-    keeps BloodMNIST's 12k images from outweighing BreastMNIST's 546.
-    """
-
-    full_state_update = False
-
-    def __init__(self, n_datasets: int):
-        super().__init__()
-        for name in ("squared_error", "pixel_sum", "pixel_square_sum", "pixel_count"):
-            self.add_state(name, torch.zeros(n_datasets, dtype=torch.float64), dist_reduce_fx="sum")
-
-    def update(self, recon: torch.Tensor, target: torch.Tensor, dataset_ids: torch.Tensor) -> None:
-        recon, target = recon.double().flatten(1), target.double().flatten(1)  # (B, P)
-        self.squared_error.index_add_(0, dataset_ids, (recon - target).pow(2).sum(1))
-        self.pixel_sum.index_add_(0, dataset_ids, target.sum(1))
-        self.pixel_square_sum.index_add_(0, dataset_ids, target.pow(2).sum(1))
-        self.pixel_count.index_add_(0, dataset_ids, torch.full_like(target[:, 0], target.shape[1]))
-
-    def compute(self) -> torch.Tensor:
-        seen = self.pixel_count > 0
-        count = self.pixel_count[seen]
-        variance_times_count = self.pixel_square_sum[seen] - self.pixel_sum[seen].pow(2) / count
-        return (self.squared_error[seen] / variance_times_count).mean().float()
+def accumulator_dtype() -> torch.dtype:
+    """The epoch sums' dtype: float64 where the device has it, as the normalised MSE is the difference of two epoch
+    sums of near-equal size (squared pixels; the squared pixel sum over the count), in which float32's rounding
+    over 1e5 images can reach the fourth digit. Apple's GPU (MPS) has no float64, so a Mac sums in float32."""
+    return torch.float32 if torch.backends.mps.is_available() else torch.float64
 
 
 class StageMetrics(nn.Module):
-    """One stage's (train or val) epoch metrics: updated every step (a few tensor operations), computed and
-    reset once per epoch (each `compute` synchronises over DDP ranks).
+    """One stage's (train or val) epoch metrics: sums updated every step (a few tensor operations, no reads of their
+    values), read, all-reduced over DDP ranks and reset once per epoch by `compute_and_reset`.
 
     scored_images: score only the batch's first rows (shuffled, so an unbiased sample) with PSNR, SSIM and
     MAE: SSIM of a whole batch costs a large share of a CPU training step (benchmarks/RESULTS.md). A step that
@@ -149,11 +84,16 @@ class StageMetrics(nn.Module):
         super().__init__()
         self.scored_images = scored_images
         n_datasets = len(config.datasets)
-        self.nmse = MeanNormalizedMSE(n_datasets)
-        self.scores = DatasetMeans(n_datasets, len(IMAGE_SCORES))
-        # nan_strategy "disable": the default checks every update for NaNs, a GPU-to-CPU wait each step.
-        self.losses = nn.ModuleDict({name: MeanMetric(nan_strategy="disable") for name in LOSSES})
-        self.code_usage = CodeUsage(config.codebook_size)
+        shapes = {
+            "pixel_sums": (n_datasets, 4),  # per dataset: squared error, pixel sum, squared pixel sum, pixel count
+            "score_sums": (n_datasets, len(IMAGE_SCORES)),  # per dataset, of the per-image scores
+            "scored": (n_datasets,),  # images scored, per dataset
+            "loss_sums": (len(LOSSES),),  # each batch's loss times its images
+            "images": (1,),  # not 0-d: torch.compile would guard on its value
+            "code_counts": (config.codebook_size,),  # how often each code was chosen
+        }
+        for name, shape in shapes.items():  # not persistent: checkpoints keep their keys, old ones load
+            self.register_buffer(name, torch.zeros(shape, dtype=accumulator_dtype()), persistent=False)
 
     def update(
         self,
@@ -165,25 +105,51 @@ class StageMetrics(nn.Module):
         ssim: torch.Tensor | None = None,
     ) -> None:
         """ssim: every row's SSIM (B,), when the step has it already."""
-        self.nmse.update(recon, x, dataset_ids)
+        dtype = self.pixel_sums.dtype
+        recon_flat, target = recon.to(dtype).flatten(1), x.to(dtype).flatten(1)  # (B, P)
+        pixels = [
+            (recon_flat - target).pow(2).sum(1),
+            target.sum(1),
+            target.pow(2).sum(1),
+            target.new_full((len(x),), target.shape[1]),
+        ]
+        self.pixel_sums.index_add_(0, dataset_ids, torch.stack(pixels, dim=1))  # (B, 4)
         scored = slice(self.scored_images if ssim is None else None)
         scores = image_scores(recon[scored], x[scored], ssim)
-        self.scores.update(torch.stack([scores[name] for name in IMAGE_SCORES], dim=1), dataset_ids[scored])
-        for name, value in losses.items():
-            self.losses[name].update(value.detach(), weight=torch.full_like(value, len(x)))
-        self.code_usage.update(indices)
+        self.score_sums.index_add_(0, dataset_ids[scored], torch.stack([scores[n] for n in IMAGE_SCORES], 1).to(dtype))
+        self.scored += index_counts(dataset_ids[scored], len(self.scored), dtype)
+        self.loss_sums += torch.stack([losses[name].detach() for name in LOSSES]).to(dtype) * len(x)
+        self.images += len(x)
+        self.code_counts += index_counts(indices, len(self.code_counts), dtype)
 
     def compute_and_reset(self, datasets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
         """{name: value}, the objective and image scores first; per-dataset scores too if `datasets` is given."""
-        scores = self.scores.compute()
+        buffers = dict(self.named_buffers())
+        summed = all_reduce_sum_(torch.cat([buffer.flatten() for buffer in buffers.values()]))  # one collective
+        sums = {
+            name: part.view_as(buffer)
+            for (name, buffer), part in zip(buffers.items(), summed.split([b.numel() for b in buffers.values()]))
+        }
+        for buffer in buffers.values():
+            buffer.zero_()
+        squared_error, pixel_sum, pixel_square_sum, pixel_count = sums["pixel_sums"].unbind(1)
+        per_dataset_nmse = squared_error / (pixel_square_sum - pixel_sum.pow(2) / pixel_count)  # MSE / variance
+        seen = pixel_count > 0
+        scores = sums["score_sums"] / sums["scored"].unsqueeze(1)  # (n_datasets, S), NaN for a set without images
         values = {
-            "nmse": self.nmse.compute(),
-            **dict(zip(IMAGE_SCORES, scores["all"])),
-            **{name: metric.compute() for name, metric in self.losses.items()},
-            **self.code_usage.compute(),
+            "nmse": (torch.where(seen, per_dataset_nmse, 0).sum() / seen.sum()).float(),
+            **dict(zip(IMAGE_SCORES, (sums["score_sums"].sum(0) / sums["scored"].sum()).float())),
+            **dict(zip(LOSSES, (sums["loss_sums"] / sums["images"]).float())),
+            **code_usage(sums["code_counts"]),
         }
         for d, dataset in enumerate(datasets or ()):
-            values.update({f"{name}_{dataset}": value for name, value in zip(IMAGE_SCORES, scores["per_dataset"][d])})
-        for metric in (self.nmse, self.scores, self.code_usage, *self.losses.values()):
-            metric.reset()
+            values.update({f"{name}_{dataset}": value for name, value in zip(IMAGE_SCORES, scores[d].float())})
         return values
+
+
+def code_usage(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How often each code was chosen (K,) -> perplexity, exp(entropy) of the usage (K when all codes are used
+    evenly), and the share of the codebook chosen at least once (codebook health)."""
+    p = counts / counts.sum()
+    perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+    return {"perplexity": perplexity.float(), "codes_used": (counts > 0).float().mean()}

@@ -34,8 +34,10 @@ def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def broadcast_from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank, in place. An all-reduce of it and the other ranks' zeros (exact): torch.compile
+    traces dist.all_reduce into its graph (as a functional collective), where dist.broadcast breaks the graph."""
     if _distributed():
-        dist.broadcast(tensor, src=0)
+        dist.all_reduce(tensor.mul_(dist.get_rank() == 0))
     return tensor
 
 

@@ -65,13 +65,15 @@ class VQVAEModule(L.LightningModule):
         # Channels-last weights match the channels-last activations (faster convolutions on GPU, and DDP's
         # gradient buckets then have the same layout as the gradients).
         self.model = VQVAE(self.config).to(memory_format=torch.channels_last)
-        if self.config.compile_model:
-            # In place: the state dict keeps its keys, so a checkpoint loads with or without compiling. The
-            # quantizer stays eager: its codebook update is a handful of small ops and collectives.
-            self.model.encoder.compile()
-            self.model.decoder.compile()
         self.train_metrics = StageMetrics(self.config, scored_images=TRAIN_SCORED_IMAGES)
         self.val_metrics = StageMetrics(self.config)
+        if self.config.compile_model:
+            # Each stage's whole step as one graph: forward, the codebook's EMA update, the loss and the metrics' sums.
+            # fullgraph: a graph break is an error, not a silently slower step. dynamic=False: every training batch
+            # has one shape (data.IndexBatches), so it compiles once; validation's last, shorter batch compiles a
+            # second graph, once. Methods, not modules: the state dict keeps its keys, checkpoints load either way.
+            compiled = partial(torch.compile, fullgraph=True, dynamic=False)
+            self._train_step, self._val_step = compiled(self._train_step), compiled(self._val_step)
         self.trained_precision: str | None = None  # set from a checkpoint; None for one saved before it was kept
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -120,8 +122,14 @@ class VQVAEModule(L.LightningModule):
         if self.config.kmeans_init and self.trainer.global_step == 0:  # a new run's first step; never a resumed one
             self.model.init_codebook_from_kmeans_(to_float_images(batch["image"]))
 
+    def _train_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._step(batch, self.train_metrics)
+
+    def _val_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._step(batch, self.val_metrics)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, self.train_metrics)
+        loss = self._train_step(batch)
         # Lightning runs the callbacks' on_train_epoch_end (Ray's report, the metrics CSV) before the module's,
         # so the epoch's training metrics are logged with its last batch.
         if batch_idx + 1 == self.trainer.num_training_batches:
@@ -129,7 +137,7 @@ class VQVAEModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, self.val_metrics)
+        self._val_step(batch)
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute_and_reset(self.config.datasets)

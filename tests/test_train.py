@@ -12,14 +12,14 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 import medvq.metrics
 import medvq.module
 from medvq.data import MedMNISTDataModule, to_float_images
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
-from medvq.metrics import CodeUsage, DatasetMeans, MeanNormalizedMSE, StageMetrics, structural_similarity
+from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similarity
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
 from medvq.train import (
@@ -37,35 +37,65 @@ from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 
-def test_normalized_mse_is_mse_over_variance_averaged_over_datasets():
-    target = torch.rand(6, 3, 4, 4)
+def stage_values(config, x, recon, dataset_ids, indices=None, losses=None, scored=None) -> dict[str, torch.Tensor]:
+    """One step's StageMetrics of recon against x (B, 3, H, W), read at once."""
+    metrics = StageMetrics(config, scored_images=scored)
+    losses = losses or {name: torch.tensor(0.5) for name in LOSSES}
+    indices = torch.zeros(len(x), 7, 7, dtype=torch.long) if indices is None else indices
+    metrics.update(x, recon, indices, losses, dataset_ids)
+    return metrics.compute_and_reset(config.datasets)
+
+
+def test_normalized_mse_is_mse_over_variance_averaged_over_datasets(tiny_config):
+    target = torch.rand(6, 3, 12, 12)
     recon = target + 0.1 * torch.randn_like(target)
     ids = torch.tensor([0, 0, 0, 1, 1, 1])
-    metric = MeanNormalizedMSE(2)
-    metric.update(recon, target, ids)
     expected = [
         ((recon[ids == d] - target[ids == d]) ** 2).mean() / target[ids == d].var(unbiased=False) for d in (0, 1)
     ]
-    assert metric.compute() == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+    assert stage_values(tiny_config(), target, recon, ids)["nmse"] == pytest.approx(float(sum(expected) / 2), rel=1e-5)
+    one_set = stage_values(tiny_config(), target[:3], recon[:3], ids[:3])  # a set without images counts for nothing
+    assert one_set["nmse"] == pytest.approx(float(expected[0]), rel=1e-5)
 
 
-def test_dataset_means_are_per_dataset_and_overall_per_image_means():
-    scores = torch.tensor([[1.0, 10.0], [3.0, 30.0], [5.0, 50.0]])
-    metric = DatasetMeans(n_datasets=3, n_scores=2)
-    metric.update(scores[:2], torch.tensor([0, 0]))
-    metric.update(scores[2:], torch.tensor([2]))
-    means = metric.compute()
-    assert means["per_dataset"][0].tolist() == [2.0, 20.0] and means["per_dataset"][2].tolist() == [5.0, 50.0]
-    assert means["per_dataset"][1].isnan().all()  # no image of dataset 1
-    assert means["all"].tolist() == [3.0, 30.0]
+def test_image_scores_are_per_image_and_psnr_is_torchmetrics_value():
+    target = torch.rand(5, 3, 28, 28)
+    recon = (target + 0.1 * torch.randn_like(target)).clamp(0, 1)
+    scores = image_scores(recon, target)
+    mse = (recon - target).pow(2).mean(dim=(1, 2, 3))
+    assert torch.allclose(scores["psnr"], 10 * torch.log10(1 / mse), atol=1e-4)
+    theirs = peak_signal_noise_ratio(recon, target, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    assert torch.allclose(scores["psnr"], theirs, atol=1e-4)
+    assert torch.allclose(scores["mae"], (recon - target).abs().mean(dim=(1, 2, 3)))
 
 
-def test_code_usage_counts_every_code_chosen_over_all_updates():
-    metric = CodeUsage(codebook_size=8)
-    metric.update(torch.tensor([[0, 1], [2, 3]]))
-    metric.update(torch.tensor([[0, 1, 2, 3]]))
-    usage = metric.compute()
+def test_dataset_means_are_per_dataset_and_overall_per_image_means(tiny_config):
+    target = torch.full((3, 3, 12, 12), 0.5)
+    recon = target + torch.tensor([0.1, 0.3, 0.2]).view(3, 1, 1, 1)  # MAE 0.1 and 0.3 in set 0, 0.2 in set 1
+    means = stage_values(tiny_config(datasets=("a", "b", "c")), target, recon, torch.tensor([0, 0, 2]))
+    assert means["mae_a"] == pytest.approx(0.2) and means["mae_c"] == pytest.approx(0.2)
+    assert means["mae_b"].isnan() and means["psnr_b"].isnan()  # no image of dataset b
+    assert means["mae"] == pytest.approx(0.2)
+    assert means["psnr_a"] == pytest.approx(float(10 * (torch.tensor([0.01, 0.09]).log10().neg()).mean()), rel=1e-5)
+
+
+def test_code_usage_counts_every_code_chosen_over_all_updates(tiny_config):
+    metrics, x = StageMetrics(tiny_config(codebook_size=8)), torch.rand(1, 3, 12, 12)
+    losses = {name: torch.tensor(0.5) for name in LOSSES}
+    metrics.update(x, x, torch.tensor([[0, 1], [2, 3]]), losses, torch.tensor([0]))
+    metrics.update(x, x, torch.tensor([[0, 1, 2, 3]]), losses, torch.tensor([0]))
+    usage = metrics.compute_and_reset()
     assert usage["codes_used"] == 0.5 and usage["perplexity"] == pytest.approx(4.0)
+    assert metrics.code_counts.sum() == 0 and metrics.images == 0  # reset for the next epoch
+
+
+def test_losses_are_means_over_images_and_metrics_stay_out_of_the_state_dict(tiny_config):
+    metrics, x = StageMetrics(tiny_config()), torch.rand(4, 3, 12, 12)
+    for size, loss in ((4, 1.0), (1, 6.0)):  # batches of 4 and 1: a mean over 5 images
+        losses = {name: torch.tensor(loss) for name in LOSSES}
+        metrics.update(x[:size], x[:size], torch.zeros(size, 2, dtype=torch.long), losses, torch.zeros(size).long())
+    assert metrics.state_dict() == {}  # checkpoints keep their keys: those saved before these sums load
+    assert metrics.compute_and_reset()["loss"] == pytest.approx(2.0)
 
 
 def test_stage_metrics_score_only_the_first_rows_when_asked(tiny_config):
@@ -241,14 +271,6 @@ def test_local_training_writes_metrics_and_a_checkpoint_that_rebuilds_its_model(
     restored.eval()
     recon, quantized = restored(images)
     assert recon.shape == (2, 3, 28, 28) and quantized.indices.shape == (2, 7, 7)
-
-
-def test_a_compiled_model_trains_and_its_checkpoint_loads_into_an_eager_one(tiny_config, tmp_path):
-    config = tiny_config(compile_model=True, limit_batches=2)
-    final = train_local(config, tmp_path)
-    assert torch.isfinite(torch.tensor(final["val_nmse"]))
-    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=False)["state_dict"]
-    VQVAEModule(config.with_changes(compile_model=False)).load_state_dict(state)  # strict: same keys
 
 
 def run_train_job(*args: str) -> subprocess.CompletedProcess:
