@@ -34,7 +34,8 @@ from torch.utils.data import DataLoader
 
 from medvq.cli import POSITIVE, POSITIVE_INT, JobParser, list_value, run_job
 from medvq.config import Config
-from medvq.data import MedMNISTDataModule, load_splits, to_float_images
+from medvq.data import load_splits, to_float_images
+from medvq.datamodule import MedMNISTDataModule
 from medvq.metrics import image_scores
 from medvq.model import VQVAE
 from medvq.module import VQVAEModule

@@ -3,6 +3,7 @@
 python jobs/encode.py --checkpoint runs/dev/model.ckpt --data-root DATA --datasets bloodmnist,breastmnist --out runs/dev
 """
 
+from medvq.checkpoints import checkpoint_config
 from medvq.cli import (
     NON_NEGATIVE,
     POSITIVE_INT,
@@ -17,7 +18,6 @@ from medvq.cli import (
 from medvq.data import check_data
 from medvq.errors import UserError
 from medvq.latent_space import write_summary
-from medvq.module import checkpoint_config
 from medvq.nodes import capacity, check_nodes_see
 from medvq.provenance import ray_hardware, write_provenance
 from medvq.report import encode_and_measure

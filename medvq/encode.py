@@ -17,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medvq.checkpoints import trained_model
 from medvq.config import Config
 from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
 from medvq.errors import UserError
 from medvq.metrics import image_scores
-from medvq.module import VQVAEModule
 from medvq.nodes import capacity
 from medvq.storage import read_bytes
 
@@ -80,7 +80,7 @@ class ImageEncoder:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         if isinstance(checkpoint, ray.ObjectRef):
             checkpoint = ray.get(checkpoint)
-        self.model = VQVAEModule.load_from_checkpoint(io.BytesIO(checkpoint), map_location=self.device).model.eval()
+        self.model = trained_model(checkpoint).to(self.device)
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

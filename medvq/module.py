@@ -1,12 +1,10 @@
 """The LightningModule: reconstruction (squared error, optionally + SSIM) + commitment loss, Adam and its
-schedule, the metrics logged every epoch (medvq/metrics.py), and reading checkpoints safely."""
+schedule, the metrics logged every epoch (medvq/metrics.py), and loading itself from a checkpoint safely."""
 
 from __future__ import annotations
 
 import io
 import math
-import pickle
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -14,9 +12,9 @@ from typing import IO
 import lightning as L
 import torch
 
+from medvq.checkpoints import refused_if_unsafe
 from medvq.config import Config
 from medvq.data import to_float_images
-from medvq.errors import UserError
 from medvq.metrics import StageMetrics, structural_similarity
 from medvq.model import VQVAE
 from medvq.provenance import STRETCHES_JOINED_BY
@@ -27,33 +25,6 @@ WARMUP_SHARE = 0.05  # of a cosine schedule's steps
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 MIN_IMAGE_MSE = 1e-6  # 60 dB: an image reconstructed better than this weighs no more in the 'log-mse' loss
 TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
-
-
-@contextmanager
-def refused_if_unsafe(source: str | Path):
-    """A file torch's weights-only loader refuses (it holds objects, not only tensors and plain data) or cannot
-    read (not a checkpoint, cut short) becomes one line naming it and why."""
-    try:
-        yield
-    except pickle.UnpicklingError as error:
-        cause = error.__context__ or error  # torch's own message leads with advice to load it unsafely
-        reason = str(cause).strip().splitlines()[0].split(". Please use")[0]
-        raise UserError(
-            f"{source} is not a checkpoint of plain tensors and data, which is all medvq loads ({reason})"
-        ) from None
-    except RuntimeError as error:  # torch's zip reader: not a checkpoint file at all, or a truncated one
-        raise UserError(f"{source} is not a readable checkpoint ({str(error).split('. ')[0]})") from None
-
-
-def read_checkpoint(checkpoint: str | Path) -> dict:
-    """A Lightning checkpoint (a path or a URI) as plain data, through torch's safe unpickler."""
-    with refused_if_unsafe(checkpoint):
-        return torch.load(io.BytesIO(read_bytes(checkpoint)), map_location="cpu", weights_only=True)
-
-
-def checkpoint_config(checkpoint: str | Path) -> Config:
-    """The Config a checkpoint of `VQVAEModule` was trained with (its saved hyperparameters)."""
-    return Config.from_dict(read_checkpoint(checkpoint)["hyper_parameters"]["config"])
 
 
 class VQVAEModule(L.LightningModule):

@@ -23,11 +23,12 @@ from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
+from medvq.checkpoints import read_checkpoint
 from medvq.config import Config, results_shaping
-from medvq.data import MedMNISTDataModule
+from medvq.datamodule import MedMNISTDataModule
 from medvq.devices import resolve_accelerator, resolve_precision
 from medvq.errors import RunFailed, Stopped, UserError
-from medvq.module import VQVAEModule, read_checkpoint
+from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE
 from medvq.storage import ERROR_FILE, PARTIAL, replace_atomically
 

@@ -15,13 +15,14 @@ import torch
 from medmnist import INFO
 from PIL import Image
 
+from medvq.checkpoints import checkpoint_config
 from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb, to_float_images
 from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool
 from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, write_summary
 from medvq.model import FEATURE_GRID
-from medvq.module import VQVAEModule, checkpoint_config
+from medvq.module import VQVAEModule
 from medvq.probes import nearest
 from medvq.report import RECONSTRUCTIONS_FILE, encode_and_measure, replace_folder, write_latents
 from medvq.train import train_local
@@ -170,3 +171,11 @@ def test_a_pool_the_cluster_cannot_hold_is_an_error(ray_instance):
         encoder_pool(actors=1, gpus_per_actor=1)
     with pytest.raises(UserError, match="do not fit"):
         encoder_pool(actors=64, gpus_per_actor=0)
+
+
+def test_the_encoders_and_the_umaps_processes_do_not_import_lightning():
+    """Lightning takes seconds to import, paid again by every encoder actor and the UMAP task: they need only the
+    model, the images and the latents."""
+    check = "import sys, medvq.encode, medvq.latent_space; print({'lightning', 'torchmetrics'} & set(sys.modules))"
+    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "set()"

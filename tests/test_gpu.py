@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from medvq.data import MedMNISTDataModule
+from medvq.datamodule import MedMNISTDataModule
 from medvq.module import VQVAEModule
 from medvq.train import build_trainer
 

@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 import pytest
 from medmnist import INFO
 
-from medvq.module import VQVAEModule, read_checkpoint
+from medvq.checkpoints import read_checkpoint
+from medvq.module import VQVAEModule
 from medvq.storage import read_bytes
 from medvq.synthetic import write_synthetic_npz
 from medvq.tune import read_trial_history

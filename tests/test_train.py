@@ -16,7 +16,8 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 import medvq.metrics
 import medvq.module
-from medvq.data import MedMNISTDataModule, to_float_images
+from medvq.data import to_float_images
+from medvq.datamodule import MedMNISTDataModule
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similarity
