@@ -10,6 +10,7 @@
 #   bash benchmarks/device.sh train-speed    # train_speed.py with the GPU rows (batch 1024, 4096, compiled)
 #   bash benchmarks/device.sh encode-speed   # encode_speed.py: Ray Data against the plain loop, UMAP, plots
 #   bash benchmarks/device.sh packed-sweep   # ray_cost.py --sweep packed: 16 trials x 20 epochs, 4 per GPU
+#   bash benchmarks/device.sh default-job    # ray_cost.py --sweep default: the whole job at its defaults, one GPU
 # The data are synthetic files of the official shapes and split sizes for all five sets (the real ones and the
 # bundle together exceed what a call can carry): speeds as on the real files; quality figures mean nothing.
 #
@@ -24,8 +25,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
 case "$step" in
-  tests|train-speed|encode-speed|packed-sweep|long-runs|prepare-long-runs) ;;
-  *) echo "usage: bash benchmarks/device.sh tests|train-speed|encode-speed|packed-sweep|long-runs|prepare-long-runs" >&2
+  tests|train-speed|encode-speed|packed-sweep|default-job|long-runs|prepare-long-runs) ;;
+  *) echo "usage: bash benchmarks/device.sh tests|train-speed|encode-speed|packed-sweep|default-job|long-runs|prepare-long-runs" >&2
      exit 2 ;;
 esac
 if [ "$step" = prepare-long-runs ]; then  # here, not there
@@ -62,6 +63,8 @@ case "$step" in
                   --out "$out/encode-speed.json" 2>&1 | tee "$out/encode-speed.log" ;;
   packed-sweep) python benchmarks/ray_cost.py --synthetic --sweep packed --gpus-per-trial 0.25 \
                   --out "$out/packed-sweep.json" 2>&1 | tee "$out/packed-sweep.log" ;;
+  default-job) python benchmarks/ray_cost.py --synthetic --sweep default \
+                 --out "$out/default-job.json" 2>&1 | tee "$out/default-job.log" ;;
   long-runs)
     rm -rf /tmp/long-runs  # a second call on a warm machine starts afresh
     status=0

@@ -132,6 +132,8 @@ def sweep_shape(args: argparse.Namespace, config: Config) -> tuple[tuple[str, ..
     """(jobs/sweep.py's flags, the row's contender) for --sweep smoke or packed."""
     if args.sweep == "smoke":
         return ("--smoke",), "jobs/sweep.py --smoke (2 tiny trials, encode, UMAP, probes, plots)"
+    if args.sweep == "default":
+        return (), "jobs/sweep.py at its defaults (15 trials, the final fit, encode, UMAP, probes, plots)"
     flags = (*PACKED_FLAGS, "--epochs", str(config.epochs), "--gpus-per-trial", str(args.gpus_per_trial))
     return flags, f"jobs/sweep.py, 16 trials x {config.epochs} epochs, {args.gpus_per_trial:g} GPU per trial"
 
@@ -180,10 +182,11 @@ def main() -> None:
     parser = benchmark_parser(__doc__, "ray-cost.json")
     parser.add_argument(
         "--sweep",
-        choices=("smoke", "packed", "none"),
+        choices=("smoke", "packed", "default", "none"),
         default="smoke",
         help="the whole job timed: jobs/sweep.py --smoke (2 tiny trials; minutes on a laptop CPU), the packed "
-        "sweep (16 trials of --epochs, several per GPU: the GPU goal), or none (default: %(default)s)",
+        "sweep (16 trials of --epochs, several per GPU: the GPU goal), the job at its defaults (an hour on a CPU; "
+        "issue 32's five minutes on one GPU), or none (default: %(default)s)",
     )
     parser.add_settings(Config, ("epochs",), epochs=PACKED_EPOCHS)  # of each packed-sweep trial
     parser.add_argument(
