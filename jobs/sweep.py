@@ -29,7 +29,7 @@ from medvq.cli import (
 )
 from medvq.config import Config, SweepConfig, smoke_sweep
 from medvq.data import check_data, each_split_read_once
-from medvq.devices import default_gpus_per_trial, uses_gpu
+from medvq.devices import SHARED_GPU, SHARED_UP_TO_SIZE, default_gpus_per_trial, uses_gpu
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
@@ -81,8 +81,8 @@ def parser() -> JobParser:
     parser.add_argument(
         "--gpus-per-trial",
         type=NON_NEGATIVE,
-        help="GPUs per trial (default, if the cluster has GPUs: a quarter of one for a one-worker trial at up to "
-        "64 px, so four share a GPU; else one per worker; 0 without GPUs)",
+        help=f"GPUs per trial (default, if the cluster has GPUs: {SHARED_GPU:g} for a one-worker trial at up to "
+        f"{SHARED_UP_TO_SIZE} px, so several share a GPU; else one per worker; 0 without GPUs)",
     )
     return parser
 
@@ -103,8 +103,8 @@ def sweep_from_args(args: argparse.Namespace, flags: JobParser) -> SweepConfig:
 
 
 def with_gpus(sweep: SweepConfig, gpus_per_trial: float | None, cluster_gpus: float) -> SweepConfig:
-    """Resolve --gpus-per-trial against the cluster: when it has GPUs, a quarter of one for a one-worker trial of
-    small images by default, else one per worker (devices.default_gpus_per_trial)."""
+    """Resolve --gpus-per-trial against the cluster: when it has GPUs, part of one for a one-worker trial of small
+    images by default, else one per worker (devices.default_gpus_per_trial)."""
     workers = sweep.base.workers
     if_none = "the cluster has no GPUs" if gpus_per_trial is None else "--gpus-per-trial is 0"
     use_gpu = uses_gpu(sweep.base.accelerator, cluster_gpus if gpus_per_trial is None else gpus_per_trial, if_none)

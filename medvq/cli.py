@@ -213,10 +213,11 @@ def check_same_run(out: str, record: dict) -> None:
         raise UserError(f"--out {out} holds a run of jobs/{first['job']}.py: give a new --out")
     had, now = first["settings"], record["settings"]
     shown = lambda value: ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    # Only settings both starts knew: one added by an upgrade since has no value in the record to compare with
     changed = [
-        f"{flag} {shown(now.get(flag))} (it has {shown(had.get(flag))})"
-        for flag in {**had, **now}
-        if had.get(flag) != now.get(flag)
+        f"{flag} {shown(now[flag])} (it has {shown(had[flag])})"
+        for flag in now
+        if had.get(flag, now[flag]) != now[flag]
     ]
     if changed:
         raise UserError(

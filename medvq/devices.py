@@ -73,9 +73,9 @@ def workers_device(gpus_per_worker: float) -> str:
     return "the CPU" + (f" ({NOT_FOR_RAY})" if has_mps() else "")
 
 
-# A one-worker trial's default share of a GPU at MedMNIST's small sides (28 and 64 px). A 28 px step spends its time
-# launching kernels, not computing (benchmarks/RESULTS.md), and three 28 px runs shared one H200 at about a second an
-# epoch each: so four trials share a GPU. Larger images, and DDP trials (NCCL needs whole GPUs), take whole ones.
+# A one-worker trial's default share of a GPU at MedMNIST's small sides (28 and 64 px): a 28 px step is launch-bound
+# and 28 px runs shared one H200 well (docs/behaviour.md, "On a GPU"). Larger images, and DDP trials (NCCL needs
+# whole GPUs), take whole ones.
 SHARED_GPU, SHARED_UP_TO_SIZE = 0.25, 64
 
 

@@ -37,7 +37,9 @@ def broadcast_from_rank_zero_(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's tensor on every rank, in place. An all-reduce of it and the other ranks' zeros (exact): torch.compile
     traces dist.all_reduce into its graph (as a functional collective), where dist.broadcast breaks the graph."""
     if _distributed():
-        dist.all_reduce(tensor.mul_(dist.get_rank() == 0))
+        if dist.get_rank() != 0:  # zeroed, not multiplied by 0: another rank's inf or NaN must not spread
+            tensor.zero_()
+        dist.all_reduce(tensor)
     return tensor
 
 

@@ -18,7 +18,7 @@ KNN_NEIGHBOURS = 11  # MedMNIST+'s k-NN protocol
 LINEAR_STRENGTHS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 LINEAR_ITERATIONS = 100  # of L-BFGS, preconditioned: close enough to the optimum that the accuracy no longer moves
 RERANKED = 32  # candidates per query beyond k kept from the quick distances, then ranked again exactly
-QUERY_CHUNK = 2048  # queries per distance block: 2048 x 20,000 train rows is 160 MB of float32
+BLOCK_BYTES = 256 * 1024**2  # the float32 blocks of one chunk of queries: its rough distances, its candidates
 PRECONDITIONED = 128  # widest directions of the inputs the linear probe scales by their curvature
 HESSIAN_SCALE = 0.25  # the softmax cross-entropy's curvature at its start, p(1 - p) for p near 1/2
 
@@ -57,16 +57,19 @@ def closest(
     base, asked = base - centre, torch.from_numpy(np.array(queries, dtype=np.float32)) - centre
     quick = base.bfloat16() if native_bfloat16() else base
     squares = base.pow(2).sum(1)  # (N,)
+    kept = min(k + RERANKED, len(base))
+    chunk_size = max(1, BLOCK_BYTES // (4 * max(len(base), kept * base.shape[1])))  # 224 px pixels: a few queries
     found, distances = [], []
-    for start in range(0, len(asked), QUERY_CHUNK):
-        chunk = asked[start : start + QUERY_CHUNK]  # (Q, D)
+    for start in range(0, len(asked), chunk_size):
+        chunk = asked[start : start + chunk_size]  # (Q, D)
         rough = squares - 2 * (chunk.to(quick.dtype) @ quick.T).float()  # (Q, N): squared distance less |q|^2
         if query_rows is not None:
-            rough[torch.arange(len(chunk)), torch.from_numpy(query_rows[start : start + QUERY_CHUNK])] = float("inf")
-        candidates = rough.topk(min(k + RERANKED, len(base)), largest=False).indices  # (Q, C)
-        exact = (base[candidates] - chunk[:, None]).pow(2).sum(-1)  # (Q, C); a query itself stays last, at inf
-        if query_rows is not None:
-            exact[candidates == torch.from_numpy(query_rows[start : start + QUERY_CHUNK])[:, None]] = float("inf")
+            itself = torch.from_numpy(query_rows[start : start + chunk_size])
+            rough[torch.arange(len(chunk)), itself] = float("inf")
+        candidates = rough.topk(kept, largest=False).indices  # (Q, C)
+        exact = (base[candidates] - chunk[:, None]).pow(2).sum(-1)  # (Q, C)
+        if query_rows is not None:  # a query among its own candidates (fewer points than C) stays last
+            exact[candidates == itself[:, None]] = float("inf")
         order = exact.topk(k, largest=False)
         found.append(candidates.gather(1, order.indices))
         distances.append(order.values.sqrt())

@@ -116,7 +116,10 @@ def output_folder(out: str) -> Iterator[Path]:
             with noted_errors(Path(local), out):
                 yield Path(local)
         except BaseException:
-            upload(local, out, "what the job wrote before it ended")
+            try:
+                upload(local, out, "what the job wrote before it ended")
+            except OSError as failed:  # often what failed the job: its own error is the one to tell
+                print(f"could not upload what the job wrote to {out}: {str(failed).splitlines()[0]}", flush=True)
             raise
         upload(local, out, "the outputs")
         filesystem, path = resolve(join(out, ERROR_FILE))

@@ -96,8 +96,10 @@ def sweep_start(sweep: SweepConfig, storage: str, name: str, out: str) -> str:
     path = join(storage, name)
     if not tune.Tuner.can_restore(path):
         return f"new sweep {name}: {sweep.trial_count} trials"
-    done = sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in tune.ExperimentAnalysis(path).trials)
-    line = f"resuming sweep {name}: {done} of {sweep.trial_count} trials done"
+    statuses = [trial.status for trial in tune.ExperimentAnalysis(path).trials]
+    line = f"resuming sweep {name}: {statuses.count(Trial.TERMINATED)} of {sweep.trial_count} trials done"
+    if failed := statuses.count(Trial.ERROR):  # resumed with resume_errored (_tuner): they run again
+        line += f", {failed} failed, to run again"
     if not sweep.final_epochs:
         return line
     best = join(out, "best.json")

@@ -39,6 +39,14 @@ def test_a_point_is_not_its_own_neighbour_but_its_duplicate_is(candidates_in):
     np.testing.assert_array_equal(nearest(points, 4, rows)[0], found[rows])
 
 
+def test_queries_in_many_small_chunks_find_the_same_neighbours(monkeypatch):
+    points = np.random.default_rng(4).normal(size=(300, 24)).astype(np.float32)
+    whole, rows = nearest(points, 5), np.array([0, 7, 150, 299, 42])
+    monkeypatch.setattr(probes, "BLOCK_BYTES", 4 * 300 * 7)  # 7 queries a chunk
+    np.testing.assert_array_equal(nearest(points, 5)[0], whole[0])
+    np.testing.assert_array_equal(nearest(points, 5, rows)[0], whole[0][rows])
+
+
 def test_the_knn_vote_is_scikit_learns_ties_included():
     rng = np.random.default_rng(2)
     train_x, test_x = rng.normal(size=(600, 5)), rng.normal(size=(300, 5))

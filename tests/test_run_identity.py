@@ -61,6 +61,14 @@ def test_a_resumed_run_must_repeat_its_first_starts_settings(tmp_path):
     assert json.loads((tmp_path / "out" / PROVENANCE_FILE).read_text())["run"] == first  # the first start's stays
 
 
+def test_a_setting_added_by_an_upgrade_does_not_refuse_a_resume(tmp_path):
+    out = str(tmp_path / "out")
+    first = run_record("sweep", out, sweep())
+    older = {**first, "settings": {flag: value for flag, value in first["settings"].items() if flag != "--seed"}}
+    write_provenance(tmp_path / "out", "hardware", out, older)  # as a version without --seed would have recorded
+    check_same_run(out, run_record("sweep", out, sweep(seed=1)))  # nothing to compare --seed with
+
+
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server, its environment set in this process too (read the outputs back through pyarrow)."""

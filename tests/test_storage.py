@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from medvq import storage
 from medvq.cli import default_storage
 from medvq.errors import RunFailed, UserError
 from medvq.storage import (
@@ -43,6 +44,16 @@ def test_a_failed_or_stopped_job_uploads_what_it_wrote_and_why_naming_the_uri(tm
     note = (tmp_path / "remote" / ERROR_FILE).read_text()
     assert note.startswith("Traceback") and note.strip().endswith(f"see {target}/trials.csv") and str(out) not in note
     assert not out.exists()
+
+
+def test_an_upload_that_fails_too_does_not_hide_why_the_job_failed(tmp_path, monkeypatch, capsys):
+    def unreachable(local, out):
+        raise OSError("When uploading part for key 'run/trials.csv': AWS Error NETWORK_CONNECTION")
+
+    monkeypatch.setattr(storage.pafs, "copy_files", unreachable)
+    with pytest.raises(RunFailed, match="every trial diverged"), output_folder(f"file://{tmp_path}/remote"):
+        raise RunFailed("every trial diverged")
+    assert f"could not upload what the job wrote to file://{tmp_path}/remote: When uploading" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("remote", [False, True], ids=["folder", "uri"])
