@@ -104,9 +104,10 @@ def draw_explorer(
     the run comes from) at its foot."""
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
-    if "neighbours" in latents:  # found beside the UMAP (latent_space.layout)
-        neighbours, distances = vectors(latents["neighbours"]), vectors(latents["neighbour_distances"])
-    else:  # latents written before they were kept
+    neighbours = vectors(latents["neighbours"]) if "neighbours" in latents else None  # found beside the UMAP
+    if neighbours is not None and neighbours.max() < len(latents):  # row numbers of latents.parquet, read in order
+        distances = vectors(latents["neighbour_distances"])
+    else:  # latents written before they were kept, or a part of them
         neighbours, distances = nearest(vectors(latents["features"]), min(NEIGHBOURS, len(latents) - 1))
     page = _page(latents, neighbours, distances, caption)
     page.stylesheets = [_sheet_variables(sheets)]
