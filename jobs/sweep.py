@@ -29,7 +29,7 @@ from medvq.cli import (
 )
 from medvq.config import Config, SweepConfig, smoke_sweep
 from medvq.data import check_data, each_split_read_once
-from medvq.devices import SHARED_GPU, SHARED_UP_TO_SIZE, default_gpus_per_trial, uses_gpu
+from medvq.devices import SHARED_GPU, SHARED_UP_TO_SIZE, default_gpus_per_trial, uses_gpu, workers_device
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
@@ -161,7 +161,8 @@ def main() -> None:
         write_provenance(out, ray_hardware(most.totals, most.autoscaling), args.out, run)
         print(
             f"{sweep_start(sweep, storage, run['name'], args.out)}; up to "
-            f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once, storage {storage}",
+            f"{min(fits, sweep.max_concurrent_trials or fits, sweep.trial_count)} at once on "
+            f"{workers_device(sweep.base.gpus_per_worker)}, storage {storage}",
             flush=True,
         )
         search_and_describe(sweep, storage, run["name"], out, seconds)

@@ -75,7 +75,7 @@ def test_the_smoke_sweep_starts_with_no_worker_up_and_the_autoscaler_adds_them(s
         assert [node["resources_total"].get("CPU", 0) for node in cluster.nodes()] == [0]  # the head alone
         job = cluster.submit(*smoke_command(synthetic_root, tmp_path / "out"), working_dir=False)
         assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "2 trials; up to 2 at once" in job.stdout  # counted on the 2 x 2 CPUs it can grow to
+        assert "2 trials; up to 2 at once on the CPU," in job.stdout  # counted on the 2 x 2 CPUs it can grow to
         added = [node for node in cluster.nodes() if node["resources_total"].get("CPU", 0) == 2]
         assert added, "the autoscaler added no node"
     assert (tmp_path / "out" / "model.ckpt").is_file() and (tmp_path / "out" / "latents").is_dir()
