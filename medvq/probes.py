@@ -1,6 +1,6 @@
 """The probes of what features (or pixels) carry: exact k nearest neighbours, and a linear probe whose strength the val
 split picks. Written in torch for speed on the driver's CPU: the same protocol as scikit-learn's KNeighborsClassifier
-and LogisticRegression (lbfgs), at a fraction of the cost (benchmarks/RESULTS.md, "Probes").
+and LogisticRegression (lbfgs), at a fraction of the cost (benchmarks/RESULTS.md, "the probes in torch").
 """
 
 from __future__ import annotations
