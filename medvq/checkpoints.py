@@ -1,5 +1,5 @@
 """Reading a checkpoint safely (plain tensors and data only, through torch's weights-only unpickler), and the model
-it holds without Lightning: what encodes and draws needs only the model, and Lightning takes seconds to import."""
+it holds without Lightning: the encoder's actors need only the model, and Lightning takes seconds to import."""
 
 from __future__ import annotations
 
