@@ -62,7 +62,7 @@ def thumbnails(recon: torch.Tensor) -> pa.Array:
     return pa.array(encoded, pa.binary())
 
 
-def _fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
+def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
     """(N, L) -> an Arrow fixed-size list column: pandas reads it back as one length-L array per row."""
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
 
@@ -90,8 +90,8 @@ class ImageEncoder:
         scores["mse"] = (recon.float() - x).pow(2).mean(dim=(1, 2, 3))
         codes = quantized.indices.flatten(1)  # (B, h*w), row-major over the latent grid
         columns = {name: batch[name] for name in ("dataset", "split", "index", "label", "label_name")}
-        columns["codes"] = _fixed_size_list(codes.to(torch.int16).cpu().numpy())
-        columns["features"] = _fixed_size_list(features.float().cpu().numpy())
+        columns["codes"] = fixed_size_list(codes.to(torch.int16).cpu().numpy())
+        columns["features"] = fixed_size_list(features.float().cpu().numpy())
         for name in ("mse", "mae", "psnr", "ssim"):
             columns[name] = scores[name].float().cpu().numpy()
         columns[RECONSTRUCTION] = thumbnails(recon)

@@ -13,6 +13,7 @@ import pandas as pd
 import pyarrow as pa
 
 from medvq.data import load_split
+from medvq.encode import fixed_size_list
 from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
 
 log = logging.getLogger(__name__)
@@ -93,10 +94,7 @@ def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarra
 def with_layout(table: pa.Table, columns: dict[str, np.ndarray]) -> pa.Table:
     """The latents table with the columns of `layout`, one row per table row; a 2-D one as fixed-size lists."""
     for name, values in columns.items():
-        column = (
-            pa.array(values) if values.ndim == 1 else pa.FixedSizeListArray.from_arrays(values.ravel(), values.shape[1])
-        )
-        table = table.append_column(name, column)
+        table = table.append_column(name, pa.array(values) if values.ndim == 1 else fixed_size_list(values))
     return table
 
 
