@@ -27,10 +27,10 @@ from medvq.cli import run_job
 from medvq.config import Config
 from medvq.data import SPLITS
 from medvq.encode import PIXELS_PER_BATCH, ImageEncoder, encode_latents, encoder_pool, read_split
-from medvq.latent_space import layout, vectors, with_layout
+from medvq.latent_space import layout, neighbour_search, umap_projection, vectors, with_layout
 from medvq.plots import draw_run
+from medvq.ray_train import CHECKPOINT_NAME
 from medvq.report import write_latents
-from medvq.train import CHECKPOINT_NAME
 
 
 def _split(config: Config, name: str, split: str) -> dict[str, np.ndarray]:
@@ -110,8 +110,11 @@ def umap_and_plots(table: pa.Table, run: Path, config: Config) -> dict:
     """The UMAP of the encoded rows, timed with importing umap (numba compiles then), and the run's figures."""
     print("UMAP and plots", flush=True)
     import_seconds, _ = timed(importlib.import_module, "umap")
-    fit_seconds, columns = timed(layout, vectors(table.column("features")), seed=config.seed)
-    table = with_layout(table, columns)
+    features = vectors(table.column("features"))
+    search_seconds, (others, distances) = timed(neighbour_search, features)
+    fit_seconds, projection = timed(umap_projection, features, others, distances, config.seed)
+    fit_seconds += search_seconds
+    table = with_layout(table, layout(projection, others, distances))
     write_latents(table, run)  # the latents draw_run plots, beside the trained model's checkpoint and metrics
     plots_seconds, written = timed(draw_run, run, config.data_root)
     return {

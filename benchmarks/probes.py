@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 from sklearn.decomposition import PCA
 
+from medvq.baselines import RESNET18_28
 from medvq.cli import JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job, text_value
 from medvq.data import load_split, rgb, to_float_images
-from medvq.latent_space import PROBE_SPLITS, RESNET18_28, class_probes
+from medvq.latent_space import PROBE_SPLITS, class_probes
 from medvq.model import FEATURE_GRID, pooled_features
 from medvq.module import VQVAEModule
 

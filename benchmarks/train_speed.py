@@ -39,7 +39,8 @@ from medvq.datamodule import MedMNISTDataModule
 from medvq.metrics import image_scores
 from medvq.model import VQVAE
 from medvq.module import VQVAEModule
-from medvq.train import LocalCheckpoints, build_trainer, run_on_ray
+from medvq.ray_train import run_on_ray
+from medvq.train import LocalCheckpoints, build_trainer
 
 SECONDS, WARMUP_BATCHES = 60.0, 5  # long past warm-up (allocator, cuDNN autotuning, lazy imports), epochs to time
 SMOKE_SECONDS, SMOKE_WARMUP_BATCHES = 1.0, 1

@@ -25,8 +25,9 @@ from medvq.devices import local_device_line, resolve_accelerator, uses_gpu, work
 from medvq.errors import UserError
 from medvq.nodes import Capacity, capacity, check_nodes_see
 from medvq.provenance import local_hardware, ray_hardware, write_provenance
+from medvq.ray_train import train_on_ray
 from medvq.storage import check_writable, is_uri, output_folder
-from medvq.train import local_resume_point, train_local, train_on_ray
+from medvq.train import local_resume_point, train_local
 
 
 def parser() -> JobParser:

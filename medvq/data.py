@@ -95,7 +95,9 @@ def _download(info: dict, path: Path, size: int, url: str) -> None:
         ) from None
 
 
-def _md5(path: Path) -> str:
+@cache
+def _md5(path: Path, mtime_ns: int) -> str:
+    """The file's md5, once per file version (`mtime_ns`)."""
     digest = hashlib.md5()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -128,14 +130,17 @@ def _structure_problem(path: Path, name: str, size: int) -> str | None:
     return None
 
 
+def _matches_medmnists_md5(path: Path, name: str, size: int) -> bool:
+    return _md5(path, path.stat().st_mtime_ns) == dataset_info(name)[f"MD5{_size_key(size)}"]
+
+
 @cache
 def _verify(path: Path, name: str, size: int, mtime_ns: int) -> None:
     """Check the md5 from medmnist.INFO; on mismatch accept a structurally valid copy with a warning.
 
-    Cached per file version (`mtime_ns`), so loading three splits hashes the file once.
+    Cached per file version (`mtime_ns`), so loading three splits checks the file once.
     """
-    expected = dataset_info(name)[f"MD5{_size_key(size)}"]
-    if _md5(path) == expected:
+    if _matches_medmnists_md5(path, name, size):
         return
     problem = _structure_problem(path, name, size)
     if problem:
@@ -148,6 +153,11 @@ def verified_file(name: str, root: str | Path | None, size: int = 28) -> Path:
     path = ensure_file(name, root, size)
     _verify(path, name, size, path.stat().st_mtime_ns)
     return path
+
+
+def is_medmnists_own(name: str, root: str | Path | None, size: int = 28) -> bool:
+    """Whether the dataset's file is MedMNIST's own, byte for byte (its md5 in medmnist.INFO)."""
+    return _matches_medmnists_md5(verified_file(name, root, size), name, size)
 
 
 def check_data(config: Config) -> None:

@@ -23,7 +23,7 @@ def uses_gpu(accelerator: str, gpus: float, if_none: str) -> bool:
 
 def resolve_accelerator(accelerator: str) -> str:
     """This process's device, as Lightning names it: "gpu" (CUDA), "mps" (Apple's GPU) or "cpu". "auto" and "gpu"
-    take a CUDA GPU, else Apple's. A Ray Train worker is told "gpu" or "cpu" by its job (train.run_on_ray), so it
+    take a CUDA GPU, else Apple's. A Ray Train worker is told "gpu" or "cpu" by its job (ray_train.run_on_ray), so it
     never gets "mps"."""
     cuda = torch.cuda.device_count()
     if accelerator != "cpu" and not cuda and has_mps():

@@ -57,7 +57,8 @@ def thumbnails(recon: torch.Tensor) -> pa.Array:
     encoded = []
     for image in pixels:
         buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "WEBP", lossless=True)
+        # method 0: lossless WebP's least effort, a tenth of the default's time for a few % more bytes
+        Image.fromarray(image).save(buffer, "WEBP", lossless=True, method=0)
         encoded.append(buffer.getvalue())
     return pa.array(encoded, pa.binary())
 

@@ -12,20 +12,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from medvq.data import load_split
+from medvq.baselines import PIXEL_PROBES, RESNET18_28
+from medvq.data import is_medmnists_own, load_split
 from medvq.encode import fixed_size_list
 from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
 
 log = logging.getLogger(__name__)
 
-# The supervised ceiling: ResNet-18 (28) test accuracy, MedMNIST v2 (Yang et al., Scientific Data 2023, Table 3).
-RESNET18_28 = {
-    "bloodmnist": 0.958,
-    "breastmnist": 0.863,
-    "pneumoniamnist": 0.854,
-    "retinamnist": 0.524,
-    "dermamnist": 0.735,
-}
 PROBE_SPLITS = ("train", "val", "test")  # the probes' fit, the linear probe's choice of strength, the score
 NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
 UMAP_NEIGHBOURS = 15  # umap-learn's default, counting the point itself
@@ -55,11 +48,15 @@ def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
     return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
-def layout(points: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
-    """The 2-D UMAP of the rows of `points` (N, D), and each row's NEIGHBOURS nearest other rows with their distances:
-    one exact neighbour search serves both. Columns of the latents table, by name (see `with_layout`)."""
-    others, distances = nearest(points, min(max(UMAP_NEIGHBOURS - 1, NEIGHBOURS), len(points) - 1))
-    projection = umap_projection(points, others, distances, seed)
+def neighbour_search(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of `points` (N, D)'s nearest other rows, as many as the UMAP and the explorer use, nearest first: row
+    numbers and distances, both (N, k). One exact search serves both."""
+    return nearest(points, min(max(UMAP_NEIGHBOURS - 1, NEIGHBOURS), len(points) - 1))
+
+
+def layout(projection: np.ndarray, others: np.ndarray, distances: np.ndarray) -> dict[str, np.ndarray]:
+    """The 2-D UMAP (`umap_projection`) and each row's NEIGHBOURS nearest other rows with their distances (from
+    `neighbour_search`): columns of the latents table, by name (see `with_layout`)."""
     return {
         "umap_x": projection[:, 0],
         "umap_y": projection[:, 1],
@@ -131,6 +128,14 @@ def dataset_recovered(latents: pd.DataFrame, names: list[str]) -> dict[str, floa
     return {name: float(recovered[test["dataset"].to_numpy() == name].mean()) for name in names}
 
 
+def pixel_probes(name: str, labels: dict[str, np.ndarray], data_root: str, size: int) -> dict:
+    """`class_probes` on the dataset's raw pixels: those PIXEL_PROBES keeps for MedMNIST's own file, else measured.
+    labels: one array per split of PROBE_SPLITS, in the file's order."""
+    if (name, size) in PIXEL_PROBES and is_medmnists_own(name, data_root, size):
+        return PIXEL_PROBES[(name, size)]
+    return class_probes({split: _pixels(name, split, data_root, size) for split in PROBE_SPLITS}, labels)
+
+
 def _pixels(name: str, split: str, data_root: str, size: int) -> np.ndarray:
     images, _ = load_split(name, split, data_root, size)
     return images.reshape(len(images), -1).astype(np.float32) / 255
@@ -156,10 +161,9 @@ def dataset_records(
         rows = {split: _split_rows(latents, name, split) for split in PROBE_SPLITS}
         labels = {split: rows[split]["label"].to_numpy() for split in PROBE_SPLITS}
         features = {split: vectors(rows[split]["features"]) for split in PROBE_SPLITS}
-        pixels = {split: _pixels(name, split, data_root, size) for split in PROBE_SPLITS}
         test, test_y = rows["test"], labels["test"]
         counts, perplexity = code_usage(vectors(test["codes"]), codebook_size)
-        on_features, on_pixels = class_probes(features, labels), class_probes(pixels, labels)
+        on_features, on_pixels = class_probes(features, labels), pixel_probes(name, labels, data_root, size)
         records.append(
             {
                 "dataset": name,
@@ -199,8 +203,8 @@ def write_summary(records: list[dict], out: Path, preface: str = "") -> None:
     (out / "summary.json").write_text(json.dumps(records, indent=2) + "\n")
     notes = (
         f"Test split of each dataset. Class probes, fit on the train split, on the features (the encoder's, pooled) "
-        f"or on raw pixels: {KNN_NEIGHBOURS}-NN, and a logistic regression on standardised features (linear) whose "
-        "inverse regularisation strength C is the one of "
+        f"or on raw pixels (of MedMNIST's own files: as kept in medvq/baselines.py): {KNN_NEIGHBOURS}-NN, and a "
+        "logistic regression on standardised features (linear) whose inverse regularisation strength C is the one of "
         f"{', '.join(f'{strength:g}' for strength in LINEAR_STRENGTHS)} that scores best on the val split; majority "
         "class: the accuracy of always guessing the commonest class (a floor); ResNet-18 (28): the supervised "
         "accuracy of MedMNIST v2's benchmark (Yang et al., Scientific Data 2023, Table 3; a ceiling); dataset "

@@ -17,7 +17,7 @@ import ray
 
 from medvq.config import Config
 from medvq.encode import RECONSTRUCTION, encode_latents
-from medvq.latent_space import dataset_records, layout, vectors, with_layout
+from medvq.latent_space import dataset_records, layout, neighbour_search, umap_projection, vectors, with_layout
 from medvq.probes import threads_left_for
 
 LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
@@ -55,22 +55,26 @@ def encode_and_measure(
     """Encode every image of `config.datasets` (Ray Data), project the latents (UMAP), write them to OUT/latents/ and
     measure them per dataset. `config` is the one the checkpoint was trained with (its data root may differ).
     Returns the per-dataset records (see `dataset_records`) and the seconds each step took: the UMAP runs as a Ray
-    task beside the probes, so "umap" counts from the same start as "probes". Needs Ray initialised."""
+    task beside the probes, so "umap" counts from the same start as "probes", after the neighbour search both
+    wait for. Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
     table = encode_latents(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
     seconds["encode"], started = time.monotonic() - started, time.monotonic()
+    features = vectors(table.column("features"))
+    others, distances = neighbour_search(features)  # here, on every core: the UMAP's task would have one
+    seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
     # One CPU: UMAP is seeded, so single-threaded. A task, so that it runs beside the probes, on any node.
-    mapped = ray.remote(num_cpus=1)(layout).remote(vectors(table.column("features")), config.seed)
+    mapped = ray.remote(num_cpus=1)(umap_projection).remote(features, others, distances, config.seed)
     frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
     with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
         records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
-    table = with_layout(table, ray.get(mapped))
+    table = with_layout(table, layout(ray.get(mapped), others, distances))
     seconds["umap"] = time.monotonic() - started
     latents = write_latents(table, out)
     print(
-        f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; probes {seconds['probes']:.1f} s "
-        f"beside the UMAP {seconds['umap']:.1f} s",
+        f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; nearest neighbours "
+        f"{seconds['neighbours']:.1f} s, then probes {seconds['probes']:.1f} s beside the UMAP {seconds['umap']:.1f} s",
         flush=True,
     )
     return records, seconds

@@ -1,27 +1,19 @@
-"""Training: one Lightning trainer builder, used the same way by a local run and by Ray Train workers."""
+"""Training: one Lightning trainer builder, used the same way by a local run and by Ray Train workers (whose runs
+medvq.ray_train starts)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import queue
-import shutil
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
 from functools import partial
 from pathlib import Path
 
 import lightning as L
 import pandas as pd
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.util.queue import Queue
 
 from medvq.checkpoints import read_checkpoint
 from medvq.config import Config, results_shaping
@@ -30,21 +22,10 @@ from medvq.devices import resolve_accelerator, resolve_precision
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE
+from medvq.ray_train import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, kept
 from medvq.storage import ERROR_FILE, PARTIAL, replace_atomically
 
-CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
-TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
-METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
-DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = (
-    "diverged",
-    "epochs_done",
-    "epoch_seconds",
-)  # reported to Ray Train and Tune beside the metrics
-# Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
-# held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
-# from the process that calls fit() to its controller; a value set by the user is kept.
-CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
 
 
 class EpochRecorder(L.Callback):
@@ -135,61 +116,6 @@ class RayTrainReport(EpochRecorder):
         return {**row, EPOCHS_DONE: row["epoch"] + 1}
 
 
-class EpochsToDriver(ray.train.UserCallback):
-    """Hands each epoch rank zero reports to the driver through a Ray queue. The callback runs in Ray Train's
-    controller, an actor whose prints the job does not forward (`cli.start_ray`)."""
-
-    def __init__(self, epoch_queue: Queue):
-        self.epoch_queue: Queue | None = epoch_queue
-
-    def after_report(self, run_context, metrics: list[dict], checkpoint) -> None:
-        if self.epoch_queue is None:
-            return
-        try:
-            self.epoch_queue.put(metrics[0])  # blocking: the last epoch is queued before the run's fit() returns
-        except ray.exceptions.RayError:
-            # The queue is gone (the driver stopped, or its node failed). An error here would fail the whole run:
-            # Ray Train retries no error of its controller's callbacks.
-            self.epoch_queue = None
-
-
-@contextmanager
-def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
-    """While the block runs, the driver prints an `epoch_line` for each epoch the callback it yields hands over:
-    outside Tune, whose trial table shows its runs, a long fit would otherwise be silent until it ends."""
-    epoch_queue, fit_returned = Queue(actor_options={"num_cpus": 0}), threading.Event()  # never waits for a CPU
-
-    def print_epochs() -> None:
-        try:
-            while not (fit_returned.is_set() and epoch_queue.empty()):
-                with suppress(queue.Empty):
-                    print(epoch_line(name, epochs, epoch_queue.get(timeout=1)), flush=True)
-        except ray.exceptions.RayError:  # the queue's actor is gone (its node failed): only the lines stop
-            pass
-
-    printer = threading.Thread(target=print_epochs, daemon=True)
-    printer.start()
-    try:
-        yield EpochsToDriver(epoch_queue)
-    finally:
-        fit_returned.set()
-        printer.join()
-        epoch_queue.shutdown()
-
-
-def epoch_line(name: str, epochs: int, row: dict) -> str:
-    """'NAME: epoch 7/120, val PSNR 28.10 dB, SSIM 0.905, 9.8 s an epoch, about 19 min left', or why it stopped.
-    PSNR and SSIM over all val images, as the job's summary gives them."""
-    done = row[EPOCHS_DONE]
-    if row.get(DIVERGED):
-        return f"{name}: diverged: {row[DIVERGED]}"
-    minutes_left = max(1, round((epochs - done) * row[EPOCH_SECONDS] / 60))
-    return (
-        f"{name}: epoch {done}/{epochs}, val PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}, "
-        f"{row[EPOCH_SECONDS]:.1f} s an epoch" + (f", about {minutes_left} min left" if done < epochs else "")
-    )
-
-
 def build_trainer(
     config: Config, *, devices: int | str = 1, strategy="auto", plugins=(), callbacks=(), progress_bar: bool = True
 ) -> L.Trainer:
@@ -262,22 +188,14 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     return recorder.rows[-1]
 
 
-def kept(rows: list[dict], checkpoint: Path | str) -> str:
-    """What a diverged run leaves behind, in words."""
-    if not rows:
-        return "no checkpoint was written"
-    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
+def fit_on_worker(config: Config) -> str | None:
+    """One Ray Train worker's training (ray_train.train_worker): the local trainer with Ray's DDP strategy. Reports
+    metrics and a checkpoint every epoch; when Ray Train resumes the run (same name and storage) or retries it after
+    a worker failed, training continues from the newest checkpoint.
 
-
-def train_worker(loop_config: dict) -> str | None:
-    """Ray Train's per-worker function: the local trainer with Ray's DDP strategy, on one worker. Reports metrics and
-    a checkpoint every epoch; when Ray Train resumes the run (same name and storage) or retries it after a worker
-    failed, training continues from the newest checkpoint.
-
-    `loop_config` is `Config.to_dict()` (Ray hands each worker a dict). Returns why the run diverged, or None: rank
-    zero's return value is the run's `return_value`, while its metrics are those of its last checkpoint.
+    Returns why the run diverged, or None: rank zero's return value is the run's `return_value`, while its metrics
+    are those of its last checkpoint.
     """
-    config = Config.from_dict(loop_config)
     L.seed_everything(config.seed, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-worker banners in the driver log
     trainer = build_trainer(
@@ -299,50 +217,3 @@ def train_worker(loop_config: dict) -> str | None:
         with checkpoint.as_directory() as directory:
             trainer.fit(module, datamodule=data, ckpt_path=Path(directory) / TRAIN_CHECKPOINT)
     return recorder.diverged
-
-
-def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.train.Result:
-    """Run `train_worker` on `config.workers` Ray Train workers (Lightning DDP: NCCL on GPU, gloo on CPU), from any
-    driver: jobs/train.py's process or a Tune trial. The run lives at storage/name; calling again with the same
-    name resumes it from its last checkpoint.
-    """
-    os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
-    use_gpu = config.gpus_per_worker > 0  # decided by the job (medvq.devices); here only carried out
-    # Explicit, never guessed: a CPU worker may still see the node's GPUs.
-    config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
-    # One worker per GPU; several one-worker runs may share a GPU through fractional gpus_per_worker.
-    resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
-    scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
-    # Two newest checkpoints: the last one resumes the run, and the one before still exists if Tune (ASHA)
-    # stops a trial whose run has already written one more epoch. Retry failed workers twice.
-    run = RunConfig(
-        name=name,
-        storage_path=storage,
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-        failure_config=FailureConfig(max_failures=2),
-        callbacks=list(callbacks),
-    )
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=config.to_dict(),
-        scaling_config=scaling,
-        run_config=run,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-    )
-    return trainer.fit()
-
-
-def train_on_ray(config: Config, out_dir: Path, storage: str, name: str) -> dict[str, float]:
-    """The Ray Train run `name`: model.ckpt and metrics.csv land in out_dir as for a local run. Running it again
-    resumes it from its last checkpoint in `storage`."""
-    with printed_epochs(name, config.epochs) as progress:
-        result = run_on_ray(config, storage=storage, name=name, callbacks=[progress])
-    rows = []
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as directory:
-            shutil.copyfile(Path(directory) / TRAIN_CHECKPOINT, out_dir / CHECKPOINT_NAME)
-            shutil.copyfile(Path(directory) / METRICS_NAME, out_dir / METRICS_NAME)
-        rows = pd.read_csv(out_dir / METRICS_NAME).to_dict("records")
-    if result.return_value is not None:
-        raise RunFailed(f"training diverged: {result.return_value}; {kept(rows, out_dir / CHECKPOINT_NAME)}")
-    return rows[-1]

@@ -25,8 +25,8 @@ from ray.tune.schedulers import ASHAScheduler
 from medvq.config import Config, SweepConfig
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.nodes import capacity
+from medvq.ray_train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, run_on_ray
 from medvq.storage import info, is_file, join, read_bytes, uri_on
-from medvq.train import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, run_on_ray
 
 OBJECTIVE, MODE = "val_nmse", "min"
 SEARCHED = ("codebook_size", "commitment_weight", "seed")
@@ -347,7 +347,7 @@ def write_sweep_outputs(results: tune.ResultGrid, sweep: SweepConfig, storage: s
 
 def write_final_fit(best: dict, config: Config, final: dict[str, float], out: Path) -> dict:
     """best.json with the final fit of the best trial's settings (`config`, its last epoch's metrics `final`) added:
-    model.ckpt and metrics.csv are then that run's (train.train_on_ray wrote them)."""
+    model.ckpt and metrics.csv are then that run's (ray_train.train_on_ray wrote them)."""
     best = {
         **best,
         "final_fit": {

@@ -7,7 +7,8 @@ from collections import Counter
 import torch
 
 from medvq.module import VQVAEModule
-from medvq.train import CHECKPOINT_NAME, train_local
+from medvq.ray_train import CHECKPOINT_NAME
+from medvq.train import train_local
 
 
 def test_a_compiled_run_compiles_each_stages_whole_step_once_and_its_checkpoint_loads_eager(

@@ -76,7 +76,7 @@ def test_lightning_builds_an_mps_trainer_for_a_local_run(tiny_config):
 
 @pytest.mark.usefixtures("apple_silicon")
 def test_a_ray_worker_on_a_mac_trains_on_its_cpu(tiny_config):
-    """train.run_on_ray tells a CPU worker "cpu"; Lightning refuses DDP on MPS, and Ray has no MPS resource."""
+    """ray_train.run_on_ray tells a CPU worker "cpu"; Lightning refuses DDP on MPS, and Ray has no MPS resource."""
     trainer = build_trainer(tiny_config(accelerator="cpu"), strategy=RayDDPStrategy(), progress_bar=False)
     assert isinstance(trainer.accelerator, CPUAccelerator)
     assert "Ray has no resource for Apple's GPU (MPS)" in workers_device(0.0)

@@ -11,7 +11,7 @@ from medvq.config import SweepConfig
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.module import TRAINED_PRECISION, VQVAEModule
-from medvq.train import TRAIN_CHECKPOINT, run_on_ray, train_on_ray
+from medvq.ray_train import TRAIN_CHECKPOINT, run_on_ray, train_on_ray
 from medvq.tune import run_sweep, write_sweep_outputs
 
 pytestmark = pytest.mark.integration

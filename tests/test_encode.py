@@ -171,11 +171,3 @@ def test_a_pool_the_cluster_cannot_hold_is_an_error(ray_instance):
         encoder_pool(actors=1, gpus_per_actor=1)
     with pytest.raises(UserError, match="do not fit"):
         encoder_pool(actors=64, gpus_per_actor=0)
-
-
-def test_the_encoders_and_the_umaps_processes_do_not_import_lightning():
-    """Lightning takes seconds to import, paid again by every encoder actor and the UMAP task: they need only the
-    model, the images and the latents."""
-    check = "import sys, medvq.encode, medvq.latent_space; print({'lightning', 'torchmetrics'} & set(sys.modules))"
-    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
-    assert imported.strip() == "set()"

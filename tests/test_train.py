@@ -23,17 +23,16 @@ from medvq.errors import RunFailed
 from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similarity
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
-from medvq.train import (
+from medvq.ray_train import (
     CHECKPOINT_NAME,
     DIVERGED,
     EPOCH_SECONDS,
     EPOCHS_DONE,
     METRICS_NAME,
-    build_trainer,
     epoch_line,
     printed_epochs,
-    train_local,
 )
+from medvq.train import build_trainer, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 

@@ -1,0 +1,22 @@
+"""Lightning takes seconds of a core to import (benchmarks/RESULTS.md), paid again by every process that imports it:
+only the processes that train import it."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        # a Tune trial's driver (tune.run_trial) and Ray Train's controller, which unpickles ray_train.train_worker
+        "medvq.tune, medvq.ray_train",
+        # the encoder's actors and the UMAP task: they need only the model, the images and the latents
+        "medvq.encode, medvq.latent_space",
+    ],
+)
+def test_processes_that_do_not_train_do_not_import_lightning(modules):
+    check = f"import sys, {modules}; print(sorted({{'lightning', 'torchmetrics'}} & set(sys.modules)))"
+    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"
