@@ -50,7 +50,7 @@ from bokeh.resources import INLINE
 from PIL import Image
 
 from medvq.data import SPLITS, load_split, rgb, short_label, to_float_images
-from medvq.encode import RECONSTRUCTION, THUMB, shrink
+from medvq.encode import RECONSTRUCTION, THUMB, shrink, thumbnail_images
 from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, vectors
 from medvq.probes import nearest
@@ -126,7 +126,7 @@ def _tiles(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str 
             part = rows[start : start + BATCH]
             originals = shrink(to_float_images(torch.from_numpy(images[latents["index"].to_numpy()[part]])))
             tiles[part, :, :THUMB] = originals.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
-            tiles[part, :, THUMB:] = [np.asarray(Image.open(io.BytesIO(webp))) for webp in shown.iloc[part]]
+            tiles[part, :, THUMB:] = thumbnail_images(shown.iloc[part])
     return tiles
 
 

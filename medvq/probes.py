@@ -62,17 +62,18 @@ def closest(
     found, distances = [], []
     for start in range(0, len(asked), chunk_size):
         chunk = asked[start : start + chunk_size]  # (Q, D)
-        rough = squares - 2 * (chunk.to(quick.dtype) @ quick.T).float()  # (Q, N): squared distance less |q|^2
+        # (Q, N): squared distance less |q|^2, in float32; in place, as passes over it take longer than the product
+        rough = (chunk.to(quick.dtype) @ quick.T).float().mul_(-2).add_(squares)
         if query_rows is not None:
             itself = torch.from_numpy(query_rows[start : start + chunk_size])
             rough[torch.arange(len(chunk)), itself] = float("inf")
         candidates = rough.topk(kept, largest=False).indices  # (Q, C)
-        exact = (base[candidates] - chunk[:, None]).pow(2).sum(-1)  # (Q, C)
+        exact = torch.linalg.vector_norm(base[candidates] - chunk[:, None], dim=-1)  # (Q, C)
         if query_rows is not None:  # a query among its own candidates (fewer points than C) stays last
             exact[candidates == itself[:, None]] = float("inf")
         order = exact.topk(k, largest=False)
         found.append(candidates.gather(1, order.indices))
-        distances.append(order.values.sqrt())
+        distances.append(order.values)
     return torch.cat(found).numpy(), torch.cat(distances).numpy()
 
 

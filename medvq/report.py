@@ -44,7 +44,7 @@ def write_latents(table: pa.Table, out: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     pq.write_table(table.drop_columns([RECONSTRUCTION]), staging / PARQUET_FILE)
-    pq.write_table(table.select([*ROW_KEY, RECONSTRUCTION]), staging / RECONSTRUCTIONS_FILE)
+    pq.write_table(table.select([*ROW_KEY, RECONSTRUCTION]), staging / RECONSTRUCTIONS_FILE, compression="zstd")
     replace_folder(staging, latents)
     return latents
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -13,12 +12,11 @@ import pandas as pd
 import pytest
 import torch
 from medmnist import INFO
-from PIL import Image
 
 from medvq.checkpoints import checkpoint_config
 from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb, to_float_images
-from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool
+from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool, thumbnail_images
 from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, write_summary
 from medvq.model import FEATURE_GRID
@@ -98,7 +96,7 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
         x = to_float_images(images)
         expected = model(x)[0].clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
         hidden = model.encoder.net[:-1](x)  # the layer before the projection into the codes' space
-    shown = np.stack([np.asarray(Image.open(io.BytesIO(webp))) for webp in test[RECONSTRUCTION]])
+    shown = thumbnail_images(test[RECONSTRUCTION]).astype(float)
     assert shown.shape == (len(test), THUMB, THUMB, 3) and np.abs(shown - expected).max() <= 1  # rounding
     # ... and its features that layer's means over the 3x3 layout: its top-left cell covers grid rows and columns 0-2
     features = np.stack(test["features"].to_numpy()).reshape(len(test), FEATURE_GRID, FEATURE_GRID, -1)
@@ -112,7 +110,7 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     for _ in range(2):  # a re-run replaces the latents rather than appending to them
         records, seconds = encode_and_measure(checkpoint, config, tmp_path, actors=2)
     write_summary(records, tmp_path)
-    assert set(seconds) == {"encode", "umap", "probes"}
+    assert set(seconds) == {"encode", "neighbours", "umap", "probes"}
     frame = pd.read_parquet(tmp_path / "latents")
     written = sorted(path.name for path in (tmp_path / "latents").iterdir())
     assert written == [RECONSTRUCTIONS_FILE, "latents.parquet"]  # written once, whole; pandas reads only the latents

@@ -18,7 +18,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from medvq import plots
 from medvq.config import Config
 from medvq.data import load_split, rgb
-from medvq.encode import RECONSTRUCTION, THUMB
+from medvq.encode import RECONSTRUCTION, THUMB, thumbnail_images
 from medvq.explorer import POINT_SIZE, tile_positions
 from medvq.latent_space import NEIGHBOURS
 from medvq.neighbours import neighbour_table
@@ -113,7 +113,7 @@ def test_hovering_a_point_shows_that_rows_image_beside_its_reconstruction(
     # The sprite sheets are lossy WebP: a few levels of 255 per pixel, more for a busy image (up to 3.4 seen)
     assert errors.argmin() == record["index"] and errors.min() < 5
     thumbnails = pd.read_parquet(run / "latents" / RECONSTRUCTIONS_FILE).set_index(ROW_KEY)[RECONSTRUCTION]
-    recon = np.asarray(Image.open(io.BytesIO(thumbnails[tuple(record[ROW_KEY])])))  # the encoder's, of this row
+    recon = thumbnail_images(thumbnails.loc[[tuple(record[ROW_KEY])]])[0].astype(int)  # the encoder's, of this row
     assert np.abs(recon - tile[:, THUMB:]).mean() < 5
     assert f"{record['dataset']} {record['split']} #{record['index']}" in text and record["label_name"] in text
 
