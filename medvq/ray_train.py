@@ -7,7 +7,6 @@ import this module, and each Lightning import costs seconds of a core in every p
 from __future__ import annotations
 
 import os
-import queue
 import shutil
 import threading
 from collections.abc import Iterator
@@ -59,13 +58,12 @@ class EpochsToDriver(ray.train.UserCallback):
 def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
     """While the block runs, the driver prints an `epoch_line` for each epoch the callback it yields hands over:
     outside Tune, whose trial table shows its runs, a long fit would otherwise be silent until it ends."""
-    epoch_queue, fit_returned = Queue(actor_options={"num_cpus": 0}), threading.Event()  # never waits for a CPU
+    epoch_queue = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU
 
     def print_epochs() -> None:
         try:
-            while not (fit_returned.is_set() and epoch_queue.empty()):
-                with suppress(queue.Empty):
-                    print(epoch_line(name, epochs, epoch_queue.get(timeout=1)), flush=True)
+            while (row := epoch_queue.get()) is not None:  # None: the block has ended
+                print(epoch_line(name, epochs, row), flush=True)
         except ray.exceptions.RayError:  # the queue's actor is gone (its node failed): only the lines stop
             pass
 
@@ -74,7 +72,8 @@ def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
     try:
         yield EpochsToDriver(epoch_queue)
     finally:
-        fit_returned.set()
+        with suppress(ray.exceptions.RayError):  # gone: the printer's get has failed too
+            epoch_queue.put(None)  # behind the last epoch, which the callback queued before fit() returned
         printer.join()
         epoch_queue.shutdown()
 
