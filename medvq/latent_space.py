@@ -3,6 +3,7 @@ the test split (reconstruction, codebook use, k-nearest-neighbour probes of clas
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import warnings
@@ -61,6 +62,7 @@ def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarra
     """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, given each row's nearest other rows (N, k)."""
     import umap  # imported here: numba compiles on import, which only this step needs
 
+    cache_umaps_compilations()
     log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
     # Exact neighbours handed to UMAP: its own search (NN-descent) compiled and ran for most of its time
     # (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
@@ -78,6 +80,23 @@ def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarra
         projection = umap_model.fit_transform(points)
     _log_once(caught)
     return projection.astype(np.float32)
+
+
+# umap-learn's numba functions that it compiles anew in every process: seconds of each UMAP (benchmarks/RESULTS.md)
+UNCACHED_UMAP_FUNCTIONS = {
+    "umap.umap_": ("smooth_knn_dist", "compute_membership_strengths"),
+    "umap.layouts": ("_nb_optimize_layout_euclidean_single_epoch",),
+}
+
+
+def cache_umaps_compilations() -> None:
+    """numba caches on disk what these functions compile, as it does umap-learn's others: a node compiles them once,
+    not once per run. A function an umap-learn version renames or no longer has is left as it is."""
+    for module, names in UNCACHED_UMAP_FUNCTIONS.items():
+        for name in names:
+            function = getattr(importlib.import_module(module), name, None)
+            if hasattr(function, "enable_caching"):  # a numba dispatcher
+                function.enable_caching()
 
 
 def with_layout(table: pa.Table, columns: dict[str, np.ndarray]) -> pa.Table:
