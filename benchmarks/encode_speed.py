@@ -27,7 +27,8 @@ from medvq.cli import run_job
 from medvq.config import Config
 from medvq.data import SPLITS
 from medvq.encode import PIXELS_PER_BATCH, ImageEncoder, encode_latents, encoder_pool, read_split
-from medvq.latent_space import layout, neighbour_search, umap_projection, vectors, with_layout
+from medvq.latent_space import layout, neighbour_search, vectors, with_layout
+from medvq.projection import umap_projection
 from medvq.plots import draw_run
 from medvq.ray_train import CHECKPOINT_NAME
 from medvq.report import write_latents

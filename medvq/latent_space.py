@@ -3,10 +3,7 @@ the test split (reconstruction, codebook use, k-nearest-neighbour probes of clas
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +14,10 @@ from medvq.baselines import PIXEL_PROBES, RESNET18_28
 from medvq.data import is_medmnists_own, load_split
 from medvq.encode import fixed_size_list, vectors
 from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
-
-log = logging.getLogger(__name__)
+from medvq.projection import UMAP_NEIGHBOURS
 
 PROBE_SPLITS = ("train", "val", "test")  # the probes' fit, the linear probe's choice of strength, the score
 NEIGHBOURS = 8  # the images listed as nearest one image: on the explorer page, and by jobs/neighbours.py
-UMAP_NEIGHBOURS = 15  # umap-learn's default, counting the point itself
 SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "dataset": "dataset",
     "test_images": "test images",
@@ -58,59 +53,11 @@ def layout(projection: np.ndarray, others: np.ndarray, distances: np.ndarray) ->
     }
 
 
-def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarray, seed: int = 0) -> np.ndarray:
-    """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, given each row's nearest other rows (N, k)."""
-    import umap  # imported here: numba compiles on import, which only this step needs
-
-    cache_umaps_compilations()
-    log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
-    # Exact neighbours handed to UMAP: its own search (NN-descent) compiled and ran for most of its time
-    # (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
-    k = min(UMAP_NEIGHBOURS - 1, others.shape[1])
-    itself = np.arange(len(points))[:, None]
-    known = (np.hstack([itself, others[:, :k]]), np.hstack([np.zeros(itself.shape, np.float32), distances[:, :k]]))
-    # Seeded, so a re-run draws the same picture; that makes UMAP single-threaded.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.filterwarnings("ignore", message=".*overridden to 1 by setting random_state")  # chosen above
-        warnings.filterwarnings("ignore", message=".*precomputed_knn.*knn_search_index")  # only fit, never transform
-        umap_model = umap.UMAP(
-            n_components=2, n_neighbors=k + 1, min_dist=0.1, random_state=seed, precomputed_knn=(*known, None)
-        )
-        projection = umap_model.fit_transform(points)
-    _log_once(caught)
-    return projection.astype(np.float32)
-
-
-# umap-learn's numba functions that it compiles anew in every process: seconds of each UMAP (benchmarks/RESULTS.md)
-UNCACHED_UMAP_FUNCTIONS = {
-    "umap.umap_": ("smooth_knn_dist", "compute_membership_strengths"),
-    "umap.layouts": ("_nb_optimize_layout_euclidean_single_epoch",),
-}
-
-
-def cache_umaps_compilations() -> None:
-    """numba caches on disk what these functions compile, as it does umap-learn's others: a node compiles them once,
-    not once per run. A function an umap-learn version renames or no longer has is left as it is."""
-    for module, names in UNCACHED_UMAP_FUNCTIONS.items():
-        for name in names:
-            function = getattr(importlib.import_module(module), name, None)
-            if hasattr(function, "enable_caching"):  # a numba dispatcher
-                function.enable_caching()
-
-
 def with_layout(table: pa.Table, columns: dict[str, np.ndarray]) -> pa.Table:
     """The latents table with the columns of `layout`, one row per table row; a 2-D one as fixed-size lists."""
     for name, values in columns.items():
         table = table.append_column(name, pa.array(values) if values.ndim == 1 else fixed_size_list(values))
     return table
-
-
-def _log_once(caught: list[warnings.WarningMessage]) -> None:
-    """UMAP repeats some warnings many times (a collapsed, barely trained codebook fails its spectral
-    start on every component): one log line each instead of a wall of them."""
-    for message in dict.fromkeys(" ".join(str(warning.message).split()) for warning in caught):
-        log.warning("UMAP: %s", message)
 
 
 def code_usage(codes: np.ndarray, codebook_size: int) -> tuple[np.ndarray, float]:

@@ -17,8 +17,9 @@ import ray
 
 from medvq.config import Config
 from medvq.encode import RECONSTRUCTION, encode_latents
-from medvq.latent_space import dataset_records, layout, neighbour_search, umap_projection, vectors, with_layout
+from medvq.latent_space import dataset_records, layout, neighbour_search, vectors, with_layout
 from medvq.probes import threads_left_for
+from medvq.projection import umap_projection
 
 LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
 # The explorer's thumbnails of the reconstructions: "_" keeps the file out of pandas.read_parquet("latents").

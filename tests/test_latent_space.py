@@ -13,14 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-from medvq.latent_space import (
-    SUMMARY_COLUMNS,
-    UNCACHED_UMAP_FUNCTIONS,
-    _log_once,
-    class_probes,
-    code_usage,
-    summary_markdown,
-)
+from medvq.latent_space import SUMMARY_COLUMNS, class_probes, code_usage, summary_markdown
+from medvq.projection import UNCACHED_UMAP_FUNCTIONS, _log_once
 
 
 def test_perplexity_is_the_number_of_evenly_used_codes():
@@ -73,7 +67,8 @@ def test_umaps_compilations_are_cached_on_disk_for_the_next_process(tmp_path):
     """The functions umap-learn compiles anew in every process leave numba's cache behind them (NUMBA_CACHE_DIR
     here, else beside umap-learn's code): the next UMAP on the node loads them instead."""
     project = (
-        "import numpy as np; from medvq.latent_space import neighbour_search, umap_projection; "
+        "import numpy as np; from medvq.latent_space import neighbour_search; "
+        "from medvq.projection import umap_projection; "
         "points = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32); "
         "umap_projection(points, *neighbour_search(points))"
     )

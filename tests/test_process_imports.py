@@ -12,11 +12,20 @@ import pytest
     [
         # a Tune trial's driver (tune.run_trial) and Ray Train's controller, which unpickles ray_train.train_worker
         "medvq.tune, medvq.ray_train",
-        # the encoder's actors and the UMAP task: they need only the model, the images and the latents
+        # the encoder's actors: they need only the model and the images
         "medvq.encode, medvq.latent_space",
     ],
 )
 def test_processes_that_do_not_train_do_not_import_lightning(modules):
-    check = f"import sys, {modules}; print(sorted({{'lightning', 'torchmetrics'}} & set(sys.modules)))"
-    imported = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout
-    assert imported.strip() == "[]"
+    assert imported_of({"lightning", "torchmetrics"}, modules) == "[]"
+
+
+def test_the_umaps_task_imports_neither_torch_nor_medmnist():
+    """Its own module, numpy and umap-learn: the task is on the job's critical path, beside the probes."""
+    assert imported_of({"torch", "medmnist", "lightning"}, "medvq.projection") == "[]"
+
+
+def imported_of(packages: set[str], modules: str) -> str:
+    """Which of `packages` a fresh interpreter holds after importing `modules` (a comma-separated list), sorted."""
+    check = f"import sys, {modules}; print(sorted(set({sorted(packages)!r}) & set(sys.modules)))"
+    return subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip()
