@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from bokeh.embed import file_html
 from bokeh.layouts import column, row
@@ -94,15 +95,16 @@ for (const other of modes) if (other.bar) other.bar.visible = other === mode
 
 def draw_explorer(
     latents: pd.DataFrame,
-    reconstructions: pd.DataFrame,
+    reconstructions: pa.Table,
     data_root: str | Path,
     size: int,
     path: Path,
     caption: str = "",
 ):
     """Write the page for every row of `latents` (the encoder's columns, with UMAP), its thumbnails drawn from
-    the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions; `caption` (where
-    the run comes from) at its foot."""
+    the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions (the table of
+    report.RECONSTRUCTIONS_FILE, read by pyarrow: pandas makes an array of each row's); `caption` (where the run
+    comes from) at its foot."""
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
     neighbours = vectors(latents["neighbours"]) if "neighbours" in latents else None  # found beside the UMAP
@@ -115,11 +117,13 @@ def draw_explorer(
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())
 
 
-def _tiles(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str | Path, size: int) -> np.ndarray:
+def _tiles(latents: pd.DataFrame, reconstructions: pa.Table, data_root: str | Path, size: int) -> np.ndarray:
     """Every row's image beside its reconstruction, in the rows' order: (N, THUMB, 2 THUMB, 3) uint8."""
-    shown = latents[ROW_KEY].merge(reconstructions, on=ROW_KEY, how="left")[RECONSTRUCTION]
-    if shown.isna().any():
-        raise UserError(f"{shown.isna().sum()} images have no reconstruction beside the latents: encode them again")
+    keys = reconstructions.select(ROW_KEY).to_pandas().assign(_row=np.arange(reconstructions.num_rows))
+    found = latents[ROW_KEY].merge(keys, on=ROW_KEY, how="left")["_row"]
+    if found.isna().any():
+        raise UserError(f"{found.isna().sum()} images have no reconstruction beside the latents: encode them again")
+    shown = thumbnail_images(reconstructions.column(RECONSTRUCTION))[found.to_numpy(int)]
     tiles = np.zeros((len(latents), THUMB, 2 * THUMB, 3), np.uint8)
     for (name, split), rows in latents.groupby(["dataset", "split"]).indices.items():
         images = rgb(load_split(name, split, data_root, size)[0])
@@ -127,7 +131,7 @@ def _tiles(latents: pd.DataFrame, reconstructions: pd.DataFrame, data_root: str 
             part = rows[start : start + BATCH]
             originals = shrink(to_float_images(torch.from_numpy(images[latents["index"].to_numpy()[part]])))
             tiles[part, :, :THUMB] = originals.mul(255).round().byte().permute(0, 2, 3, 1).numpy()
-            tiles[part, :, THUMB:] = thumbnail_images(shown.iloc[part])
+            tiles[part, :, THUMB:] = shown[part]
     return tiles
 
 

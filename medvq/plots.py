@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
@@ -325,12 +326,21 @@ def run_caption(run: Path, module: VQVAEModule | None, history: pd.DataFrame | N
     return provenance.caption(run, module.config, epochs, module.trained_precision)
 
 
+def read_latents(folder: Path) -> pd.DataFrame | None:
+    """The latents the figures draw (None for an empty or missing folder): without the features, most of the file,
+    which only the explorer of latents written before their neighbours were kept needs."""
+    files = sorted(folder.glob("[!_]*.parquet"))
+    if not files:
+        return None
+    names = pq.read_schema(files[0]).names
+    return pd.read_parquet(folder, columns=[name for name in names if name != "features" or "neighbours" not in names])
+
+
 def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
     history = shipped_history(run)
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
-    has_latents = any((run / LATENTS_DIR).glob("[!_]*.parquet"))  # an empty or missing folder: no latent plots
-    latents = pd.read_parquet(run / LATENTS_DIR) if has_latents else None
+    latents = read_latents(run / LATENTS_DIR)
     reconstructions = run / LATENTS_DIR / RECONSTRUCTIONS_FILE
     if latents is None and history is None and not trials_path.exists() and checkpoint is None:
         raise UserError(
@@ -360,7 +370,7 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
             latents is not None and module is not None and reconstructions.is_file(),
             lambda path, caption: draw_explorer(
                 latents,
-                pd.read_parquet(reconstructions),
+                pq.read_table(reconstructions),
                 data_root or module.config.data_root,
                 module.config.size,
                 path,
