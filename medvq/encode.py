@@ -49,30 +49,24 @@ def shrink(images: torch.Tensor) -> torch.Tensor:
     return images if images.shape[2] == THUMB else F.interpolate(images, size=(THUMB, THUMB), mode="area")
 
 
-def thumbnails(recon: torch.Tensor) -> pa.FixedSizeListArray:
+def thumbnails(recon: torch.Tensor) -> pa.FixedSizeBinaryArray:
     """Each reconstruction at THUMB px, as its RGB bytes (row-major, THUMB x THUMB x 3): the explorer shows them
-    without running the model again (on the driver's CPU, at 224 px, that would cost minutes). Raw: the explorer
-    reads them back at once, where compressed images each cost a decode; Parquet compresses the column."""
-    pixels = shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return fixed_size_list(pixels.reshape(len(pixels), -1))
+    without running the model again (on the driver's CPU, at 224 px, that would cost minutes). Raw, so the explorer
+    reads them back at once (a compressed image costs a decode each), Parquet compressing the column; one binary
+    value per image, where a list column costs Parquet a level per pixel to read."""
+    pixels = shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(pixels[0].size), len(pixels), [None, pa.py_buffer(pixels)])
 
 
 def thumbnail_images(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
-    """A column of `thumbnails` -> (N, THUMB, THUMB, 3) uint8."""
-    return vectors(column).reshape(-1, THUMB, THUMB, 3)
+    """A column of `thumbnails` (Arrow, or pandas' bytes per row) -> (N, THUMB, THUMB, 3) uint8."""
+    rows = column.to_pylist() if isinstance(column, pa.ChunkedArray) else list(column)
+    return np.frombuffer(b"".join(rows), np.uint8).reshape(-1, THUMB, THUMB, 3)
 
 
 def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:
     """(N, L) -> an Arrow fixed-size list column: pandas reads it back as one length-L array per row."""
     return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])
-
-
-def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
-    """A fixed-length vector column (Arrow, or pandas' one-array-per-row) -> an (N, D) array."""
-    if isinstance(column, pd.Series):
-        return np.stack(column.to_numpy())
-    flat = column.combine_chunks()
-    return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
 class ImageEncoder:

@@ -12,7 +12,7 @@ import pyarrow as pa
 
 from medvq.baselines import PIXEL_PROBES, RESNET18_28
 from medvq.data import is_medmnists_own, load_split
-from medvq.encode import fixed_size_list, vectors
+from medvq.encode import fixed_size_list
 from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
 from medvq.projection import UMAP_NEIGHBOURS
 
@@ -34,6 +34,14 @@ SUMMARY_COLUMNS = {  # record key -> column title in summary.md
     "supervised_ceiling": "ResNet-18 (28)",
     "dataset_recovered": "dataset recovered",
 }
+
+
+def vectors(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
+    """A fixed-length vector column (Arrow, or pandas' one-array-per-row) -> an (N, D) array."""
+    if isinstance(column, pd.Series):
+        return np.stack(column.to_numpy())
+    flat = column.combine_chunks()
+    return flat.flatten().to_numpy().reshape(len(flat), -1)
 
 
 def neighbour_search(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
