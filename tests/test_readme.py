@@ -97,7 +97,7 @@ def test_the_quick_starts_stated_time_fits_its_samples_seconds():
     (wall,) = [int(value) for value in re.findall(r"it took (\d+) s wall", QUICK_START)]
     (seconds,) = [line for line in sample() if line.startswith("seconds: ")]
     steps = dict(step.rsplit(" ", 1) for step in seconds.removeprefix("seconds: ").split(", "))
-    assert list(steps) == ["ray_init", "search", "final_fit", "encode", "probes", "umap", "plots"]
+    assert list(steps) == ["ray_init", "search", "final_fit", "encode", "neighbours", "probes", "umap", "plots"]
     total = sum(float(value) for step, value in steps.items() if step != "probes")
     assert total <= wall <= total + 60, (wall, total)
     assert re.search(r"At [0-9a-f]{7,} on a \d+-vCPU ", QUICK_START), "say the commit and the machine it ran on"
