@@ -13,6 +13,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from medvq.checkpoints import CHECKPOINT_NAME
 from medvq.cli import (
     NON_NEGATIVE,
     POSITIVE,
@@ -35,7 +36,7 @@ from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
 from medvq.plots import draw_run
 from medvq.provenance import ray_hardware, write_provenance
-from medvq.ray_train import CHECKPOINT_NAME, train_on_ray
+from medvq.ray_train import train_on_ray
 from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
 from medvq.tune import final_fit_name, run_sweep, sweep_start, write_final_fit, write_sweep_outputs

@@ -13,10 +13,17 @@ RESNET18_28 = {
 }
 
 # (dataset, size) -> the test accuracy of latent_space.class_probes on the raw pixels of MedMNIST's own file (its md5
-# in medmnist.INFO): the same for every model, and most of the probes' time. Measured with one torch thread, as a run
-# measures them beside the UMAP; tests/test_baselines.py measures them again on the files it has. A file not listed
-# here (DermaMNIST, the 64-224 px sizes: not at hand when this was measured), or not MedMNIST's own, is measured
-# by the run.
+# in medmnist.INFO): the same for every model, and most of the probes' time. Measured on one torch thread, with the
+# probes' settings PIXEL_PROBES_PROTOCOL; tests/test_baselines.py measures them again on the files it has. A file not
+# listed here (DermaMNIST, the 64-224 px sizes: not at hand when this was measured) or not MedMNIST's own, or probes
+# whose settings have changed since (probes.protocol()), are measured by the run.
+PIXEL_PROBES_PROTOCOL = {
+    "knn_neighbours": 11,
+    "linear_strengths": (1e-4, 1e-3, 1e-2, 1e-1, 1.0),
+    "linear_iterations": 100,
+    "preconditioned": 128,
+    "hessian_scale": 0.25,
+}
 PIXEL_PROBES = {
     ("bloodmnist", 28): {"knn": 0.763519, "linear": 0.824320},
     ("pneumoniamnist", 28): {"knn": 0.830128, "linear": 0.841346},

@@ -1,5 +1,6 @@
 """Reading a checkpoint safely (plain tensors and data only, through torch's weights-only unpickler), and the model
-it holds without Lightning: the encoder's actors need only the model, and Lightning takes seconds to import."""
+it holds without Lightning: the encoder's actors need only the model, and Lightning takes seconds to import. Also the
+names every run gives its checkpoints, its history and what it reports each epoch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,14 @@ from medvq.model import VQVAE
 from medvq.storage import read_bytes
 
 MODEL_PREFIX = "model."  # the VQVAE's weights in a checkpoint of medvq.module.VQVAEModule
+CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
+TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
+METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
+DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = (
+    "diverged",
+    "epochs_done",
+    "epoch_seconds",
+)  # reported to Ray Train and Tune beside the metrics
 
 
 @contextmanager
@@ -54,3 +63,10 @@ def trained_model(checkpoint: str | Path | bytes) -> VQVAE:
     weights = {k.removeprefix(MODEL_PREFIX): v for k, v in saved["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights)
     return model.eval()
+
+
+def kept(rows: list[dict], checkpoint: Path | str) -> str:
+    """What a diverged run leaves behind, in words."""
+    if not rows:
+        return "no checkpoint was written"
+    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"

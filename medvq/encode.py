@@ -8,9 +8,9 @@ runs the trained model on large batches, and the rows stream back to the driver.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import ray
 import torch
@@ -26,6 +26,7 @@ from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
 THUMB = 28  # px: MedMNIST's own side; the reconstructions kept for the explorer are shrunk to it
+THUMB_BYTES = THUMB * THUMB * 3  # RGB
 RECONSTRUCTION = "reconstruction"  # the column of those thumbnails, kept beside the latents (report.py)
 
 
@@ -55,12 +56,14 @@ def thumbnails(recon: torch.Tensor) -> pa.FixedSizeBinaryArray:
     reads them back at once (a compressed image costs a decode each), Parquet compressing the column; one binary
     value per image, where a list column costs Parquet a level per pixel to read."""
     pixels = shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(pixels[0].size), len(pixels), [None, pa.py_buffer(pixels)])
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(THUMB_BYTES), len(pixels), [None, pa.py_buffer(pixels)])
 
 
-def thumbnail_images(column: pa.ChunkedArray | pd.Series) -> np.ndarray:
-    """A column of `thumbnails` (Arrow, or pandas' bytes per row) -> (N, THUMB, THUMB, 3) uint8."""
+def thumbnail_images(column: pa.ChunkedArray | Sequence[bytes]) -> np.ndarray:
+    """A column of `thumbnails` (Arrow, or one bytes value per row) -> (N, THUMB, THUMB, 3) uint8."""
     rows = column.to_pylist() if isinstance(column, pa.ChunkedArray) else list(column)
+    if any(len(row) != THUMB_BYTES for row in rows):  # encoded before 57a9a4f: a WebP file each
+        raise UserError("these latents' thumbnails are from an older medvq: run jobs/encode.py again to draw them")
     return np.frombuffer(b"".join(rows), np.uint8).reshape(-1, THUMB, THUMB, 3)
 
 

@@ -61,7 +61,7 @@ from medvq.storage import write_atomically
 # Tiles per sheet: a sheet's data URI must stay under Chrome's 2 MiB limit on one CSS variable.
 SHEET_COLUMNS, SHEET_ROWS = 32, 32
 WEBP_QUALITY = 70  # lossy: a thumbnail needs no exact pixels, and lossless sheets would be several times larger
-WEBP_EFFORT = 2  # of 0-6: half the default's (4) time for 5% more bytes
+WEBP_EFFORT = 2  # of 0-6: half the default's (4) time for a few % more bytes (benchmarks/RESULTS.md)
 BATCH = 1024  # images shrunk at once: 1024 at 224 px take 0.6 GB as floats
 HOVER_ZOOM, TABLE_ZOOM = 3, 2  # thumbnails shown at 84 px in the tooltip, 56 px in the neighbour table
 MAP_SIZE = (760, 700)  # px of the map itself, without its legend and colour bars
@@ -103,15 +103,16 @@ def draw_explorer(
 ):
     """Write the page for every row of `latents` (the encoder's columns, with UMAP), its thumbnails drawn from
     the images of side `size` in `data_root` and the encoder's thumbnails of their reconstructions (the table of
-    report.RECONSTRUCTIONS_FILE, read by pyarrow: pandas makes an array of each row's); `caption` (where the run
-    comes from) at its foot."""
+    report.RECONSTRUCTIONS_FILE); `caption` (where the run comes from) at its foot."""
     latents = latents.reset_index(drop=True)
     sheets = _sheets(_tiles(latents, reconstructions, data_root, size))
-    neighbours = vectors(latents["neighbours"]) if "neighbours" in latents else None  # found beside the UMAP
+    neighbours = vectors(latents["neighbours"]) if "neighbours" in latents else None  # found before the UMAP
     if neighbours is not None and neighbours.max() < len(latents):  # row numbers of latents.parquet, read in order
         distances = vectors(latents["neighbour_distances"])
-    else:  # latents written before they were kept, or a part of them
+    elif "features" in latents:  # latents written before they were kept, or a part of them
         neighbours, distances = nearest(vectors(latents["features"]), min(NEIGHBOURS, len(latents) - 1))
+    else:
+        raise UserError("the latents' neighbours are not their own rows' and their features were not read")
     page = _page(latents, neighbours, distances, caption)
     page.stylesheets = [_sheet_variables(sheets)]
     write_atomically(path, file_html(page, INLINE, title="medvq latent explorer").encode())

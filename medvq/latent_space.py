@@ -10,10 +10,18 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from medvq.baselines import PIXEL_PROBES, RESNET18_28
+from medvq.baselines import PIXEL_PROBES, PIXEL_PROBES_PROTOCOL, RESNET18_28
 from medvq.data import is_medmnists_own, load_split
 from medvq.encode import fixed_size_list
-from medvq.probes import KNN_NEIGHBOURS, LINEAR_STRENGTHS, closest, knn_accuracy, linear_probe_accuracy, nearest
+from medvq.probes import (
+    KNN_NEIGHBOURS,
+    LINEAR_STRENGTHS,
+    closest,
+    knn_accuracy,
+    linear_probe_accuracy,
+    nearest,
+    protocol,
+)
 from medvq.projection import UMAP_NEIGHBOURS
 
 PROBE_SPLITS = ("train", "val", "test")  # the probes' fit, the linear probe's choice of strength, the score
@@ -95,10 +103,11 @@ def dataset_recovered(latents: pd.DataFrame, names: list[str]) -> dict[str, floa
 
 
 def pixel_probes(name: str, labels: dict[str, np.ndarray], data_root: str, size: int) -> dict:
-    """`class_probes` on the dataset's raw pixels: those PIXEL_PROBES keeps for MedMNIST's own file, else measured.
-    labels: one array per split of PROBE_SPLITS, in the file's order."""
-    if (name, size) in PIXEL_PROBES and is_medmnists_own(name, data_root, size):
-        return PIXEL_PROBES[(name, size)]
+    """`class_probes` on the dataset's raw pixels: those PIXEL_PROBES keeps for MedMNIST's own file (measured with
+    today's probes), else measured. labels: one array per split of PROBE_SPLITS, in the file's order."""
+    kept = PIXEL_PROBES.get((name, size)) if PIXEL_PROBES_PROTOCOL == protocol() else None
+    if kept is not None and is_medmnists_own(name, data_root, size):
+        return dict(kept)
     return class_probes({split: _pixels(name, split, data_root, size) for split in PROBE_SPLITS}, labels)
 
 

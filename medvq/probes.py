@@ -23,6 +23,18 @@ PRECONDITIONED = 128  # widest directions of the inputs the linear probe scales 
 HESSIAN_SCALE = 0.25  # the softmax cross-entropy's curvature at its start, p(1 - p) for p near 1/2
 
 
+def protocol() -> dict:
+    """What the probes' accuracies depend on besides their inputs: a result kept from an earlier run
+    (baselines.PIXEL_PROBES) holds only while these are the same."""
+    return {
+        "knn_neighbours": KNN_NEIGHBOURS,
+        "linear_strengths": LINEAR_STRENGTHS,
+        "linear_iterations": LINEAR_ITERATIONS,
+        "preconditioned": PRECONDITIONED,
+        "hessian_scale": HESSIAN_SCALE,
+    }
+
+
 @contextmanager
 def threads_left_for(other_work: int) -> Iterator[None]:
     """torch's threads cut by `other_work` cores (at least one left) while the block runs: a parallel operation waits

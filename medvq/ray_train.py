@@ -19,21 +19,23 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.util.queue import Queue
 
+from medvq.checkpoints import (
+    CHECKPOINT_NAME,
+    DIVERGED,
+    EPOCH_SECONDS,
+    EPOCHS_DONE,
+    METRICS_NAME,
+    TRAIN_CHECKPOINT,
+    kept,
+)
 from medvq.config import Config
 from medvq.errors import RunFailed
 
-CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
-TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
-METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
-DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = (
-    "diverged",
-    "epochs_done",
-    "epoch_seconds",
-)  # reported to Ray Train and Tune beside the metrics
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
 class EpochsToDriver(ray.train.UserCallback):
@@ -74,7 +76,7 @@ def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
     finally:
         with suppress(ray.exceptions.RayError):  # gone: the printer's get has failed too
             epoch_queue.put(None)  # behind the last epoch, which the callback queued before fit() returned
-        printer.join()
+        printer.join(timeout=PRINTER_WAIT_SECONDS)
         epoch_queue.shutdown()
 
 
@@ -89,13 +91,6 @@ def epoch_line(name: str, epochs: int, row: dict) -> str:
         f"{name}: epoch {done}/{epochs}, val PSNR {row['val_psnr']:.2f} dB, SSIM {row['val_ssim']:.3f}, "
         f"{row[EPOCH_SECONDS]:.1f} s an epoch" + (f", about {minutes_left} min left" if done < epochs else "")
     )
-
-
-def kept(rows: list[dict], checkpoint: Path | str) -> str:
-    """What a diverged run leaves behind, in words."""
-    if not rows:
-        return "no checkpoint was written"
-    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
 
 
 def train_worker(loop_config: dict) -> str | None:

@@ -6,12 +6,12 @@ import pandas as pd
 import pytest
 import torch
 
-from medvq.checkpoints import read_checkpoint
+from medvq.checkpoints import TRAIN_CHECKPOINT, read_checkpoint
 from medvq.config import SweepConfig
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.module import TRAINED_PRECISION, VQVAEModule
-from medvq.ray_train import TRAIN_CHECKPOINT, run_on_ray, train_on_ray
+from medvq.ray_train import run_on_ray, train_on_ray
 from medvq.tune import run_sweep, write_sweep_outputs
 
 pytestmark = pytest.mark.integration

@@ -1,42 +1,18 @@
 """Measures of the latent space that need no model: codebook usage, the class probes, the summary table, and what
-UMAP's warnings and compilations become."""
+UMAP's warnings become."""
 
 from __future__ import annotations
-
-import importlib
-import logging
-import os
-import subprocess
-import sys
-import warnings
 
 import numpy as np
 import pytest
 
 from medvq.latent_space import SUMMARY_COLUMNS, class_probes, code_usage, summary_markdown
-from medvq.projection import UNCACHED_UMAP_FUNCTIONS, _log_once
 
 
 def test_perplexity_is_the_number_of_evenly_used_codes():
     counts, perplexity = code_usage(np.arange(8).repeat(5), codebook_size=16)
     assert counts.shape == (16,) and perplexity == pytest.approx(8.0)
     assert code_usage(np.zeros(10, dtype=np.int16), 16)[1] == pytest.approx(1.0)
-
-
-def test_repeated_umap_warnings_become_one_line_each(caplog):
-    spectral = (
-        "Spectral initialisation failed! The eigenvector solver\nfailed.\n\nFalling back to random initialisation!"
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for message in (spectral, spectral, "another warning", spectral):
-            warnings.warn(message, UserWarning, stacklevel=1)
-    with caplog.at_level(logging.WARNING, logger="medvq.latent_space"):
-        _log_once(caught)
-    assert caplog.messages == [
-        "UMAP: Spectral initialisation failed! The eigenvector solver failed. Falling back to random initialisation!",
-        "UMAP: another warning",
-    ]
 
 
 def by_split(values: np.ndarray) -> dict[str, np.ndarray]:
@@ -61,22 +37,3 @@ def test_the_summary_table_shows_a_missing_ceiling_as_n_a():
     }
     row = summary_markdown([record]).splitlines()[2]
     assert row.startswith("| octmnist | 10 | 0.500 |") and row.endswith("| 50.0% | n/a | 50.0% |")
-
-
-def test_umaps_compilations_are_cached_on_disk_for_the_next_process(tmp_path):
-    """The functions umap-learn compiles anew in every process leave numba's cache behind them (NUMBA_CACHE_DIR
-    here, else beside umap-learn's code): the next UMAP on the node loads them instead."""
-    project = (
-        "import numpy as np; from medvq.latent_space import neighbour_search; "
-        "from medvq.projection import umap_projection; "
-        "points = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32); "
-        "umap_projection(points, *neighbour_search(points))"
-    )
-    subprocess.run([sys.executable, "-c", project], env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}, check=True)
-    cached = {path.name.split("-")[0] for path in tmp_path.rglob("*.nbi")}
-    expected = set()
-    for module, names in UNCACHED_UMAP_FUNCTIONS.items():
-        for name in names:  # numba names a cache file after the module and the compiled Python function
-            compiled = getattr(importlib.import_module(module), name).py_func.__name__
-            expected.add(f"{module.split('.')[-1]}.{compiled}")
-    assert expected <= cached, cached

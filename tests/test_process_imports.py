@@ -20,11 +20,6 @@ def test_processes_that_do_not_train_do_not_import_lightning(modules):
     assert imported_of({"lightning", "torchmetrics"}, modules) == "[]"
 
 
-def test_the_umaps_task_imports_neither_torch_nor_medmnist():
-    """Its own module, numpy and umap-learn: the task is on the job's critical path, beside the probes."""
-    assert imported_of({"torch", "medmnist", "lightning"}, "medvq.projection") == "[]"
-
-
 def imported_of(packages: set[str], modules: str) -> str:
     """Which of `packages` a fresh interpreter holds after importing `modules` (a comma-separated list), sorted."""
     check = f"import sys, {modules}; print(sorted(set({sorted(packages)!r}) & set(sys.modules)))"

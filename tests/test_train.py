@@ -16,6 +16,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 import medvq.metrics
 import medvq.module
+from medvq.checkpoints import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME
 from medvq.data import to_float_images
 from medvq.datamodule import MedMNISTDataModule
 from medvq.devices import resolve_precision
@@ -23,15 +24,7 @@ from medvq.errors import RunFailed
 from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similarity
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
-from medvq.ray_train import (
-    CHECKPOINT_NAME,
-    DIVERGED,
-    EPOCH_SECONDS,
-    EPOCHS_DONE,
-    METRICS_NAME,
-    epoch_line,
-    printed_epochs,
-)
+from medvq.ray_train import epoch_line, printed_epochs
 from medvq.train import build_trainer, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
