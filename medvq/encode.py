@@ -25,9 +25,13 @@ from medvq.nodes import capacity
 from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
+# A CPU runs each batch in chunks of 128 images at 28x28, whose activations stay in its caches: twice as fast as
+# whole batches (benchmarks/RESULTS.md). A GPU takes the batch whole.
+CPU_PIXELS_PER_CHUNK = 128 * 28 * 28
 THUMB = 28  # px: MedMNIST's own side; the reconstructions kept for the explorer are shrunk to it
 THUMB_BYTES = THUMB * THUMB * 3  # RGB
 RECONSTRUCTION = "reconstruction"  # the column of those thumbnails, kept beside the latents (report.py)
+SCORES = ("mse", "mae", "psnr", "ssim")  # per image, each a column
 
 
 def read_split(batch: dict[str, np.ndarray], data_root: str, size: int) -> dict[str, np.ndarray]:
@@ -50,13 +54,19 @@ def shrink(images: torch.Tensor) -> torch.Tensor:
     return images if images.shape[2] == THUMB else F.interpolate(images, size=(THUMB, THUMB), mode="area")
 
 
-def thumbnails(recon: torch.Tensor) -> pa.FixedSizeBinaryArray:
-    """Each reconstruction at THUMB px, as its RGB bytes (row-major, THUMB x THUMB x 3): the explorer shows them
-    without running the model again (on the driver's CPU, at 224 px, that would cost minutes). Raw, so the explorer
-    reads them back at once (a compressed image costs a decode each), Parquet compressing the column; one binary
-    value per image, where a list column costs Parquet a level per pixel to read."""
-    pixels = shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(THUMB_BYTES), len(pixels), [None, pa.py_buffer(pixels)])
+def thumbnail_pixels(recon: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) reconstructions -> (B, THUMB, THUMB, 3) uint8 on the CPU, what `thumbnails` stores."""
+    return shrink(recon.float()).clamp(0, 1).mul(255).round().byte().permute(0, 2, 3, 1).contiguous().cpu()
+
+
+def thumbnails(pixels: torch.Tensor) -> pa.FixedSizeBinaryArray:
+    """`thumbnail_pixels`, each image's RGB bytes (row-major, THUMB x THUMB x 3) as one value: the explorer shows the
+    reconstructions without running the model again (on the driver's CPU, at 224 px, that would cost minutes). Raw,
+    so the explorer reads them back at once (a compressed image costs a decode each), Parquet compressing the column;
+    one binary value per image, where a list column costs Parquet a level per pixel to read."""
+    return pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(THUMB_BYTES), len(pixels), [None, pa.py_buffer(pixels.numpy())]
+    )
 
 
 def thumbnail_images(column: pa.ChunkedArray | Sequence[bytes]) -> np.ndarray:
@@ -87,20 +97,29 @@ class ImageEncoder:
             checkpoint = ray.get(checkpoint)
         self.model = trained_model(checkpoint).to(self.device)
 
-    @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        x = to_float_images(torch.from_numpy(batch["image"]).to(self.device))  # (B, 3, H, W)
+        images = torch.from_numpy(batch["image"])  # (B, H, W, 3) uint8
+        pixels = images.shape[1] * images.shape[2]
+        chunk = max(1, CPU_PIXELS_PER_CHUNK // pixels) if self.device.type == "cpu" else len(images)
+        thumbs, codes, features, scores = (torch.cat(parts) for parts in zip(*map(self.encode, images.split(chunk))))
+        columns = {name: batch[name] for name in ("dataset", "split", "index", "label", "label_name")}
+        columns["codes"] = fixed_size_list(codes.numpy())
+        columns["features"] = fixed_size_list(features.numpy())
+        for name, values in zip(SCORES, scores.unbind(1)):
+            columns[name] = values.numpy()
+        columns[RECONSTRUCTION] = thumbnails(thumbs)
+        return pa.table(columns)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 images -> (thumbnail pixels, codes, features, SCORES as columns), on the CPU."""
+        x = to_float_images(images.to(self.device))  # (B, 3, H, W)
         recon, quantized, features = self.model.forward_with_features(x)
         scores = image_scores(recon, x)
         scores["mse"] = (recon.float() - x).pow(2).mean(dim=(1, 2, 3))
         codes = quantized.indices.flatten(1)  # (B, h*w), row-major over the latent grid
-        columns = {name: batch[name] for name in ("dataset", "split", "index", "label", "label_name")}
-        columns["codes"] = fixed_size_list(codes.to(torch.int16).cpu().numpy())
-        columns["features"] = fixed_size_list(features.float().cpu().numpy())
-        for name in ("mse", "mae", "psnr", "ssim"):
-            columns[name] = scores[name].float().cpu().numpy()
-        columns[RECONSTRUCTION] = thumbnails(recon)
-        return pa.table(columns)
+        scored = torch.stack([scores[name].float() for name in SCORES], dim=1)
+        return thumbnail_pixels(recon), codes.to(torch.int16).cpu(), features.float().cpu(), scored.cpu()
 
 
 def encoder_pool(actors: int | None, gpus_per_actor: float | None) -> tuple[int, float, int]:

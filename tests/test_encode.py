@@ -94,10 +94,13 @@ def test_rows_trace_back_to_their_images_and_labels(ray_instance, checkpoint, tm
     images = torch.from_numpy(rgb(load_split("breastmnist", "test", config.data_root)[0]).copy())
     with torch.inference_mode():
         x = to_float_images(images)
-        expected = model(x)[0].clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
+        recon = model(x)[0]
+        expected = recon.clamp(0, 1).mul(255).permute(0, 2, 3, 1).numpy()
         hidden = model.encoder.net[:-1](x)  # the layer before the projection into the codes' space
     shown = thumbnail_images(test[RECONSTRUCTION]).astype(float)
     assert shown.shape == (len(test), THUMB, THUMB, 3) and np.abs(shown - expected).max() <= 1  # rounding
+    # ... its scores its own (a CPU encodes a batch in chunks: 156 images span two)
+    np.testing.assert_allclose(test["mse"], (recon - x).pow(2).mean(dim=(1, 2, 3)).numpy(), rtol=1e-4)
     # ... and its features that layer's means over the 3x3 layout: its top-left cell covers grid rows and columns 0-2
     features = np.stack(test["features"].to_numpy()).reshape(len(test), FEATURE_GRID, FEATURE_GRID, -1)
     np.testing.assert_allclose(features[:, 0, 0], hidden[:, :, :3, :3].mean(dim=(2, 3)).numpy(), rtol=1e-4, atol=1e-6)

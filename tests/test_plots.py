@@ -22,7 +22,7 @@ from PIL import Image
 from medvq import plots, provenance
 from medvq.config import Config
 from medvq.data import LABEL_CHARS, short_label
-from medvq.encode import RECONSTRUCTION, THUMB, thumbnails
+from medvq.encode import RECONSTRUCTION, THUMB, thumbnail_pixels, thumbnails
 from medvq.errors import UserError
 from medvq.module import TRAINED_PRECISION, VQVAEModule
 from medvq.provenance import PROVENANCE_FILE, ray_hardware, write_provenance
@@ -80,7 +80,7 @@ def write_latents(folder: Path, config: Config, rows_per_dataset: int = 150) -> 
         table.iloc[rows].to_parquet(folder / f"part-{part}.parquet", index=False)
     # Smooth, as reconstructions are (the page's lossy sheets keep them to a few levels), and each row its own colour
     smooth = torch.rand(len(table), 3, 1, 1) * torch.linspace(0.2, 1, THUMB).expand(THUMB, THUMB)
-    shown = table[ROW_KEY].assign(**{RECONSTRUCTION: thumbnails(smooth).to_pylist()})
+    shown = table[ROW_KEY].assign(**{RECONSTRUCTION: thumbnails(thumbnail_pixels(smooth)).to_pylist()})
     shown.to_parquet(folder / RECONSTRUCTIONS_FILE, index=False)
 
 
