@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from medvq.devices import SHARED_GPU, SHARED_UP_TO_SIZE, default_gpus_per_trial,
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
-from medvq.plots import draw_run
+from medvq.plots import LATENT_FIGURES, TRAINING_FIGURES, draw_run
 from medvq.provenance import ray_hardware, write_provenance
 from medvq.ray_train import train_on_ray
 from medvq.report import encode_and_measure
@@ -174,6 +175,13 @@ def main() -> None:
     )
 
 
+def timed(seconds: dict[str, float], step: str, work: Callable, *args, **kwargs) -> None:
+    """work(*args, **kwargs), its seconds kept as seconds[step]."""
+    started = time.monotonic()
+    work(*args, **kwargs)
+    seconds[step] = time.monotonic() - started
+
+
 def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, seconds: dict[str, float]) -> None:
     """Search (the sweep `name`), then encode, measure and draw the best model; `seconds` gathers each step's time."""
     started = time.monotonic()
@@ -189,12 +197,17 @@ def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, 
         seconds["final_fit"] = time.monotonic() - started
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
+    drawn = {}  # the figures of training are drawn beside the UMAP, those of the latents after it
     with each_split_read_once():  # the probes on pixels and the figures look at the same images
-        records, described = encode_and_measure(str(out / CHECKPOINT_NAME), config, out, gpus_per_actor=gpus_per_actor)
-        seconds.update(described)
-        started = time.monotonic()
-        draw_run(out)
-        seconds["plots"] = time.monotonic() - started
+        records, described = encode_and_measure(
+            str(out / CHECKPOINT_NAME),
+            config,
+            out,
+            gpus_per_actor=gpus_per_actor,
+            meanwhile=lambda: timed(drawn, "training_plots", draw_run, out, figures=TRAINING_FIGURES),
+        )
+        timed(drawn, "plots", draw_run, out, figures=LATENT_FIGURES)
+    seconds.update(described | drawn)
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)
     print(summary + summary_markdown(records), flush=True)

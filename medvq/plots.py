@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,9 @@ NEIGHBOUR_TILE = (1.6, 2.5)  # inches per image: the image, and its four-line ca
 CAPTION_CHARS_PER_INCH = 17  # of x-small text, with a margin: the width a caption line may take
 
 CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSIM"))
+# What draw_run draws: the figures of training need no latents, so the job draws them while the UMAP runs
+TRAINING_FIGURES = ("curves.png", "sweep.png", "reconstructions.png")
+LATENT_FIGURES = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "explorer.html")
 
 
 def class_grid(n_datasets: int) -> tuple[int, int]:
@@ -298,8 +301,10 @@ def _codebook_size(run: Path, module: VQVAEModule | None, codes: np.ndarray) -> 
     return int(codes.max()) + 1
 
 
-def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[str]:
-    """Draw every figure whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
+def draw_run(
+    run_dir: str | Path, data_root: str | Path | None = None, figures: Collection[str] = TRAINING_FIGURES + LATENT_FIGURES
+) -> list[str]:
+    """Draw each of `figures` whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
     files written. data_root: the MedMNIST files for the reconstructions (default: the model's own)."""
     if not is_uri(run_dir) and not Path(run_dir).is_dir():
         raise UserError(
@@ -307,7 +312,7 @@ def draw_run(run_dir: str | Path, data_root: str | Path | None = None) -> list[s
         )
     # Ray's storage under the run holds every trial's checkpoints: none of it is drawn.
     with local_folder(str(run_dir), skip=("ray_results",)) as run, each_split_read_once():
-        written = _draw_folder(run, data_root)
+        written = _draw_folder(run, data_root, figures)
     return [join(str(run_dir), "plots", name) for name in written]
 
 
@@ -336,11 +341,11 @@ def read_latents(folder: Path) -> pd.DataFrame | None:
     return pd.read_parquet(folder, columns=[name for name in names if name != "features" or "neighbours" not in names])
 
 
-def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
+def _draw_folder(run: Path, data_root: str | Path | None, wanted: Collection[str]) -> list[str]:
     """draw_run on a local folder; returns the names of the figures written."""
     history = shipped_history(run)
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
-    latents = read_latents(run / LATENTS_DIR)
+    latents = read_latents(run / LATENTS_DIR) if set(wanted) & set(LATENT_FIGURES) else None
     reconstructions = run / LATENTS_DIR / RECONSTRUCTIONS_FILE
     if latents is None and history is None and not trials_path.exists() and checkpoint is None:
         raise UserError(
@@ -381,6 +386,8 @@ def _draw_folder(run: Path, data_root: str | Path | None) -> list[str]:
     (run / "plots").mkdir(exist_ok=True)
     written = []
     for name, ready, draw in figures:
+        if name not in wanted:
+            continue
         if not ready:
             log.info("skipped %s: its input is not in %s", name, run)
             continue

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -51,13 +52,20 @@ def write_latents(table: pa.Table, out: Path) -> Path:
 
 
 def encode_and_measure(
-    checkpoint: str, config: Config, out: Path, *, actors: int | None = None, gpus_per_actor: float | None = None
+    checkpoint: str,
+    config: Config,
+    out: Path,
+    *,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    meanwhile: Callable[[], object] = lambda: None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Encode every image of `config.datasets` (Ray Data), project the latents (UMAP), write them to OUT/latents/ and
     measure them per dataset. `config` is the one the checkpoint was trained with (its data root may differ).
     Returns the per-dataset records (see `dataset_records`) and the seconds each step took: the UMAP runs as a Ray
     task beside the probes, so "umap" counts from the same start as "probes", after the neighbour search both
-    wait for. Needs Ray initialised."""
+    wait for. `meanwhile` runs here after the probes, still beside the UMAP: work that needs neither (the figures
+    of training). Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
     table = encode_latents(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
     seconds["encode"], started = time.monotonic() - started, time.monotonic()
@@ -70,6 +78,7 @@ def encode_and_measure(
     with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
         records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
+    meanwhile()
     table = with_layout(table, layout(ray.get(mapped), others, distances))
     seconds["umap"] = time.monotonic() - started
     latents = write_latents(table, out)

@@ -175,6 +175,15 @@ def test_sweep_run_gets_every_figure_at_its_fixed_size(sweep_run):
     assert_figures(paths, EVERY_FIGURE)
 
 
+def test_the_figures_of_training_are_drawn_without_reading_the_latents(sweep_run):
+    """The job draws them while the UMAP runs, before latents/ is written: a rerun's old one is not read."""
+    for part in (sweep_run / "latents").glob("*.parquet"):
+        part.write_bytes(b"not parquet")
+    paths = [Path(path) for path in plots.draw_run(sweep_run, figures=plots.TRAINING_FIGURES)]
+    assert_figures(paths, plots.TRAINING_FIGURES)
+    assert sorted(plots.TRAINING_FIGURES + plots.LATENT_FIGURES) == sorted(EVERY_FIGURE)
+
+
 def test_every_figure_says_its_data_epochs_hardware_and_commit(sweep_run):
     (sweep_run / PROVENANCE_FILE).unlink(missing_ok=True)
     hardware = ray_hardware({"CPU": 16.0, "GPU": 8.0, "accelerator_type:H200": 2.0}, False)
