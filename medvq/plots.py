@@ -302,7 +302,9 @@ def _codebook_size(run: Path, module: VQVAEModule | None, codes: np.ndarray) -> 
 
 
 def draw_run(
-    run_dir: str | Path, data_root: str | Path | None = None, figures: Collection[str] = TRAINING_FIGURES + LATENT_FIGURES
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    figures: Collection[str] = TRAINING_FIGURES + LATENT_FIGURES,
 ) -> list[str]:
     """Draw each of `figures` whose inputs `run_dir` (a folder or a URI) holds into run_dir/plots/; returns the
     files written. data_root: the MedMNIST files for the reconstructions (default: the model's own)."""
