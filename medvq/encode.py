@@ -8,7 +8,7 @@ runs the trained model on large batches, and the rows stream back to the driver.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -150,6 +150,13 @@ def encode_latents(
     The encoded rows (a few hundred bytes each) stream back to this driver, which writes them: so the output
     folder need only exist here (the head node), not on every node of the cluster.
     """
+    return pa.concat_tables(encoded_batches(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor))
+
+
+def encoded_batches(
+    checkpoint: str, config: Config, *, actors: int | None = None, gpus_per_actor: float | None = None
+) -> Iterator[pa.Table]:
+    """`encode_latents`, a batch at a time as the encoder's actors return them."""
     actors, gpus_per_actor, cpu_threads = encoder_pool(actors, gpus_per_actor)
     model = ray.put(read_bytes(checkpoint))
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
@@ -165,4 +172,4 @@ def encode_latents(
         num_cpus=1,
         num_gpus=gpus_per_actor,
     )
-    return pa.concat_tables(latents.iter_batches(batch_size=None, batch_format="pyarrow"))
+    yield from latents.iter_batches(batch_size=None, batch_format="pyarrow")

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import ray
 
 from medvq.config import Config
-from medvq.encode import RECONSTRUCTION, encode_latents
+from medvq.encode import RECONSTRUCTION, encoded_batches
 from medvq.latent_space import dataset_records, layout, neighbour_search, vectors, with_layout
 from medvq.probes import threads_left_for
-from medvq.projection import umap_projection
+from medvq.projection import Projector
 
 LATENTS_DIR, PARQUET_FILE = "latents", "latents.parquet"
 # The explorer's thumbnails of the reconstructions: "_" keeps the file out of pandas.read_parquet("latents").
@@ -62,25 +62,30 @@ def encode_and_measure(
 ) -> tuple[list[dict], dict[str, float]]:
     """Encode every image of `config.datasets` (Ray Data), project the latents (UMAP), write them to OUT/latents/ and
     measure them per dataset. `config` is the one the checkpoint was trained with (its data root may differ).
-    Returns the per-dataset records (see `dataset_records`) and the seconds each step took: the UMAP runs as a Ray
-    task beside the probes, so "umap" counts from the same start as "probes", after the neighbour search both
-    wait for. `meanwhile` runs here after the probes, still beside the UMAP: work that needs neither (the figures
-    of training). Needs Ray initialised."""
+    Returns the per-dataset records (see `dataset_records`) and the seconds each step took: the UMAP runs in a Ray
+    actor beside the probes, both after the neighbour search they wait for ("umap": the actor's own seconds).
+    `meanwhile` runs here after the probes, still beside the UMAP: work that needs neither (the figures of
+    training). Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
-    table = encode_latents(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
+    batches = encoded_batches(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
+    first = next(batches)
+    # The UMAP's process starts now, its imports beside the encoding; not before: the encoder's actors hold their
+    # CPUs by now (the reads run in them), so it cannot take one they wait for. One CPU: UMAP is seeded, so
+    # single-threaded. An actor, so that it runs beside the probes, on any node; it ends with its handle.
+    projector = ray.remote(num_cpus=1)(Projector).remote()
+    table = pa.concat_tables([first, *batches])
     seconds["encode"], started = time.monotonic() - started, time.monotonic()
     features = vectors(table.column("features"))
-    others, distances = neighbour_search(features)  # here, on every core: the UMAP's task would have one
+    others, distances = neighbour_search(features)  # here, on every core: the UMAP's process has one
     seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
-    # One CPU: UMAP is seeded, so single-threaded. A task, so that it runs beside the probes, on any node.
-    mapped = ray.remote(num_cpus=1)(umap_projection).remote(features, others, distances, config.seed)
+    mapped = projector.project.remote(features, others, distances, config.seed)
     frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
     with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
         records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
     seconds["probes"] = time.monotonic() - started
     meanwhile()
-    table = with_layout(table, layout(ray.get(mapped), others, distances))
-    seconds["umap"] = time.monotonic() - started
+    projection, seconds["umap"] = ray.get(mapped)
+    table = with_layout(table, layout(projection, others, distances))
     latents = write_latents(table, out)
     print(
         f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; nearest neighbours "

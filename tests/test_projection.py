@@ -29,8 +29,8 @@ def test_repeated_umap_warnings_become_one_line_each(caplog):
     ]
 
 
-def test_the_umaps_task_imports_neither_torch_nor_medmnist():
-    """Its own module, numpy and umap-learn: the task is on the job's critical path, beside the probes."""
+def test_the_umaps_process_imports_neither_torch_nor_medmnist():
+    """Its own module, numpy and umap-learn: the actor starts during the encoding, beside it on a small machine."""
     assert imported_of({"torch", "medmnist", "lightning"}, "medvq.projection, umap") == "[]"
 
 
