@@ -1,12 +1,13 @@
 """Reading a checkpoint safely (plain tensors and data only, through torch's weights-only unpickler), and the model
-it holds without Lightning: the encoder's actors need only the model, and Lightning takes seconds to import. Also the
-names every run gives its checkpoints, its history and what it reports each epoch."""
+it holds without Lightning: the encoder's actors and the job's driver (its figures) need only the model, and Lightning
+takes seconds to import. Also the names every run gives its checkpoints, its history and what it reports each epoch."""
 
 from __future__ import annotations
 
 import io
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from medvq.model import VQVAE
 from medvq.storage import read_bytes
 
 MODEL_PREFIX = "model."  # the VQVAE's weights in a checkpoint of medvq.module.VQVAEModule
+TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
 CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
 TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
 METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
@@ -56,13 +58,24 @@ def checkpoint_config(checkpoint: str | Path | bytes) -> Config:
     return Config.from_dict(read_checkpoint(checkpoint)["hyper_parameters"]["config"])
 
 
-def trained_model(checkpoint: str | Path | bytes) -> VQVAE:
-    """The VQVAE of a checkpoint, on the CPU in eval mode, channels-last as it trained."""
+@dataclass(frozen=True)
+class Trained:
+    """A checkpoint's model, on the CPU in eval mode, channels-last as it trained, with the settings it was trained
+    with and the Lightning precision of each stretch of its training (None in a checkpoint from before it was kept)."""
+
+    model: VQVAE
+    config: Config
+    precision: str | None
+
+
+def trained(checkpoint: str | Path | bytes) -> Trained:
+    """What a checkpoint of `VQVAEModule` (a path, a URI or its bytes) holds, without Lightning."""
     saved = read_checkpoint(checkpoint)
-    model = VQVAE(Config.from_dict(saved["hyper_parameters"]["config"])).to(memory_format=torch.channels_last)
+    config = Config.from_dict(saved["hyper_parameters"]["config"])
+    model = VQVAE(config).to(memory_format=torch.channels_last)
     weights = {k.removeprefix(MODEL_PREFIX): v for k, v in saved["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights)
-    return model.eval()
+    return Trained(model.eval(), config, saved.get(TRAINED_PRECISION))
 
 
 def kept(rows: list[dict], checkpoint: Path | str) -> str:

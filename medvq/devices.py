@@ -4,8 +4,10 @@ workers on a Mac train on its CPU."""
 
 from __future__ import annotations
 
+import os
+import platform
+
 import torch
-from lightning.pytorch.accelerators import MPSAccelerator
 
 from medvq.errors import UserError
 
@@ -43,8 +45,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 def has_mps() -> bool:
     """Whether Apple's GPU can train here: PyTorch reports MPS (torch.backends.mps) and Lightning accepts it (Apple
-    silicon, DISABLE_MPS unset), so a run never asks Lightning for a device it refuses."""
-    return MPSAccelerator.is_available()
+    silicon, DISABLE_MPS unset), so a run never asks Lightning for a device it refuses. Lightning's own test
+    (MPSAccelerator.is_available), without importing Lightning: the job's driver would pay seconds for it."""
+    disabled = os.getenv("DISABLE_MPS", "0") == "1"
+    return not disabled and torch.backends.mps.is_available() and platform.processor() in ("arm", "arm64")
 
 
 def has_amx() -> bool:

@@ -16,7 +16,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from medvq.checkpoints import trained_model
+from medvq.checkpoints import trained
 from medvq.config import Config
 from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
 from medvq.errors import UserError
@@ -95,7 +95,7 @@ class ImageEncoder:
             torch.set_num_threads(min(cpu_threads, os.cpu_count() or 1))
         if isinstance(checkpoint, ray.ObjectRef):
             checkpoint = ray.get(checkpoint)
-        self.model = trained_model(checkpoint).to(self.device)
+        self.model = trained(checkpoint).model.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         images = torch.from_numpy(batch["image"])  # (B, H, W, 3) uint8

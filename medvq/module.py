@@ -12,7 +12,7 @@ from typing import IO
 import lightning as L
 import torch
 
-from medvq.checkpoints import refused_if_unsafe
+from medvq.checkpoints import TRAINED_PRECISION, refused_if_unsafe
 from medvq.config import Config
 from medvq.data import to_float_images
 from medvq.metrics import StageMetrics, structural_similarity
@@ -24,7 +24,6 @@ PROGRESS_BAR = {"train": ("loss",), "val": ("nmse", "psnr")}  # what a local run
 WARMUP_SHARE = 0.05  # of a cosine schedule's steps
 TRAIN_SCORED_IMAGES = 64  # per training batch: the epoch's mean PSNR/SSIM/MAE from thousands of images
 MIN_IMAGE_MSE = 1e-6  # 60 dB: an image reconstructed better than this weighs no more in the 'log-mse' loss
-TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
 
 
 class VQVAEModule(L.LightningModule):

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from medvq.checkpoints import trained
 from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb
 from medvq.errors import UserError
 from medvq.latent_space import vectors
-from medvq.module import VQVAEModule
 from medvq.plots import draw_neighbours, find_checkpoint, run_caption, shipped_history
 from medvq.probes import nearest
 from medvq.report import LATENTS_DIR
@@ -58,13 +58,13 @@ def neighbours_of(
         table = neighbour_table(pd.read_parquet(run / LATENTS_DIR), dataset, split, index, k)
         checkpoint = find_checkpoint(run)
         # The model's own data root and image size, unless the run has no checkpoint to say them.
-        module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu") if checkpoint else None
-        config = module.config if module is not None else Config()
+        shipped = trained(checkpoint) if checkpoint else None
+        config = shipped.config if shipped is not None else Config()
         splits = {
             key: rgb(load_split(*key, data_root or config.data_root, config.size)[0])
             for key in set(zip(table["dataset"], table["split"]))
         }
         images = np.stack([splits[key][i] for key, i in zip(zip(table["dataset"], table["split"]), table["index"])])
         (run / "plots").mkdir(exist_ok=True)
-        draw_neighbours(table, images, run / "plots" / name, run_caption(run, module, shipped_history(run)))
+        draw_neighbours(table, images, run / "plots" / name, run_caption(run, shipped, shipped_history(run)))
     return table, join(str(run_dir), "plots", name)

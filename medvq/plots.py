@@ -24,11 +24,11 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from medvq import provenance
-from medvq.data import each_split_read_once, load_split, rgb, short_label
+from medvq.checkpoints import Trained, trained
+from medvq.data import each_split_read_once, load_split, rgb, short_label, to_float_images
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
 from medvq.latent_space import code_usage
-from medvq.module import VQVAEModule
 from medvq.report import LATENTS_DIR, RECONSTRUCTIONS_FILE
 from medvq.storage import is_file, is_uri, join, local_folder, write_atomically
 from medvq.tune import GRACE_OBJECTIVE, MODEL_STATUSES
@@ -220,15 +220,16 @@ def draw_sweep(trials: pd.DataFrame) -> Figure:
 
 
 @torch.inference_mode()
-def draw_reconstructions(module: VQVAEModule, data_root: str | Path | None) -> Figure:
+def draw_reconstructions(shipped: Trained, data_root: str | Path | None) -> Figure:
     """The first SHOWN test images of every dataset the model was trained on, above their reconstructions."""
-    config = module.config
+    config = shipped.config
     figure = Figure(figsize=reconstruction_figure_size(len(config.datasets)), layout="constrained")
     axes = figure.subplots(2 * len(config.datasets), SHOWN, squeeze=False)
     for row, name in enumerate(config.datasets):
         images = load_split(name, "test", data_root, config.size)[0][:SHOWN]
         images = rgb(images).copy()  # torch wants writable memory
-        recon = module(torch.from_numpy(images))[0].permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+        recon = shipped.model(to_float_images(torch.from_numpy(images)))[0]
+        recon = recon.permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
         for column in range(SHOWN):
             for ax, shown in ((axes[2 * row, column], images), (axes[2 * row + 1, column], recon)):
                 _blank_axes(ax)
@@ -293,9 +294,9 @@ def find_checkpoint(run: Path) -> str | None:
     return None
 
 
-def _codebook_size(run: Path, module: VQVAEModule | None, codes: np.ndarray) -> int:
-    if module is not None:
-        return module.config.codebook_size
+def _codebook_size(run: Path, shipped: Trained | None, codes: np.ndarray) -> int:
+    if shipped is not None:
+        return shipped.config.codebook_size
     if (run / "best.json").exists():
         return int(json.loads((run / "best.json").read_text())["config"]["codebook_size"])
     return int(codes.max()) + 1
@@ -324,13 +325,13 @@ def shipped_history(run: Path) -> pd.DataFrame | None:
     return read_history(histories[0]) if histories else None
 
 
-def run_caption(run: Path, module: VQVAEModule | None, history: pd.DataFrame | None) -> str:
+def run_caption(run: Path, shipped: Trained | None, history: pd.DataFrame | None) -> str:
     """The caption of a run's figures: its data, the shipped model's epochs (from shipped_history) and precision,
     and its provenance."""
     epochs = len(history) if history is not None else None
-    if module is None:
+    if shipped is None:
         return provenance.caption(run, None, epochs)
-    return provenance.caption(run, module.config, epochs, module.trained_precision)
+    return provenance.caption(run, shipped.config, epochs, shipped.precision)
 
 
 def read_latents(folder: Path) -> pd.DataFrame | None:
@@ -354,8 +355,8 @@ def _draw_folder(run: Path, data_root: str | Path | None, wanted: Collection[str
             f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
             "point --run at the --out folder of a sweep or a training run"
         )
-    module = VQVAEModule.load_from_checkpoint(checkpoint, map_location="cpu").eval() if checkpoint else None
-    caption = run_caption(run, module, history)
+    shipped = trained(checkpoint) if checkpoint else None
+    caption = run_caption(run, shipped, history)
     codes = np.concatenate(latents["codes"].to_numpy()) if latents is not None else None
     figures = [
         ("latent_space.png", latents is not None, _saved(lambda: draw_latent_space(latents))),
@@ -363,23 +364,23 @@ def _draw_folder(run: Path, data_root: str | Path | None, wanted: Collection[str
         (
             "codebook_usage.png",
             codes is not None,
-            _saved(lambda: draw_codebook_usage(codes, _codebook_size(run, module, codes))),
+            _saved(lambda: draw_codebook_usage(codes, _codebook_size(run, shipped, codes))),
         ),
         ("curves.png", history is not None, _saved(lambda: draw_curves(history))),
         ("sweep.png", trials_path.exists(), _saved(lambda: draw_sweep(pd.read_csv(trials_path)))),
         (
             "reconstructions.png",
-            module is not None,
-            _saved(lambda: draw_reconstructions(module, data_root or module.config.data_root)),
+            shipped is not None,
+            _saved(lambda: draw_reconstructions(shipped, data_root or shipped.config.data_root)),
         ),
         (
             "explorer.html",
-            latents is not None and module is not None and reconstructions.is_file(),
+            latents is not None and shipped is not None and reconstructions.is_file(),
             lambda path, caption: draw_explorer(
                 latents,
                 pq.read_table(reconstructions),
-                data_root or module.config.data_root,
-                module.config.size,
+                data_root or shipped.config.data_root,
+                shipped.config.size,
                 path,
                 caption,
             ),

@@ -47,6 +47,21 @@ def test_this_machine_is_no_mac():
     assert workers_device(0.0) == "the CPU"
 
 
+@pytest.mark.parametrize("reported", [True, False])
+@pytest.mark.parametrize("processor", ["arm", "i386"])
+@pytest.mark.parametrize("disabled", ["1", "0"])
+def test_has_mps_says_what_lightning_says(monkeypatch, reported, processor, disabled):
+    """has_mps repeats Lightning's test so that the job's driver need not import Lightning: they agree."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: reported)
+    monkeypatch.setattr(platform, "processor", lambda: processor)
+    monkeypatch.setenv("DISABLE_MPS", disabled)
+    FabricMPS.is_available.cache_clear()
+    try:
+        assert has_mps() == MPSAccelerator.is_available()
+    finally:
+        FabricMPS.is_available.cache_clear()
+
+
 @pytest.mark.usefixtures("apple_silicon")
 @pytest.mark.parametrize(("asked", "device"), [("auto", "mps"), ("gpu", "mps"), ("cpu", "cpu")])
 def test_a_run_in_this_process_takes_apples_gpu_unless_told_cpu(asked, device):

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from medvq.checkpoints import TRAIN_CHECKPOINT, read_checkpoint
+from medvq.checkpoints import TRAIN_CHECKPOINT, TRAINED_PRECISION, read_checkpoint
 from medvq.config import SweepConfig
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
-from medvq.module import TRAINED_PRECISION, VQVAEModule
+from medvq.module import VQVAEModule
 from medvq.ray_train import run_on_ray, train_on_ray
 from medvq.tune import run_sweep, write_sweep_outputs
 

@@ -20,11 +20,12 @@ from medmnist import INFO
 from PIL import Image
 
 from medvq import plots, provenance
+from medvq.checkpoints import TRAINED_PRECISION
 from medvq.config import Config
 from medvq.data import LABEL_CHARS, short_label
 from medvq.encode import RECONSTRUCTION, THUMB, thumbnail_pixels, thumbnails
 from medvq.errors import UserError
-from medvq.module import TRAINED_PRECISION, VQVAEModule
+from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE, ray_hardware, write_provenance
 from medvq.report import RECONSTRUCTIONS_FILE, ROW_KEY
 from tests.conftest import REPO, SYNTHETIC_DATASETS

@@ -14,6 +14,8 @@ import pytest
         ("medvq.tune, medvq.ray_train", {"lightning", "torchmetrics", "medmnist"}),
         # the encoder's actors: they need only the model and the images
         ("medvq.encode, medvq.latent_space", {"lightning", "torchmetrics"}),
+        # the jobs' driver (jobs/sweep.py, encode.py, plot.py, neighbours.py): the figures need only the model
+        ("medvq.cli, medvq.plots, medvq.neighbours, medvq.report, medvq.tune", {"lightning", "torchmetrics"}),
     ],
 )
 def test_processes_that_do_not_train_do_not_import_lightning(modules, unused):
