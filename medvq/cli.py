@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
-from medmnist.info import DEFAULT_ROOT
 
 from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
+from medvq.data import DEFAULT_ROOT
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.provenance import provenance_of
 from medvq.storage import absolute, join

@@ -8,6 +8,7 @@ Everything known about a dataset (channels, labels, split sizes, md5, file names
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import tempfile
@@ -18,11 +19,8 @@ from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 
-import medmnist
 import numpy as np
 import torch
-from medmnist import INFO
-from medmnist.info import DEFAULT_ROOT
 from torch.utils.data import Sampler
 
 from medvq.config import Config
@@ -30,6 +28,21 @@ from medvq.errors import UserError
 from medvq.storage import cached_copy, is_file, is_uri, join
 
 log = logging.getLogger(__name__)
+
+
+def _medmnist_info():
+    """The module medmnist.info, medmnist's table of datasets, run on its own: importing it as medmnist.info runs the
+    package's __init__ first, whose Evaluator imports scikit-learn, 0.7 s in every process that reads a dataset (the
+    job's driver, each Train worker, each encoder actor). It imports nothing of medmnist's."""
+    package = Path(importlib.util.find_spec("medmnist").origin).parent
+    spec = importlib.util.spec_from_file_location("medvq._medmnist_info", package / "info.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_MEDMNIST = _medmnist_info()
+INFO, DEFAULT_ROOT = _MEDMNIST.INFO, _MEDMNIST.DEFAULT_ROOT
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -85,6 +98,8 @@ def _download(info: dict, path: Path, size: int, url: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".medvq-download-") as folder:
+            import medmnist  # here: downloads alone need the package (see _medmnist_info)
+
             dataset_class = getattr(medmnist, info["python_class"])
             dataset_class(split="train", root=folder, size=size, download=True)
             os.replace(Path(folder) / path.name, path)
