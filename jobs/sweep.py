@@ -151,9 +151,8 @@ def main() -> None:
     check_same_run(args.out, run)
     storage, storage_flag = storage_from_args(args)
     check_data(sweep.base)
-    seconds, started = {}, time.monotonic()
-    start_ray()  # the terminal shows Tune's trial table and Ray Data's progress; worker logs stay in Ray's
-    seconds["ray_init"] = time.monotonic() - started
+    seconds = {}
+    timed(seconds, "ray_init", start_ray)  # Tune's table and Ray Data's progress show here; workers' logs stay in Ray's
     most = capacity()  # with an autoscaler: what the cluster can grow to, not only the nodes up now
     sweep = with_gpus(sweep, args.gpus_per_trial, most.totals.get("GPU", 0))
     fits = most.runs_at_once(sweep.base)
@@ -175,26 +174,25 @@ def main() -> None:
     )
 
 
-def timed(seconds: dict[str, float], step: str, work: Callable, *args, **kwargs) -> None:
-    """work(*args, **kwargs), its seconds kept as seconds[step]."""
+def timed(seconds: dict[str, float], step: str, work: Callable, *args, **kwargs):
+    """work(*args, **kwargs), its seconds kept as seconds[step]; returns what it returns."""
     started = time.monotonic()
-    work(*args, **kwargs)
+    result = work(*args, **kwargs)
     seconds[step] = time.monotonic() - started
+    return result
 
 
 def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, seconds: dict[str, float]) -> None:
     """Search (the sweep `name`), then encode, measure and draw the best model; `seconds` gathers each step's time."""
-    started = time.monotonic()
-    results = run_sweep(sweep, storage, name)
-    seconds["search"] = time.monotonic() - started
+    results = timed(seconds, "search", run_sweep, sweep, storage, name)
     out.mkdir(parents=True, exist_ok=True)
     best = write_sweep_outputs(results, sweep, storage, out)
     config = Config.from_dict(best["config"])
     if sweep.final_epochs:
-        started, config, final = time.monotonic(), config.with_changes(epochs=sweep.final_epochs), final_fit_name(name)
+        config, final = config.with_changes(epochs=sweep.final_epochs), final_fit_name(name)
         print(f"final fit {final}: the best trial's settings, --final-epochs {config.epochs}", flush=True)
-        best = write_final_fit(best, config, train_on_ray(config, out, storage, final), out)
-        seconds["final_fit"] = time.monotonic() - started
+        fitted = timed(seconds, "final_fit", train_on_ray, config, out, storage, final)
+        best = write_final_fit(best, config, fitted, out)
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
     drawn = {}  # the figures of training are drawn beside the UMAP, those of the latents after it

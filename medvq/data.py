@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 def _medmnist_info():
     """The module medmnist.info, medmnist's table of datasets, run on its own: importing it as medmnist.info runs the
-    package's __init__ first, whose Evaluator imports scikit-learn, 0.7 s in every process that reads a dataset (the
-    job's driver, each Train worker, each encoder actor). It imports nothing of medmnist's."""
+    package's __init__ first, whose Evaluator imports scikit-learn, seconds of every process that reads a dataset (the
+    job's driver, each Train worker, each encoder actor; benchmarks/RESULTS.md). It imports nothing of medmnist's."""
     package = Path(importlib.util.find_spec("medmnist").origin).parent
     spec = importlib.util.spec_from_file_location("medvq._medmnist_info", package / "info.py")
     module = importlib.util.module_from_spec(spec)

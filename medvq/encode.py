@@ -25,8 +25,8 @@ from medvq.nodes import capacity
 from medvq.storage import read_bytes
 
 PIXELS_PER_BATCH = 4096 * 28 * 28  # 4096 images at 28x28; fewer as the side grows
-# A CPU runs each batch in chunks of 128 images at 28x28, whose activations stay in its caches: twice as fast as
-# whole batches (benchmarks/RESULTS.md). A GPU takes the batch whole.
+# A CPU runs each batch in chunks of 128 images at 28x28, whose activations stay in its caches (benchmarks/RESULTS.md).
+# A GPU takes the batch whole.
 CPU_PIXELS_PER_CHUNK = 128 * 28 * 28
 THUMB = 28  # px: MedMNIST's own side; the reconstructions kept for the explorer are shrunk to it
 THUMB_BYTES = THUMB * THUMB * 3  # RGB
@@ -150,14 +150,12 @@ def encode_latents(
     The encoded rows (a few hundred bytes each) stream back to this driver, which writes them: so the output
     folder need only exist here (the head node), not on every node of the cluster.
     """
-    return pa.concat_tables(encoded_batches(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor))
+    return pa.concat_tables(encoded_batches(checkpoint, config, encoder_pool(actors, gpus_per_actor)))
 
 
-def encoded_batches(
-    checkpoint: str, config: Config, *, actors: int | None = None, gpus_per_actor: float | None = None
-) -> Iterator[pa.Table]:
-    """`encode_latents`, a batch at a time as the encoder's actors return them."""
-    actors, gpus_per_actor, cpu_threads = encoder_pool(actors, gpus_per_actor)
+def encoded_batches(checkpoint: str, config: Config, pool: tuple[int, float, int]) -> Iterator[pa.Table]:
+    """`encode_latents`, a batch at a time as the encoder's actors return them; `pool`: `encoder_pool`'s answer."""
+    actors, gpus_per_actor, cpu_threads = pool
     model = ray.put(read_bytes(checkpoint))
     splits = ray.data.from_items([{"dataset": name, "split": split} for name in config.datasets for split in SPLITS])
     images = splits.map_batches(

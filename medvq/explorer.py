@@ -127,7 +127,7 @@ def _tiles(latents: pd.DataFrame, reconstructions: pa.Table, data_root: str | Pa
     if found.isna().any():
         raise UserError(f"{found.isna().sum()} images have no reconstruction beside the latents: encode them again")
     shown = thumbnail_images(reconstructions.column(RECONSTRUCTION))[found.to_numpy(int)]
-    originals, index = np.empty_like(shown), latents["index"].to_numpy()
+    originals, index = np.zeros_like(shown), latents["index"].to_numpy()
     for (name, split), rows in latents.groupby(["dataset", "split"]).indices.items():
         images = rgb(load_split(name, split, data_root, size)[0])
         for start in range(0, len(rows), BATCH):
@@ -139,7 +139,7 @@ def _tiles(latents: pd.DataFrame, reconstructions: pa.Table, data_root: str | Pa
 
 def _sheets(tiles: np.ndarray) -> list[bytes]:
     """The tiles as WebP sprite sheets, SHEET_COLUMNS wide, row-major; the last sheet only as tall as it needs.
-    Encoded on every core: Pillow lets go of Python's lock while it encodes (twice as fast on two)."""
+    Encoded on every core: Pillow lets go of Python's lock while it encodes."""
     per_sheet = SHEET_COLUMNS * SHEET_ROWS
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         return list(pool.map(_sheet, (tiles[start : start + per_sheet] for start in range(0, len(tiles), per_sheet))))

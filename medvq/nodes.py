@@ -146,7 +146,7 @@ def check_nodes_see(config: Config, storage: str | None = None, storage_flag: st
     cannot see. Workers read the data root: each file must be on every node with the same size (a copy per
     node will do). Workers write to the storage: a probe file made here must show there. URIs are skipped
     (every node reaches them alike); a folder this made is removed again on refusal."""
-    from medvq.data import ensure_file  # here: medmnist (scikit-learn) is 0.7 s of each Tune trial driver's start
+    from medvq.data import ensure_file  # here: Tune's trial drivers import this module, and need no data
 
     nodes = _other_nodes()
     files = (

@@ -57,6 +57,7 @@ CURVES = (("loss", "loss"), ("mae", "MAE"), ("psnr", "PSNR (dB)"), ("ssim", "SSI
 # What draw_run draws: the figures of training need no latents, so the job draws them while the UMAP runs
 TRAINING_FIGURES = ("curves.png", "sweep.png", "reconstructions.png")
 LATENT_FIGURES = ("latent_space.png", "latent_by_class.png", "codebook_usage.png", "explorer.html")
+LATENT_PARTS = "[!_]*.parquet"  # the latents' files in latents/ ("_": the reconstructions' thumbnails)
 
 
 def class_grid(n_datasets: int) -> tuple[int, int]:
@@ -337,7 +338,7 @@ def run_caption(run: Path, shipped: Trained | None, history: pd.DataFrame | None
 def read_latents(folder: Path) -> pd.DataFrame | None:
     """The latents the figures draw (None for an empty or missing folder): without the features, most of the file,
     which only the explorer of latents written before their neighbours were kept needs."""
-    files = sorted(folder.glob("[!_]*.parquet"))
+    files = sorted(folder.glob(LATENT_PARTS))
     if not files:
         return None
     names = pq.read_schema(files[0]).names
@@ -350,7 +351,8 @@ def _draw_folder(run: Path, data_root: str | Path | None, wanted: Collection[str
     trials_path, checkpoint = run / "trials.csv", find_checkpoint(run)
     latents = read_latents(run / LATENTS_DIR) if set(wanted) & set(LATENT_FIGURES) else None
     reconstructions = run / LATENTS_DIR / RECONSTRUCTIONS_FILE
-    if latents is None and history is None and not trials_path.exists() and checkpoint is None:
+    has_latents = any((run / LATENTS_DIR).glob(LATENT_PARTS))  # though only the latents' figures read them
+    if not has_latents and history is None and not trials_path.exists() and checkpoint is None:
         raise UserError(
             f"{run} holds no latents/, metrics, trials.csv or checkpoint: "
             "point --run at the --out folder of a sweep or a training run"

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import ray
 
 from medvq.config import Config
-from medvq.encode import RECONSTRUCTION, encoded_batches
+from medvq.encode import RECONSTRUCTION, encoded_batches, encoder_pool
 from medvq.latent_space import dataset_records, layout, neighbour_search, vectors, with_layout
 from medvq.probes import threads_left_for
 from medvq.projection import Projector
@@ -51,6 +51,28 @@ def write_latents(table: pa.Table, out: Path) -> Path:
     return latents
 
 
+def start_projector() -> ray.actor.ActorHandle:
+    """The UMAP's process. One CPU: UMAP is seeded, so single-threaded. Restarted, and its call retried, if its
+    process or node dies, as a Ray task would be."""
+    return ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(Projector).remote()
+
+
+def encoded_while_the_umap_starts(
+    checkpoint: str, config: Config, pool: tuple[int, float, int]
+) -> tuple[pa.Table, ray.actor.ActorHandle]:
+    """Every image encoded (`encoded_batches` on `pool`), and the UMAP's process, started beside the encoding so that
+    its imports are done by the time the neighbours are. On a CPU it starts as the first batch comes back, when the
+    encoder's actors, which read the images too, hold their CPUs: it cannot take one they wait for. With GPUs the
+    reads are tasks of their own, which it could starve of a CPU: it starts once the encoding is done."""
+    batches = encoded_batches(checkpoint, config, pool)
+    parts = [next(batches)]
+    if pool[1] > 0:  # GPUs per encoder actor
+        parts.extend(batches)
+    projector = start_projector()
+    parts.extend(batches)  # the rest of a CPU's batches; a GPU's are all in
+    return pa.concat_tables(parts), projector
+
+
 def encode_and_measure(
     checkpoint: str,
     config: Config,
@@ -67,24 +89,21 @@ def encode_and_measure(
     `meanwhile` runs here after the probes, still beside the UMAP: work that needs neither (the figures of
     training). Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
-    batches = encoded_batches(checkpoint, config, actors=actors, gpus_per_actor=gpus_per_actor)
-    first = next(batches)
-    # The UMAP's process starts now, its imports beside the encoding; not before: the encoder's actors hold their
-    # CPUs by now (the reads run in them), so it cannot take one they wait for. One CPU: UMAP is seeded, so
-    # single-threaded. An actor, so that it runs beside the probes, on any node; it ends with its handle.
-    projector = ray.remote(num_cpus=1)(Projector).remote()
-    table = pa.concat_tables([first, *batches])
-    seconds["encode"], started = time.monotonic() - started, time.monotonic()
-    features = vectors(table.column("features"))
-    others, distances = neighbour_search(features)  # here, on every core: the UMAP's process has one
-    seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
-    mapped = projector.project.remote(features, others, distances, config.seed)
-    frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
-    with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
-        records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
-    seconds["probes"] = time.monotonic() - started
-    meanwhile()
-    projection, seconds["umap"] = ray.get(mapped)
+    table, projector = encoded_while_the_umap_starts(checkpoint, config, encoder_pool(actors, gpus_per_actor))
+    try:
+        seconds["encode"], started = time.monotonic() - started, time.monotonic()
+        features = vectors(table.column("features"))
+        others, distances = neighbour_search(features)  # here, on every core: the UMAP's process has one
+        seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
+        mapped = projector.project.remote(features, others, distances, config.seed)
+        frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
+        with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
+            records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
+            seconds["probes"] = time.monotonic() - started
+            meanwhile()
+        projection, seconds["umap"] = ray.get(mapped)
+    finally:
+        ray.kill(projector)
     table = with_layout(table, layout(projection, others, distances))
     latents = write_latents(table, out)
     print(

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from medmnist import INFO
 
+from medvq import report
 from medvq.checkpoints import checkpoint_config
 from medvq.config import Config
 from medvq.data import SPLITS, load_split, rgb, to_float_images
@@ -141,6 +143,24 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     shown = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True).stdout
     features = config.hidden_channels * FEATURE_GRID**2
     assert shown.startswith(f"{len(frame)} ({len(frame)}, {features})") and "label_name" in shown
+
+
+@pytest.mark.parametrize(("gpus_per_actor", "started_after"), [(0.0, 1), (1.0, 3)])
+def test_the_umaps_process_starts_beside_a_cpus_encoding_and_after_a_gpus(monkeypatch, gpus_per_actor, started_after):
+    """On a CPU the encoder's actors read the images themselves, so the UMAP's process may take a CPU once they hold
+    theirs (the first batch); with GPUs the reads are tasks that it could starve: it waits for the last batch."""
+    events = []
+
+    def batches(checkpoint, config, pool):
+        for number in range(3):
+            events.append("batch")
+            yield pa.table({"number": [number]})
+
+    monkeypatch.setattr(report, "encoded_batches", batches)
+    monkeypatch.setattr(report, "start_projector", lambda: events.append("projector") or "the actor")
+    table, projector = report.encoded_while_the_umap_starts("model.ckpt", Config(), (1, gpus_per_actor, 2))
+    assert events.index("projector") == started_after and events.count("batch") == 3
+    assert table.column("number").to_pylist() == [0, 1, 2] and projector == "the actor"
 
 
 def test_replacing_the_latents_keeps_a_whole_folder_if_it_stops_half_way(tmp_path, monkeypatch):

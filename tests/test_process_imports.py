@@ -4,9 +4,11 @@ its table of datasets alone, and imports the package only to download."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = {"lightning", "torchmetrics", "medmnist", "sklearn"}
 
 
@@ -17,8 +19,8 @@ UNTRAINED = {"lightning", "torchmetrics", "medmnist", "sklearn"}
         ("medvq.tune, medvq.ray_train", UNTRAINED),
         # the encoder's actors: they need only the model and the images
         ("medvq.encode, medvq.latent_space", UNTRAINED),
-        # the jobs' driver (jobs/sweep.py, encode.py, plot.py, neighbours.py): the figures need only the model
-        ("medvq.cli, medvq.plots, medvq.neighbours, medvq.report, medvq.tune", UNTRAINED),
+        # the jobs' driver: the figures need only the model
+        ("jobs.sweep, jobs.encode, jobs.plot, jobs.neighbours", UNTRAINED),
         # a Ray Train worker (ray_train.train_worker)
         ("medvq.train", {"medmnist", "sklearn"}),
     ],
@@ -30,4 +32,5 @@ def test_each_process_imports_only_what_it_uses(modules, unused):
 def imported_of(packages: set[str], modules: str) -> str:
     """Which of `packages` a fresh interpreter holds after importing `modules` (a comma-separated list), sorted."""
     check = f"import sys, {modules}; print(sorted(set({sorted(packages)!r}) & set(sys.modules)))"
-    return subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    return done.stdout.strip()

@@ -1,4 +1,4 @@
-"""The UMAP task: what its warnings become, what it imports and what it leaves compiled for the next one."""
+"""The UMAP's process: what its warnings become, what it imports and what it leaves compiled for the next one."""
 
 from __future__ import annotations
 
