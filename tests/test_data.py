@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import medmnist
 import numpy as np
@@ -334,3 +336,13 @@ def test_a_uri_data_root_is_read_through_a_local_copy_with_the_same_checks(tmp_p
         load_split("breastmnist", "test", f"file://{remote}")
     with pytest.raises(UserError, match="retinamnist.npz does not exist: upload"):
         load_split("retinamnist", "test", f"file://{remote}")
+
+
+def test_medmnists_table_is_medmnists_own_read_alone_or_through_the_package(tmp_path, monkeypatch):
+    """medvq reads medmnist/info.py without the package's __init__ (scikit-learn); a later medmnist whose info.py
+    needs its package is imported whole instead."""
+    assert data.INFO == INFO and data.DEFAULT_ROOT == medmnist.info.DEFAULT_ROOT
+    (tmp_path / "info.py").write_text("from .helpers import INFO\n")  # a relative import: it needs its package
+    found = SimpleNamespace(origin=str(tmp_path / "__init__.py"))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: found)
+    assert data._medmnist_info().INFO == INFO
