@@ -21,6 +21,7 @@ from ray.experimental.internal_kv import _internal_kv_get
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from medvq.config import Config
+from medvq.data import ensure_file
 from medvq.errors import UserError
 from medvq.storage import is_uri
 
@@ -146,8 +147,6 @@ def check_nodes_see(config: Config, storage: str | None = None, storage_flag: st
     cannot see. Workers read the data root: each file must be on every node with the same size (a copy per
     node will do). Workers write to the storage: a probe file made here must show there. URIs are skipped
     (every node reaches them alike); a folder this made is removed again on refusal."""
-    from medvq.data import ensure_file  # here: Tune's trial drivers import this module, and need no data
-
     nodes = _other_nodes()
     files = (
         []

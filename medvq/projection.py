@@ -20,9 +20,7 @@ class Projector:
     starts it while the encoding runs and the UMAP need not wait for its imports (benchmarks/RESULTS.md)."""
 
     def __init__(self) -> None:
-        import umap  # noqa: F401 (numba compiles on import)
-
-        cache_umaps_compilations()
+        load_umap()
 
     def project(
         self, points: np.ndarray, others: np.ndarray, distances: np.ndarray, seed: int = 0
@@ -34,9 +32,7 @@ class Projector:
 
 def umap_projection(points: np.ndarray, others: np.ndarray, distances: np.ndarray, seed: int = 0) -> np.ndarray:
     """A 2-D UMAP of the rows of `points` (N, D) -> (N, 2) float32, given each row's nearest other rows (N, k)."""
-    import umap  # imported here: numba compiles on import, which only this step needs
-
-    cache_umaps_compilations()
+    umap = load_umap()
     log.info("UMAP of %d feature vectors of dimension %d", *points.shape)
     # Exact neighbours handed to UMAP: its own search (NN-descent) compiled and ran for most of its time
     # (benchmarks/RESULTS.md). UMAP counts each point as its own nearest, at distance 0.
@@ -61,6 +57,15 @@ UNCACHED_UMAP_FUNCTIONS = {
     "umap.umap_": ("smooth_knn_dist", "compute_membership_strengths"),
     "umap.layouts": ("_nb_optimize_layout_euclidean_single_epoch",),
 }
+
+
+def load_umap():
+    """umap-learn, imported here: numba compiles on import, which only the UMAP's process needs; with its
+    compilations cached on disk."""
+    import umap
+
+    cache_umaps_compilations()
+    return umap
 
 
 def cache_umaps_compilations() -> None:
