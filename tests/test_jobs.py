@@ -27,11 +27,15 @@ pytestmark = pytest.mark.integration
 
 
 def finished_trial_results(storage: Path) -> dict[str, int]:
-    """Reports per trial whose Tune state says TERMINATED, read from the sweep's files on disk."""
+    """Reports per trial whose Tune state says TERMINATED, read from the sweep's files on disk. Tune rewrites its state
+    file in place: read in the middle of that (empty, or cut short), it says no trial has finished yet."""
     states = sorted(storage.glob("medvq-sweep-*/experiment_state-*.json"))
     if not states:
         return {}
-    trials = json.loads(states[-1].read_text())["trial_data"]
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"]
+    except json.JSONDecodeError:
+        return {}
     finished = [json.loads(state)["trial_id"] for state, _ in trials if '"TERMINATED"' in state]
     return {
         trial: len((next(storage.glob(f"medvq-sweep-*/run_trial_{trial}*")) / "result.json").read_text().splitlines())
@@ -102,6 +106,7 @@ def test_a_sweep_stopped_by_ctrl_c_sigterm_or_sigkill_resumes_with_each_epoch_on
     )
     assert not (out / "trials.csv").exists(), "the run finished before it was killed: nothing was tested"
     finished = finished_trial_results(storage)
+    assert finished, "no finished trial on disk after the kill: the rerun's check below would check nothing"
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
