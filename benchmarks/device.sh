@@ -20,7 +20,8 @@
 #                                                  # run starts no Ray node), .devdata/small/ and .devdata/blood/
 # There: `bash benchmarks/device.sh tests` carrying [".devbundle/site-lite.tar.xz", ".devdata/small"], then
 # `MINUTES=<budget> bash benchmarks/device.sh long-runs` carrying [".devdata/blood"]. Each row's run comes back as
-# ROW.tar.gz, beside long_runs.md and long_runs.csv.
+# ROW.tar.gz, beside long_runs.md and long_runs.csv. The GPU's batch and rate against today's defaults, in the same
+# wall time (docs/behaviour.md, "On a GPU"): ROWS=batch-64-width-128,batch-256-width-128,batch-256-lr-2e-3-width-128
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step=${1:-}
@@ -70,7 +71,8 @@ case "$step" in
     status=0
     python benchmarks/long_runs.py --data-root /tmp/medmnist \
       --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist --minutes "${MINUTES:-8}" \
-      ${ROW_FLAGS:+--row-flags="$ROW_FLAGS"} --out /tmp/long-runs 2>&1 | tee "$out/long-runs.log" || status=$?
+      ${ROWS:+--rows="$ROWS"} ${ROW_FLAGS:+--row-flags="$ROW_FLAGS"} --out /tmp/long-runs 2>&1 \
+      | tee "$out/long-runs.log" || status=$?
     # Whatever the runs left comes back, also when the script failed.
     cp /tmp/long-runs/long_runs.md /tmp/long-runs/long_runs.csv "$out/" 2>/dev/null || true
     for run in /tmp/long-runs/runs/*/; do

@@ -39,6 +39,17 @@ ROWS = {  # name: flags beyond jobs/train.py's defaults; a GPU's step costs abou
     "batch-256-width-64": [*JOB_WINNER, "--batch-size", "256", "--hidden-channels", "64"],
     "batch-256-width-128": [*JOB_WINNER, "--batch-size", "256", "--hidden-channels", "128"],
     "batch-128-width-128": [*JOB_WINNER, "--batch-size", "128", "--hidden-channels", "128"],
+    # today's defaults against a larger batch at a larger rate, in the same wall time (docs/behaviour.md, "On a GPU")
+    "batch-64-width-128": [*JOB_WINNER, "--batch-size", "64", "--hidden-channels", "128"],
+    "batch-256-lr-2e-3-width-128": [
+        *JOB_WINNER,
+        "--batch-size",
+        "256",
+        "--learning-rate",
+        "2e-3",
+        "--hidden-channels",
+        "128",
+    ],
 }
 PROBE_EPOCHS = 4  # the first pays for warming up; the others are timed
 POLL_SECONDS = 0.05  # how often the probes' metrics.csv is read: well under an epoch of a tiny smoke model
@@ -157,7 +168,11 @@ def main() -> None:
     threads = max(1, (os.cpu_count() or 1) // len(flags))
     began = time.time()
     probe_outs = {name: out / "probe" / slug(name) for name in flags}
-    probes = {name: start(flags[name], PROBE_EPOCHS, probe_outs[name], common, threads) for name in flags}
+    # Every epoch checked: each rewrite of metrics.csv times one (a GPU's own default checks less often)
+    probes = {
+        name: start([*flags[name], "--check-every", "1"], PROBE_EPOCHS, probe_outs[name], common, threads)
+        for name in flags
+    }
     written = epochs_written(probes, probe_outs, deadline)
     epoch_seconds = {name: seconds_per_epoch(written[name], name) for name in flags}
     # Start: from launch to the first epoch's end, less one epoch (the first also pays for warming up).

@@ -151,6 +151,14 @@ class Config:
         before_it_existed=0.2,
     )
     epochs: int = setting(10, "passes over the training images", bound="> 0")
+    check_every: int | None = setting(
+        None,
+        "validate, report and checkpoint after every N epochs and after the last (default: every epoch on a CPU; on "
+        "a GPU, whose epochs are short, as often as keeps these checks within 5%% of the training time, from what "
+        "they are measured to cost)",
+        bound="> 0",
+        shapes_results=False,
+    )
     limit_batches: int | None = setting(
         None, "at most this many train and val batches per epoch (smoke runs)", bound="> 0"
     )

@@ -163,7 +163,8 @@ def draw_curves(history: pd.DataFrame) -> Figure:
     figure = Figure(figsize=CURVES_SIZE, layout="constrained")
     for ax, (metric, title) in zip(figure.subplots(2, 2).ravel(), CURVES):
         for stage in ("train", "val"):
-            ax.plot(history.index, history[f"{stage}_{metric}"], marker="o", markersize=3, label=stage)
+            values = history[f"{stage}_{metric}"].dropna()  # val: only the checked epochs (train.check_every)
+            ax.plot(values.index, values, marker="o", markersize=3, label=stage)
         ax.set(title=title, xlabel="epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()

@@ -36,43 +36,83 @@ from medvq.storage import ERROR_FILE, PARTIAL, replace_atomically
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged
 
 
+CHECK_SHARE = 0.05  # of the training time, at most, that adaptive checks (validation, report, checkpoint) take
+
+
+def epochs_between_checks(check_seconds: float, epoch_seconds: float) -> int:
+    """Epochs to train before the next check, so that a check of `check_seconds` costs at most CHECK_SHARE of the
+    training time, whose epochs take `epoch_seconds` each: at least one."""
+    return max(1, math.ceil(check_seconds / (CHECK_SHARE * max(epoch_seconds, 1e-9))))
+
+
 class EpochRecorder(L.Callback):
-    """At each epoch's end: the epoch's metrics join the run's history, then a checkpoint is kept (`save`, in a
-    subclass). The history is saved inside every checkpoint, so a run resumed from one holds each epoch once.
+    """At each epoch's end the epoch's metrics join the run's history; at each check (validation, then a checkpoint
+    kept by `save`, in a subclass) the history is saved inside the checkpoint, so a run resumed from one holds each
+    epoch once.
+
+    Checks come every `check_every` epochs and after the last; None: as often as costs at most CHECK_SHARE of the
+    training time, re-planned from each check's measured seconds (rank zero's plan, so every rank checks together).
+    Lightning validates when (epoch + 1) is a multiple of check_val_every_n_epoch, so the next check's epoch + 1 is
+    set as that.
 
     A non-finite loss stops the run at the end of that epoch with no checkpoint of it: `diverged` says why, and
-    the last checkpoint is the last epoch whose losses were all finite. (Checked on the epoch's means, which
+    the last checkpoint is the last checked epoch whose losses were all finite. (Checked on the epoch's means, which
     Lightning has already synchronised: no extra wait for the GPU on any step.)
     """
 
-    def __init__(self):
+    def __init__(self, check_every: int | None = 1):
+        self.check_every = check_every
         self.rows: list[dict[str, float]] = []
         self.diverged: str | None = None
-        self.epoch_started = time.monotonic()
+        self.epoch_started = self.validation_started = time.monotonic()
+        self.trained_seconds: list[float] = []  # of each epoch since the last check, validation excluded
+        self.next_check = 0
+        self.checkpointed: list[dict[str, float]] = []  # the rows the last checkpoint holds
 
     def state_dict(self) -> dict:
         return {"rows": self.rows}
 
     def load_state_dict(self, state: dict) -> None:
         self.rows = list(state["rows"])
+        self.checkpointed = list(self.rows)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        # after a resumed run's epoch is restored; adaptive: the first epoch is checked, to measure what a check costs
+        self._plan_check(trainer, trainer.current_epoch, self.check_every or 1)
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.epoch_started = time.monotonic()
 
+    def on_validation_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.validation_started = time.monotonic()
+
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        row = {
-            "epoch": trainer.current_epoch,
-            **{k: float(v) for k, v in trainer.callback_metrics.items()},
-            EPOCH_SECONDS: time.monotonic() - self.epoch_started,
-        }  # training and validation
+        checked = trainer.current_epoch == self.next_check
+        ended = time.monotonic()
+        self.trained_seconds.append((self.validation_started if checked else ended) - self.epoch_started)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if checked or not k.startswith("val_")}
+        row = {"epoch": trainer.current_epoch, **metrics, EPOCH_SECONDS: ended - self.epoch_started}
         non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
         if non_finite:
             self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"
             trainer.should_stop = True
             self.stop(trainer, row)
-        else:
-            self.rows.append(row)
+            return
+        self.rows.append(row)
+        if checked:
             self.save(trainer, row)
+            self.checkpointed = list(self.rows)
+            check_seconds = time.monotonic() - self.validation_started
+            epoch_seconds = sum(self.trained_seconds) / len(self.trained_seconds)
+            epochs = self.check_every or epochs_between_checks(check_seconds, epoch_seconds)
+            self._plan_check(trainer, trainer.current_epoch + 1, epochs)
+
+    def _plan_check(self, trainer: L.Trainer, first_epoch: int, epochs: int) -> None:
+        """Check after `epochs` epochs from `first_epoch` on, or after the last if sooner: as rank zero plans it."""
+        epochs = trainer.strategy.broadcast(epochs, src=0)
+        self.next_check = min(first_epoch + epochs - 1, trainer.max_epochs - 1)
+        trainer.check_val_every_n_epoch = self.next_check + 1
+        self.trained_seconds = []
 
     def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
         raise NotImplementedError
@@ -86,11 +126,11 @@ def write_history(rows: list[dict[str, float]], path: Path) -> None:
 
 
 class LocalCheckpoints(EpochRecorder):
-    """A local run's outputs, after every epoch: OUT/model.ckpt and OUT/metrics.csv (with the diverged epoch's
+    """A local run's outputs, after every check: OUT/model.ckpt and OUT/metrics.csv (with the diverged epoch's
     row, when there is one)."""
 
-    def __init__(self, out: Path):
-        super().__init__()
+    def __init__(self, out: Path, check_every: int | None = 1):
+        super().__init__(check_every)
         self.out = out
 
     def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
@@ -103,9 +143,9 @@ class LocalCheckpoints(EpochRecorder):
 
 
 class RayTrainReport(EpochRecorder):
-    """Every epoch, to Ray Train (and through it to Tune): the metrics and `epochs_done`, with a checkpoint folder
-    of TRAIN_CHECKPOINT and the history as METRICS_NAME. The epoch that diverged is reported with its reason and
-    no checkpoint. Every rank reports; rank zero's metrics and files are the ones kept."""
+    """At every check, to Ray Train (and through it to Tune): the epoch's metrics and `epochs_done`, with a
+    checkpoint folder of TRAIN_CHECKPOINT and the history as METRICS_NAME. The epoch that diverged is reported with
+    its reason and no checkpoint. Every rank reports; rank zero's metrics and files are the ones kept."""
 
     def save(self, trainer: L.Trainer, row: dict[str, float]) -> None:
         with tempfile.TemporaryDirectory(prefix="medvq-checkpoint-", ignore_cleanup_errors=True) as folder:
@@ -122,6 +162,14 @@ class RayTrainReport(EpochRecorder):
     @staticmethod
     def _metrics(row: dict[str, float]) -> dict:
         return {**row, EPOCHS_DONE: row["epoch"] + 1}
+
+
+def check_every(config: Config) -> int | None:
+    """Epochs between checks: the user's, else every epoch on a CPU (the CPU's defaults, as the ablations ran them)
+    and None, adaptive, on a GPU, where a 28 px epoch takes a second or two and a check would be a large share."""
+    if config.check_every is not None:
+        return config.check_every
+    return 1 if resolve_accelerator(config.accelerator) == "cpu" else None
 
 
 def build_trainer(
@@ -175,12 +223,12 @@ def local_resume_point(config: Config, out: Path) -> Path | None:
 
 def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     """Train in this process on the CPU or one GPU; model.ckpt and metrics.csv in out_dir are rewritten after
-    every epoch, and the same call continues an interrupted run. Returns the last epoch's metrics."""
+    every check (`check_every`), and the same call continues an interrupted run. Returns the last epoch's metrics."""
     resume = local_resume_point(config, out_dir)
     if resume is not None:
         print(f"continuing the run in {out_dir} from its {CHECKPOINT_NAME}", flush=True)
     L.seed_everything(config.seed, verbose=False)
-    recorder = LocalCheckpoints(out_dir)
+    recorder = LocalCheckpoints(out_dir, check_every(config))
     trainer = build_trainer(config, callbacks=[recorder])
     try:
         trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config), ckpt_path=resume)
@@ -188,18 +236,19 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
         if trainer.interrupted:
             raise Stopped(
                 f"stopped in epoch {trainer.current_epoch}: {out_dir / CHECKPOINT_NAME} holds "
-                f"{len(recorder.rows)} epochs; the same command continues"
+                f"{len(recorder.checkpointed)} epochs; the same command continues"
             ) from None
         raise
     if recorder.diverged:
-        raise RunFailed(f"training diverged: {recorder.diverged}; {kept(recorder.rows, out_dir / CHECKPOINT_NAME)}")
+        left = kept(recorder.checkpointed, out_dir / CHECKPOINT_NAME)
+        raise RunFailed(f"training diverged: {recorder.diverged}; {left}")
     return recorder.rows[-1]
 
 
 def fit_on_worker(config: Config) -> str | None:
     """One Ray Train worker's training (ray_train.train_worker): the local trainer with Ray's DDP strategy. Reports
-    metrics and a checkpoint every epoch; when Ray Train resumes the run (same name and storage) or retries it after
-    a worker failed, training continues from the newest checkpoint.
+    metrics and a checkpoint at every check (`check_every`); when Ray Train resumes the run (same name and storage)
+    or retries it after a worker failed, training continues from the newest checkpoint.
 
     Returns why the run diverged, or None: rank zero's return value is the run's `return_value`, while its metrics
     are those of its last checkpoint.
@@ -213,7 +262,7 @@ def fit_on_worker(config: Config) -> str | None:
         # every forward would be redundant work (and would hide a bug in that all-reduce).
         strategy=RayDDPStrategy(forward_sync_buffers=False),
         plugins=[RayLightningEnvironment()],
-        callbacks=[recorder := RayTrainReport()],
+        callbacks=[recorder := RayTrainReport(check_every(config))],
         progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
     )
     trainer = prepare_trainer(trainer)

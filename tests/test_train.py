@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -25,7 +26,7 @@ from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similar
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
 from medvq.ray_train import epoch_line, printed_epochs
-from medvq.train import build_trainer, train_local
+from medvq.train import CHECK_SHARE, LocalCheckpoints, build_trainer, epochs_between_checks, train_local
 from tests.clusters import wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
@@ -264,6 +265,49 @@ def test_local_training_writes_metrics_and_a_checkpoint_that_rebuilds_its_model(
     restored.eval()
     recon, quantized = restored(images)
     assert recon.shape == (2, 3, 28, 28) and quantized.indices.shape == (2, 7, 7)
+
+
+@pytest.mark.parametrize(
+    ("check_seconds", "epoch_seconds", "epochs"),
+    [(0.0, 10.0, 1), (0.5, 10.0, 1), (0.6, 10.0, 2), (1.0, 1.0, 20), (1.0, 0.0, 20_000_000_000)],
+)
+def test_checks_come_as_often_as_keeps_them_within_their_share_of_training(check_seconds, epoch_seconds, epochs):
+    between = epochs_between_checks(check_seconds, epoch_seconds)
+    assert between == epochs
+    assert check_seconds <= CHECK_SHARE * between * epoch_seconds or epoch_seconds == 0
+
+
+def checked_epochs(history: pd.DataFrame) -> list[int]:
+    return history.loc[history["val_psnr"].notna(), "epoch"].tolist()
+
+
+def test_a_run_checked_every_n_epochs_validates_and_keeps_a_checkpoint_then_and_after_its_last(tiny_config, tmp_path):
+    config = tiny_config(epochs=5, check_every=2)
+    train_local(config, tmp_path)
+    history = pd.read_csv(tmp_path / METRICS_NAME)
+    assert history["epoch"].tolist() == list(range(5)) and history["train_psnr"].notna().all()
+    assert checked_epochs(history) == [1, 3, 4]
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 4
+
+
+class SlowCheckpoints(LocalCheckpoints):
+    """A checkpoint that takes a second: far more than a tiny epoch's 5%."""
+
+    def save(self, trainer, row) -> None:
+        time.sleep(1)
+        super().save(trainer, row)
+
+
+def test_adaptive_checks_after_the_first_epoch_wait_as_long_as_their_cost_asks(tiny_config, tmp_path):
+    config = tiny_config(epochs=4)
+    recorder = SlowCheckpoints(tmp_path, check_every=None)
+    build_trainer(config, callbacks=[recorder], progress_bar=False).fit(
+        VQVAEModule(config), datamodule=MedMNISTDataModule(config)
+    )
+    history = pd.read_csv(tmp_path / METRICS_NAME)
+    assert history["epoch"].tolist() == list(range(4))
+    assert checked_epochs(history) == [0, 3]  # the first, to measure; then none until the last
+    assert [row["epoch"] for row in recorder.checkpointed] == [0, 1, 2, 3]
 
 
 def run_train_job(*args: str) -> subprocess.CompletedProcess:
