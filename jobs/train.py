@@ -1,6 +1,7 @@
 """Train one VQ-VAE: in this process (CPU or one GPU), or as a Ray Train run of DDP workers.
 
-Both keep a checkpoint of every epoch; the same command continues a run that was stopped.
+Both keep a checkpoint at every check (`--check-every`: every epoch on a CPU); the same command continues a run that
+was stopped.
 
     python jobs/train.py --data-root ../shared/medmnist --datasets bloodmnist,breastmnist --epochs 1 --out runs/dev
     python jobs/train.py --data-root DATA --workers --out runs/ddp      # Ray Train: one worker per GPU of the cluster

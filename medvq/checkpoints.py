@@ -1,6 +1,7 @@
 """Reading a checkpoint safely (plain tensors and data only, through torch's weights-only unpickler), and the model
 it holds without Lightning: the encoder's actors and the job's driver (its figures) need only the model, and Lightning
-takes seconds to import. Also the names every run gives its checkpoints, its history and what it reports each epoch."""
+takes seconds to import. Also the names every run gives its checkpoints, its history and what it reports at each
+check."""
 
 from __future__ import annotations
 
@@ -82,4 +83,4 @@ def kept(rows: list[dict], checkpoint: Path | str) -> str:
     """What a diverged run leaves behind, in words."""
     if not rows:
         return "no checkpoint was written"
-    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last with finite losses"
+    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last checked, all of whose losses were finite"

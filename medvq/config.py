@@ -155,7 +155,7 @@ class Config:
         None,
         "validate, report and checkpoint after every N epochs and after the last (default: every epoch on a CPU; on "
         "a GPU, whose epochs are short, as often as keeps these checks within 5%% of the training time, from what "
-        "they are measured to cost)",
+        "they are measured to cost); a sweep's trials check every epoch, this sets its final fit's",
         bound="> 0",
         shapes_results=False,
     )

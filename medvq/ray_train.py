@@ -39,7 +39,7 @@ PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unl
 
 
 class EpochsToDriver(ray.train.UserCallback):
-    """Hands each epoch rank zero reports to the driver through a Ray queue. The callback runs in Ray Train's
+    """Hands each check's epoch rank zero reports to the driver through a Ray queue. The callback runs in Ray Train's
     controller, an actor whose prints the job does not forward (`cli.start_ray`)."""
 
     def __init__(self, epoch_queue: Queue):
@@ -58,8 +58,8 @@ class EpochsToDriver(ray.train.UserCallback):
 
 @contextmanager
 def printed_epochs(name: str, epochs: int) -> Iterator[EpochsToDriver]:
-    """While the block runs, the driver prints an `epoch_line` for each epoch the callback it yields hands over:
-    outside Tune, whose trial table shows its runs, a long fit would otherwise be silent until it ends."""
+    """While the block runs, the driver prints an `epoch_line` for each reported epoch that the callback it yields
+    hands over: outside Tune, whose trial table shows its runs, a long fit would otherwise be silent until it ends."""
     epoch_queue = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU
 
     def print_epochs() -> None:

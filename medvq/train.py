@@ -37,12 +37,18 @@ CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finit
 
 
 CHECK_SHARE = 0.05  # of the training time, at most, that adaptive checks (validation, report, checkpoint) take
+# Adaptive checks still come at least this often: a resume point and a progress line, even after a check slowed
+# by a first compile or a slow upload
+MOST_SECONDS_BETWEEN_CHECKS = 600
 
 
 def epochs_between_checks(check_seconds: float, epoch_seconds: float) -> int:
     """Epochs to train before the next check, so that a check of `check_seconds` costs at most CHECK_SHARE of the
-    training time, whose epochs take `epoch_seconds` each: at least one."""
-    return max(1, math.ceil(check_seconds / (CHECK_SHARE * max(epoch_seconds, 1e-9))))
+    training time, whose epochs take `epoch_seconds` each, and checks come at least every
+    MOST_SECONDS_BETWEEN_CHECKS: at least one."""
+    epoch_seconds = max(epoch_seconds, 1e-3)  # an epoch timed as 0 s (a coarse clock) plans no endless gap
+    needed = math.ceil(check_seconds / (CHECK_SHARE * epoch_seconds))
+    return max(1, min(needed, math.floor(MOST_SECONDS_BETWEEN_CHECKS / epoch_seconds)))
 
 
 class EpochRecorder(L.Callback):
@@ -50,14 +56,14 @@ class EpochRecorder(L.Callback):
     kept by `save`, in a subclass) the history is saved inside the checkpoint, so a run resumed from one holds each
     epoch once.
 
-    Checks come every `check_every` epochs and after the last; None: as often as costs at most CHECK_SHARE of the
-    training time, re-planned from each check's measured seconds (rank zero's plan, so every rank checks together).
-    Lightning validates when (epoch + 1) is a multiple of check_val_every_n_epoch, so the next check's epoch + 1 is
-    set as that.
+    Checks come every `check_every` epochs and after the last. None: adaptive, the first epoch checked to measure
+    what a check costs, then re-planned from each check's seconds (`epochs_between_checks`), as rank zero plans it
+    so that every rank checks together. Lightning validates when (epoch + 1) is a multiple of
+    check_val_every_n_epoch, so the next check's epoch + 1 is set as that.
 
     A non-finite loss stops the run at the end of that epoch with no checkpoint of it: `diverged` says why, and
-    the last checkpoint is the last checked epoch whose losses were all finite. (Checked on the epoch's means, which
-    Lightning has already synchronised: no extra wait for the GPU on any step.)
+    the last checkpoint is the last checked epoch, all of whose losses were finite. (Checked on the epoch's means,
+    which Lightning has already synchronised: no extra wait for the GPU on any step.)
     """
 
     def __init__(self, check_every: int | None = 1):
@@ -77,8 +83,7 @@ class EpochRecorder(L.Callback):
         self.checkpointed = list(self.rows)
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        # after a resumed run's epoch is restored; adaptive: the first epoch is checked, to measure what a check costs
-        self._plan_check(trainer, trainer.current_epoch, self.check_every or 1)
+        self._plan_check(trainer, trainer.current_epoch, self.check_every or 1)  # a resumed run's epoch is restored
 
     def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self.epoch_started = time.monotonic()
@@ -88,10 +93,7 @@ class EpochRecorder(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         checked = trainer.current_epoch == self.next_check
-        ended = time.monotonic()
-        self.trained_seconds.append((self.validation_started if checked else ended) - self.epoch_started)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if checked or not k.startswith("val_")}
-        row = {"epoch": trainer.current_epoch, **metrics, EPOCH_SECONDS: ended - self.epoch_started}
+        row = self._row(trainer, checked)
         non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
         if non_finite:
             self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"
@@ -100,12 +102,23 @@ class EpochRecorder(L.Callback):
             return
         self.rows.append(row)
         if checked:
-            self.save(trainer, row)
-            self.checkpointed = list(self.rows)
-            check_seconds = time.monotonic() - self.validation_started
-            epoch_seconds = sum(self.trained_seconds) / len(self.trained_seconds)
-            epochs = self.check_every or epochs_between_checks(check_seconds, epoch_seconds)
-            self._plan_check(trainer, trainer.current_epoch + 1, epochs)
+            self._check(trainer, row)
+
+    def _row(self, trainer: L.Trainer, checked: bool) -> dict[str, float]:
+        """The epoch's history row: its metrics (val_* only when it was checked: Lightning keeps the last ones)."""
+        ended = time.monotonic()
+        self.trained_seconds.append((self.validation_started if checked else ended) - self.epoch_started)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if checked or not k.startswith("val_")}
+        return {"epoch": trainer.current_epoch, **metrics, EPOCH_SECONDS: ended - self.epoch_started}
+
+    def _check(self, trainer: L.Trainer, row: dict[str, float]) -> None:
+        """Keep a checkpoint after the epoch's validation, then plan the next check."""
+        self.save(trainer, row)
+        self.checkpointed = list(self.rows)
+        check_seconds = time.monotonic() - self.validation_started
+        epoch_seconds = sum(self.trained_seconds) / len(self.trained_seconds)
+        epochs = self.check_every or epochs_between_checks(check_seconds, epoch_seconds)
+        self._plan_check(trainer, trainer.current_epoch + 1, epochs)
 
     def _plan_check(self, trainer: L.Trainer, first_epoch: int, epochs: int) -> None:
         """Check after `epochs` epochs from `first_epoch` on, or after the last if sooner: as rank zero plans it."""
@@ -164,7 +177,7 @@ class RayTrainReport(EpochRecorder):
         return {**row, EPOCHS_DONE: row["epoch"] + 1}
 
 
-def check_every(config: Config) -> int | None:
+def check_cadence(config: Config) -> int | None:
     """Epochs between checks: the user's, else every epoch on a CPU (the CPU's defaults, as the ablations ran them)
     and None, adaptive, on a GPU, where a 28 px epoch takes a second or two and a check would be a large share."""
     if config.check_every is not None:
@@ -228,7 +241,7 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     if resume is not None:
         print(f"continuing the run in {out_dir} from its {CHECKPOINT_NAME}", flush=True)
     L.seed_everything(config.seed, verbose=False)
-    recorder = LocalCheckpoints(out_dir, check_every(config))
+    recorder = LocalCheckpoints(out_dir, check_cadence(config))
     trainer = build_trainer(config, callbacks=[recorder])
     try:
         trainer.fit(VQVAEModule(config), datamodule=MedMNISTDataModule(config), ckpt_path=resume)
@@ -262,7 +275,7 @@ def fit_on_worker(config: Config) -> str | None:
         # every forward would be redundant work (and would hide a bug in that all-reduce).
         strategy=RayDDPStrategy(forward_sync_buffers=False),
         plugins=[RayLightningEnvironment()],
-        callbacks=[recorder := RayTrainReport(check_every(config))],
+        callbacks=[recorder := RayTrainReport(check_cadence(config))],
         progress_bar=False,  # Ray shows the run's progress; per-worker bars would flood the driver log
     )
     trainer = prepare_trainer(trainer)

@@ -71,13 +71,13 @@ def search_space(sweep: SweepConfig) -> dict:
 
 
 def run_trial(params: dict, base: Config, storage: str) -> None:
-    """One Tune trial = one Ray Train run, reporting to Tune every epoch (unless --check-every says otherwise): ASHA
-    and the grace epochs compare trials epoch by epoch.
+    """One Tune trial = one Ray Train run, reporting to Tune every epoch whatever --check-every says (it is the final
+    fit's): ASHA and the grace epochs compare trials epoch by epoch.
 
     Its Train run is named after the trial, so a resumed sweep (or a retried trial) resumes an unfinished
     trial's run from its last checkpoint.
     """
-    config = base.with_changes(**{name: params[name] for name in SEARCHED}, check_every=base.check_every or 1)
+    config = base.with_changes(**{name: params[name] for name in SEARCHED}, check_every=1)
     context = tune.get_context()
     run_on_ray(
         config,
