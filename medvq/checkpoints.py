@@ -56,7 +56,11 @@ def read_checkpoint(checkpoint: str | Path | bytes) -> dict:
 
 def checkpoint_config(checkpoint: str | Path | bytes) -> Config:
     """The Config a checkpoint of `VQVAEModule` was trained with (its saved hyperparameters)."""
-    return Config.from_dict(read_checkpoint(checkpoint)["hyper_parameters"]["config"])
+    return _saved_config(read_checkpoint(checkpoint))
+
+
+def _saved_config(saved: dict) -> Config:
+    return Config.from_dict(saved["hyper_parameters"]["config"])
 
 
 @dataclass(frozen=True)
@@ -72,7 +76,7 @@ class Trained:
 def trained(checkpoint: str | Path | bytes) -> Trained:
     """What a checkpoint of `VQVAEModule` (a path, a URI or its bytes) holds, without Lightning."""
     saved = read_checkpoint(checkpoint)
-    config = Config.from_dict(saved["hyper_parameters"]["config"])
+    config = _saved_config(saved)
     model = VQVAE(config).to(memory_format=torch.channels_last)
     weights = {k.removeprefix(MODEL_PREFIX): v for k, v in saved["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights)

@@ -94,6 +94,7 @@ class EpochRecorder(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         checked = trainer.current_epoch == self.next_check
         row = self._row(trainer, checked)
+        self.trained_seconds.append(self.validation_started - self.epoch_started if checked else row[EPOCH_SECONDS])
         non_finite = [name for name in CHECKED_LOSSES if not math.isfinite(row.get(name, 0.0))]
         if non_finite:
             self.diverged = f"{non_finite[0]} became {row[non_finite[0]]} in epoch {row['epoch']}"
@@ -106,10 +107,8 @@ class EpochRecorder(L.Callback):
 
     def _row(self, trainer: L.Trainer, checked: bool) -> dict[str, float]:
         """The epoch's history row: its metrics (val_* only when it was checked: Lightning keeps the last ones)."""
-        ended = time.monotonic()
-        self.trained_seconds.append((self.validation_started if checked else ended) - self.epoch_started)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if checked or not k.startswith("val_")}
-        return {"epoch": trainer.current_epoch, **metrics, EPOCH_SECONDS: ended - self.epoch_started}
+        return {"epoch": trainer.current_epoch, **metrics, EPOCH_SECONDS: time.monotonic() - self.epoch_started}
 
     def _check(self, trainer: L.Trainer, row: dict[str, float]) -> None:
         """Keep a checkpoint after the epoch's validation, then plan the next check."""
