@@ -195,7 +195,7 @@ def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, 
         best = write_final_fit(best, config, fitted, out)
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
-    drawn = {}  # the figures of training are drawn beside the UMAP, those of the latents after it
+    drawn = {}  # the figures of training are drawn beside the UMAP or the probes, those of the latents after the UMAP
     with each_split_read_once():  # the probes on pixels and the figures look at the same images
         records, described = encode_and_measure(
             str(out / CHECKPOINT_NAME),
@@ -203,8 +203,8 @@ def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, 
             out,
             gpus_per_actor=gpus_per_actor,
             meanwhile=lambda: timed(drawn, "training_plots", draw_run, out, figures=TRAINING_FIGURES),
+            with_the_latents=lambda: timed(drawn, "plots", draw_run, out, figures=LATENT_FIGURES),
         )
-        timed(drawn, "plots", draw_run, out, figures=LATENT_FIGURES)
     seconds.update(described | drawn)
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)

@@ -67,6 +67,9 @@ def closest(
     base = torch.from_numpy(np.array(points, dtype=np.float32))
     centre = base.mean(0)  # distances do not move; shorter vectors round less in the product
     base, asked = base - centre, torch.from_numpy(np.array(queries, dtype=np.float32)) - centre
+    # A column that is the centre's value in every point and query adds 0 to every distance (a dead channel)
+    varying = base.any(0) | asked.any(0)
+    base, asked = base[:, varying], asked[:, varying]
     quick = base.bfloat16() if native_bfloat16() else base
     squares = base.pow(2).sum(1)  # (N,)
     kept = min(k + RERANKED, len(base))
@@ -106,11 +109,16 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 
 def _standardised(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """Every split scaled by the train split's mean and standard deviation (a constant column stays 0)."""
+    """Every split scaled by the train split's mean and standard deviation, without the columns constant in train
+    (a dead channel): the optimum gives them no weight, so the linear probe needs not carry them."""
     train = torch.from_numpy(x["train"]).double()
     mean, std = train.mean(0), train.std(0, unbiased=False)
-    std[std == 0] = 1
-    return {split: ((torch.from_numpy(values).double() - mean) / std).float() for split, values in x.items()}
+    varying = std > 0
+    mean, std = mean[varying], std[varying]
+    return {
+        split: ((torch.from_numpy(values[:, varying.numpy()]).double() - mean) / std).float()
+        for split, values in x.items()
+    }
 
 
 def fit_linear_probes(train: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,10 +8,13 @@ without a moment in which neither is whole.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -73,6 +76,17 @@ def encoded_while_the_umap_starts(
     return pa.concat_tables(parts), projector
 
 
+def first_caller_runs(work: Callable[[], object]) -> Callable[[], None]:
+    """`work` as a call that only its first caller carries out, whichever thread that is: the later ones return."""
+    claimed = threading.Lock()
+
+    def run() -> None:
+        if claimed.acquire(blocking=False):  # never released: taken once
+            work()
+
+    return run
+
+
 def encode_and_measure(
     checkpoint: str,
     config: Config,
@@ -81,31 +95,45 @@ def encode_and_measure(
     actors: int | None = None,
     gpus_per_actor: float | None = None,
     meanwhile: Callable[[], object] = lambda: None,
+    with_the_latents: Callable[[], object] = lambda: None,
 ) -> tuple[list[dict], dict[str, float]]:
     """Encode every image of `config.datasets` (Ray Data), project the latents (UMAP), write them to OUT/latents/ and
     measure them per dataset. `config` is the one the checkpoint was trained with (its data root may differ).
-    Returns the per-dataset records (see `dataset_records`) and the seconds each step took: the UMAP runs in a Ray
-    actor beside the probes, both after the neighbour search they wait for ("umap": the actor's own seconds).
-    `meanwhile` runs here after the probes, still beside the UMAP: work that needs neither (the figures of
-    training). Needs Ray initialised."""
+    Returns the per-dataset records (see `dataset_records`) and the seconds each step took.
+
+    After the neighbour search (on every core), two lanes of one core each: the probes here, and the UMAP's actor,
+    whose layout a thread then writes before it runs `with_the_latents` (work that needs them: their figures).
+    `meanwhile` (work that needs neither: the figures of training) goes to whichever lane is free first.
+    ("umap": the actor's own seconds.) Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
     table, projector = encoded_while_the_umap_starts(checkpoint, config, encoder_pool(actors, gpus_per_actor))
-    try:
-        seconds["encode"], started = time.monotonic() - started, time.monotonic()
-        features = vectors(table.column("features"))
-        others, distances = neighbour_search(features)  # here, on every core: the UMAP's process has one
-        seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
-        mapped = projector.project.remote(features, others, distances, config.seed)
-        frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
-        with threads_left_for(other_work=1):  # the UMAP's core, when it runs on this node
-            records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
-            seconds["probes"] = time.monotonic() - started
-            meanwhile()
-        projection, seconds["umap"] = ray.get(mapped)
-    finally:
-        ray.kill(projector)
-    table = with_layout(table, layout(projection, others, distances))
-    latents = write_latents(table, out)
+    spare = first_caller_runs(meanwhile)
+
+    def umap_lane(mapped: ray.ObjectRef, others: np.ndarray, distances: np.ndarray) -> tuple[Path, float]:
+        """Once the UMAP (`mapped`) comes back: the latents with its layout and their neighbours written, then the
+        work on them; returns their folder and the UMAP's own seconds."""
+        projection, umap_seconds = ray.get(mapped)
+        latents = write_latents(with_layout(table, layout(projection, others, distances)), out)
+        with_the_latents()
+        spare()
+        return latents, umap_seconds
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvq-umap-lane") as lane:
+        try:
+            seconds["encode"], started = time.monotonic() - started, time.monotonic()
+            features = vectors(table.column("features"))
+            others, distances = neighbour_search(features)  # here, on every core: the UMAP's process has one
+            seconds["neighbours"], started = time.monotonic() - started, time.monotonic()
+            mapped = projector.project.remote(features, others, distances, config.seed)
+            umap = lane.submit(umap_lane, mapped, others, distances)
+            frame = table.drop_columns([RECONSTRUCTION]).to_pandas()
+            with threads_left_for(other_work=1):  # the UMAP's core, then its lane's
+                records = dataset_records(frame, config.datasets, config.data_root, config.size, config.codebook_size)
+                seconds["probes"] = time.monotonic() - started
+                spare()
+            latents, seconds["umap"] = umap.result()
+        finally:
+            ray.kill(projector)  # at once if the probes failed: the lane's wait for the UMAP then ends too
     print(
         f"encoded {table.num_rows} images to {latents} in {seconds['encode']:.1f} s; nearest neighbours "
         f"{seconds['neighbours']:.1f} s, then probes {seconds['probes']:.1f} s beside the UMAP {seconds['umap']:.1f} s",

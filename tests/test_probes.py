@@ -23,6 +23,7 @@ def test_nearest_neighbours_are_scikit_learns_exact_ones(candidates_in):
     rng = np.random.default_rng(0)
     points = rng.integers(0, 256, size=(3000, 300)).astype(np.float32) / 255  # pixel-like: far from the origin
     queries = rng.integers(0, 256, size=(500, 300)).astype(np.float32) / 255
+    points[:, :10] = queries[:, :5] = 0.5  # dead in both (left out of the search), and only in the points (not)
     found, distances = closest(points, queries, 11)
     expected_distances, expected = NearestNeighbors(n_neighbors=11).fit(points).kneighbors(queries)
     np.testing.assert_array_equal(found, expected)
@@ -84,3 +85,12 @@ def test_the_val_split_chooses_the_linear_probes_strength(monkeypatch):
     assert linear_probe_accuracy(x, y) == 1.0
     guessing = linear_probe_accuracy(x, {**y, "val": np.zeros_like(y["val"])})
     assert guessing == pytest.approx(1 - y["test"].mean())
+
+
+def test_a_column_constant_in_train_changes_no_linear_prediction():
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, 400)
+    x = rng.normal(size=(400, 6)) + labels[:, None]
+    dead = np.where(np.arange(400)[:, None] < 250, 0.0, rng.normal(scale=100, size=(400, 1)))  # 0 in train alone
+    y = by_split(labels)
+    assert linear_probe_accuracy(by_split(np.hstack([x, dead])), y) == linear_probe_accuracy(by_split(x), y)
