@@ -205,7 +205,7 @@ def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, 
             meanwhile=lambda: timed(drawn, "training_plots", draw_run, out, figures=TRAINING_FIGURES),
             with_the_latents=lambda: timed(drawn, "plots", draw_run, out, figures=LATENT_FIGURES),
         )
-    seconds.update(described | drawn)
+    seconds.update(described | {step: drawn[step] for step in ("training_plots", "plots")})  # in either's order
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)
     print(summary + summary_markdown(records), flush=True)
