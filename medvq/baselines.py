@@ -23,10 +23,11 @@ PIXEL_PROBES_PROTOCOL = {
     "linear_iterations": 100,
     "preconditioned": 128,
     "hessian_scale": 0.25,
+    "two_classes": "one logit",
 }
 PIXEL_PROBES = {
     ("bloodmnist", 28): {"knn": 0.763519, "linear": 0.824320},
-    ("pneumoniamnist", 28): {"knn": 0.830128, "linear": 0.841346},
+    ("pneumoniamnist", 28): {"knn": 0.830128, "linear": 0.836538},
     ("retinamnist", 28): {"knn": 0.480000, "linear": 0.515000},
-    ("breastmnist", 28): {"knn": 0.788462, "linear": 0.807692},
+    ("breastmnist", 28): {"knn": 0.788462, "linear": 0.782051},
 }

@@ -33,6 +33,7 @@ def protocol() -> dict:
         "linear_iterations": LINEAR_ITERATIONS,
         "preconditioned": PRECONDITIONED,
         "hessian_scale": HESSIAN_SCALE,
+        "two_classes": "one logit",  # scikit-learn's binomial fit (fit_linear_probes)
     }
 
 
@@ -139,13 +140,15 @@ def _standardised(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 def fit_linear_probes(train: torch.Tensor, labels: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regressions of `labels` (N,) on `train` (N, D), one per strength of LINEAR_STRENGTHS:
     weights (D, S, C) and intercepts (S, C) minimising scikit-learn's objective, C * sum(cross-entropy) + |W|^2 / 2
-    with an unpenalised intercept.
+    with an unpenalised intercept. Two classes, as scikit-learn fits them: one logit against a fixed 0 (a softmax of
+    two would spread the weights over both, halving their penalty: the strength C would act as 2C).
 
     All strengths are one L-BFGS problem whose parts do not interact, so one pass over the inputs serves them all.
     Along the inputs' PRECONDITIONED widest directions the weights are scaled by the curvature there, which turns
     thousands of steps on correlated inputs (pixels) into tens; the optimum stays the same."""
     n, dim = train.shape
     strengths = len(LINEAR_STRENGTHS)
+    fitted = 1 if classes == 2 else classes  # logits fitted; with two classes the first is 0
     penalty = 1 / (n * torch.tensor(LINEAR_STRENGTHS))  # (S,): the objective divided by n * C
     with torch.random.fork_rng():  # the randomised SVD's start, fixed: the same inputs give the same probe
         torch.manual_seed(0)
@@ -153,18 +156,21 @@ def fit_linear_probes(train: torch.Tensor, labels: torch.Tensor, classes: int) -
     variances = singular**2 / n  # along each wide direction; the last bounds every other direction's
     wide_scale = (HESSIAN_SCALE * variances[:, None] + penalty).rsqrt()  # (K, S)
     rest_scale = (HESSIAN_SCALE * variances[-1] + penalty).rsqrt()  # (S,)
-    along = torch.zeros(len(variances), strengths, classes, requires_grad=True)  # weights on the wide directions
-    across = torch.zeros(dim, strengths, classes, requires_grad=True)  # and off them (its part on them is unused)
-    bias = torch.zeros(strengths, classes, requires_grad=True)
+    along = torch.zeros(len(variances), strengths, fitted, requires_grad=True)  # weights on the wide directions
+    across = torch.zeros(dim, strengths, fitted, requires_grad=True)  # and off them (its part on them is unused)
+    bias = torch.zeros(strengths, fitted, requires_grad=True)
 
-    def weights() -> torch.Tensor:  # (D, S, C)
+    def all_classes(fitted_logits: torch.Tensor) -> torch.Tensor:  # (..., C)
+        return F.pad(fitted_logits, (classes - fitted, 0))
+
+    def weights() -> torch.Tensor:  # (D, S, fitted)
         off = across - torch.einsum("dk,ksc->dsc", wide, torch.einsum("dk,dsc->ksc", wide, across))
         return torch.einsum("dk,ksc->dsc", wide, wide_scale[..., None] * along) + rest_scale[:, None] * off
 
     def objective() -> torch.Tensor:
         optimizer.zero_grad()
         w = weights()
-        logits = (train @ w.reshape(dim, -1)).reshape(n, strengths, classes) + bias
+        logits = all_classes((train @ w.reshape(dim, -1)).reshape(n, strengths, fitted) + bias)
         loss = F.cross_entropy(logits.permute(0, 2, 1), labels[:, None].expand(n, strengths), reduction="sum") / n
         loss = loss + 0.5 * (penalty * w.pow(2).sum((0, 2))).sum()
         loss.backward()
@@ -174,7 +180,7 @@ def fit_linear_probes(train: torch.Tensor, labels: torch.Tensor, classes: int) -
         [along, across, bias], max_iter=LINEAR_ITERATIONS, line_search_fn="strong_wolfe", tolerance_change=1e-10
     )
     optimizer.step(objective)
-    return weights().detach(), bias.detach()
+    return all_classes(weights().detach()), all_classes(bias.detach())
 
 
 def linear_probe_accuracy(x: dict[str, np.ndarray], y: dict[str, np.ndarray]) -> float:

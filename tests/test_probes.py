@@ -56,13 +56,14 @@ def test_the_knn_vote_is_scikit_learns_ties_included():
     assert knn_accuracy(train_x, train_y, test_x, test_y) == pytest.approx(reference)
 
 
-def test_the_linear_probes_reach_scikit_learns_optimum_for_every_strength():
+@pytest.mark.parametrize("classes", [3, 2])  # two: scikit-learn's one logit (binomial), not a softmax of two
+def test_the_linear_probes_reach_scikit_learns_optimum_for_every_strength(classes):
     rng = np.random.default_rng(3)
     mixing = rng.normal(size=(20, 20)) * np.logspace(0, -2, 20)  # correlated, badly scaled columns, like pixels
     x = (rng.normal(size=(400, 20)) @ mixing).astype(np.float32)
     x = (x - x.mean(0)) / x.std(0)
-    y = (x[:, :3] @ rng.normal(size=(3, 3)) + rng.normal(size=(400, 3))).argmax(1)
-    weights, bias = fit_linear_probes(torch.from_numpy(x), torch.from_numpy(y), 3)
+    y = (x[:, :3] @ rng.normal(size=(3, classes)) + rng.normal(size=(400, classes))).argmax(1)
+    weights, bias = fit_linear_probes(torch.from_numpy(x), torch.from_numpy(y), classes)
     for s, strength in enumerate(LINEAR_STRENGTHS):
         reference = LogisticRegression(C=strength, max_iter=10_000, tol=1e-10).fit(x, y)
         probabilities = torch.softmax(torch.from_numpy(x) @ weights[:, s] + bias[s], 1).numpy()
