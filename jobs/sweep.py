@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from medvq.checkpoints import CHECKPOINT_NAME
+from medvq.after_training import encode_measure_and_draw
 from medvq.cli import (
     NON_NEGATIVE,
     POSITIVE,
@@ -30,15 +30,13 @@ from medvq.cli import (
     training_parser,
 )
 from medvq.config import Config, SweepConfig, smoke_sweep
-from medvq.data import check_data, each_split_read_once
+from medvq.data import check_data
 from medvq.devices import SHARED_GPU, SHARED_UP_TO_SIZE, default_gpus_per_trial, uses_gpu, workers_device
 from medvq.errors import UserError
 from medvq.latent_space import summary_markdown, write_summary
 from medvq.nodes import capacity, check_nodes_see
-from medvq.plots import LATENT_FIGURES, TRAINING_FIGURES, draw_run
 from medvq.provenance import ray_hardware, write_provenance
 from medvq.ray_train import train_on_ray
-from medvq.report import encode_and_measure
 from medvq.storage import check_writable, output_folder
 from medvq.tune import final_fit_name, run_sweep, sweep_start, write_final_fit, write_sweep_outputs
 
@@ -195,17 +193,8 @@ def search_and_describe(sweep: SweepConfig, storage: str, name: str, out: Path, 
         best = write_final_fit(best, config, fitted, out)
     # The model encodes on the devices it trained on: CPU trials, CPU encoder actors.
     gpus_per_actor = None if sweep.base.gpus_per_worker > 0 else 0.0
-    drawn = {}  # the figures of training are drawn beside the UMAP or the probes, those of the latents after the UMAP
-    with each_split_read_once():  # the probes on pixels and the figures look at the same images
-        records, described = encode_and_measure(
-            str(out / CHECKPOINT_NAME),
-            config,
-            out,
-            gpus_per_actor=gpus_per_actor,
-            meanwhile=lambda: timed(drawn, "training_plots", draw_run, out, figures=TRAINING_FIGURES),
-            with_the_latents=lambda: timed(drawn, "plots", draw_run, out, figures=LATENT_FIGURES),
-        )
-    seconds.update(described | {step: drawn[step] for step in ("training_plots", "plots")})  # in either's order
+    records, described = encode_measure_and_draw(out, config, gpus_per_actor)
+    seconds.update(described)
     summary = sweep_summary(best, seconds)
     write_summary(records, out, preface=summary)
     print(summary + summary_markdown(records), flush=True)

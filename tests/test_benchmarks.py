@@ -14,6 +14,7 @@ import pytest
 
 from jobs.sweep import sweep_summary
 from medvq.errors import RunFailed
+from medvq.train import train_local
 from tests.conftest import REPO, SYNTHETIC_DATASETS
 
 pytestmark = pytest.mark.integration
@@ -126,6 +127,28 @@ def test_the_sweep_row_reads_the_seconds_the_sweep_job_writes(monkeypatch):
     seconds = {"ray_init": 3.14, "search": 50.2, "encode": 10.0, "umap": 20.0, "probes": 3.0, "plots": 5.0}
     summary = sweep_summary(best, seconds) + "\n| dataset | ... |\n"
     assert step_seconds(summary) == {step: round(value, 1) for step, value in seconds.items()}
+
+
+def test_after_training_times_the_jobs_steps_and_compares_each_probe_with_the_runs_summary(tiny_config, tmp_path):
+    run, config = tmp_path / "run", tiny_config(limit_batches=2)
+    train_local(config, run)
+    # A summary of accuracies all 0: each probe's change is then its accuracy now, in points
+    probes = ("knn_features", "knn_pixels", "linear_features", "linear_pixels", "dataset_recovered")
+    zeros = [{"dataset": name, **dict.fromkeys(probes, 0.0)} for name in config.datasets]
+    (run / "summary.json").write_text(json.dumps(zeros))
+    before, out = sorted(run.iterdir()), tmp_path / "raw.json"
+    data = ["--data-root", config.data_root, "--datasets", ",".join(config.datasets)]
+    command = [sys.executable, "benchmarks/after_training.py", "--run", str(run), *data, "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    steps = ["encode", "neighbours", "probes", "umap", "training_plots", "plots"]
+    assert list(results["steps"]) == steps and all(value > 0 for value in results["steps"].values())
+    assert results["total_seconds"] >= max(results["steps"].values())
+    changes = results["probe_changes"]
+    assert len(changes) == len(probes) * len(config.datasets) and all(0 <= value <= 100 for value in changes.values())
+    assert max(changes.values()) > 0 and f"| probes | {len(changes)} accuracies against" in done.stdout
+    assert sorted(run.iterdir()) == before  # the run itself is not touched: the work happens in a copy
 
 
 def test_the_quick_start_is_compared_with_its_lower_floor(monkeypatch):
