@@ -126,7 +126,7 @@ def knn_accuracy(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, t
 
 def _standardised(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     """Every split scaled by the train split's mean and standard deviation, without the columns constant in train
-    (a dead channel): the optimum gives them no weight, so the linear probe needs not carry them."""
+    (a dead channel): the optimum gives them no weight, so the linear probe need not carry them."""
     train = torch.from_numpy(x["train"]).double()
     mean, std = train.mean(0), train.std(0, unbiased=False)
     varying = std > 0

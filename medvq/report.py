@@ -69,7 +69,7 @@ def encoded_while_the_umap_starts(
     encoder's actors, which read the images too, hold their CPUs: it cannot take one they wait for. With GPUs the
     reads are tasks of their own, which it could starve of a CPU: it starts once the encoding is done."""
     batches = encoded_batches(checkpoint, config, pool)
-    # What the probes' first optimizer imports (torch.optim imports it then; 0.9 s): here while this process waits
+    # torch.optim imports torch._dynamo as the probes build their first optimizer (0.9 s): here, while this waits
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
     parts = [next(batches)]
     if pool[1] > 0:  # GPUs per encoder actor
