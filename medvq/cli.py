@@ -16,6 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
 
+from medvq.collector import IN_EVERY_WORKER, for_a_long_lived_process
 from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
 from medvq.data import DEFAULT_ROOT
 from medvq.errors import RunFailed, Stopped, UserError
@@ -246,7 +247,7 @@ def stop_like_ctrl_c(signum: int, frame) -> None:
 def start_ray() -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance. Worker logs stay in Ray's
     log files and dashboard. ray.init makes SIGTERM exit at once: it gets back the meaning run_job gives it."""
-    ray.init(log_to_driver=False)
+    ray.init(log_to_driver=False, runtime_env={"worker_process_setup_hook": IN_EVERY_WORKER})
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
@@ -256,6 +257,7 @@ def run_job(main: Callable[[], None]) -> None:
     Lightning then stop at a point the same command continues from."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
+    for_a_long_lived_process()
     try:
         main()
     except KeyboardInterrupt:
