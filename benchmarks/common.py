@@ -20,13 +20,16 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+import medvq
 from medvq.cli import JobParser, add_data_flags, resolve_data_root
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.devices import resolve_accelerator
+from medvq.errors import UserError
 from medvq.provenance import code_commit, cpu_model
 from medvq.synthetic import write_synthetic_npz
 
+CHECKOUT = Path(__file__).resolve().parents[1]
 Row = tuple[str, str, str, str]  # one line of the results table: step, contender, result, compared
 # The tests' tiny model, epochs of 8 batches: a smoke run checks the scripts and measures nothing.
 SMOKE_CONFIG = dict(hidden_channels=16, embedding_dim=8, codebook_size=32, batch_size=64, limit_batches=8, epochs=2)
@@ -144,6 +147,7 @@ def run_benchmark(
 ) -> None:
     """Measure in a temporary folder (deleted after), print the table under the hardware, write the raw JSON."""
     args = parser.parse_args()
+    check_medvq_is_this_checkouts()
     hardware = describe()
     with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
         smoke = SMOKE_CONFIG if args.smoke else {}
@@ -156,6 +160,17 @@ def run_benchmark(
     Path(args.out).write_text(json.dumps(raw, indent=2) + "\n")
     data = "synthetic files (speeds only: the quality rows mean nothing)" if args.synthetic else config.data_root
     print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
+
+
+def check_medvq_is_this_checkouts() -> None:
+    """`python benchmarks/X.py` puts benchmarks/, not its checkout, on the path: medvq is then whichever checkout pip
+    installed, and a benchmark run in a second checkout (an older commit's, say) would time the other's code."""
+    imported = Path(medvq.__file__).resolve().parents[1]
+    if imported != CHECKOUT:
+        raise UserError(
+            f"medvq is imported from {imported}, not from this benchmark's checkout {CHECKOUT}: "
+            f"run it with PYTHONPATH={CHECKOUT}, or pip install -e {CHECKOUT}"
+        )
 
 
 def describe() -> dict[str, str | int | None]:

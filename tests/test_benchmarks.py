@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,6 +150,20 @@ def test_after_training_times_the_jobs_steps_and_compares_each_probe_with_the_ru
     assert len(changes) == len(probes) * len(config.datasets) and all(0 <= value <= 100 for value in changes.values())
     assert max(changes.values()) > 0 and f"| probes | {len(changes)} accuracies against" in done.stdout
     assert sorted(run.iterdir()) == before  # the run itself is not touched: the work happens in a copy
+
+
+def test_a_benchmark_refuses_to_time_the_medvq_of_another_checkout(tmp_path):
+    """A benchmark copied into a second checkout, whose medvq is not the one installed, says so instead of timing it."""
+    other = tmp_path / "older-checkout"
+    shutil.copytree(REPO / "benchmarks", other / "benchmarks")
+    command = [sys.executable, str(other / "benchmarks" / "quick_start.py"), "--synthetic", "--smoke"]
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and not (tmp_path / "quick-start.json").exists()
+    assert done.stderr.strip() == (
+        f"error: medvq is imported from {REPO}, not from this benchmark's checkout {other}: run it with "
+        f"PYTHONPATH={other}, or pip install -e {other}"
+    )
 
 
 def test_the_quick_start_is_compared_with_its_lower_floor(monkeypatch):
