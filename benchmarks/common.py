@@ -147,7 +147,7 @@ def run_benchmark(
 ) -> None:
     """Measure in a temporary folder (deleted after), print the table under the hardware, write the raw JSON."""
     args = parser.parse_args()
-    check_medvq_is_this_checkouts()
+    check_medvq_is_from_this_checkout()
     hardware = describe()
     with tempfile.TemporaryDirectory(prefix="medvq-benchmark-") as work:
         smoke = SMOKE_CONFIG if args.smoke else {}
@@ -162,7 +162,7 @@ def run_benchmark(
     print(f"\n{caption(hardware)}\ndata: {data}\n\n{table}\nraw numbers: {args.out}")
 
 
-def check_medvq_is_this_checkouts() -> None:
+def check_medvq_is_from_this_checkout() -> None:
     """`python benchmarks/X.py` puts benchmarks/, not its checkout, on the path: medvq is then whichever checkout pip
     installed, and a benchmark run in a second checkout (an older commit's, say) would time the other's code."""
     imported = Path(medvq.__file__).resolve().parents[1]

@@ -246,7 +246,8 @@ def stop_like_ctrl_c(signum: int, frame) -> None:
 
 def start_ray() -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance. Worker logs stay in Ray's
-    log files and dashboard. ray.init makes SIGTERM exit at once: it gets back the meaning run_job gives it."""
+    log files and dashboard; each of the job's workers sets Python's collector as the driver does (medvq.collector).
+    ray.init makes SIGTERM exit at once: it gets back the meaning run_job gives it."""
     ray.init(log_to_driver=False, runtime_env={"worker_process_setup_hook": IN_EVERY_WORKER})
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
