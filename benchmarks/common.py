@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 import medvq
-from medvq.cli import JobParser, add_data_flags, resolve_data_root
+from medvq.cli import JOB_RUNTIME_ENV, JobParser, add_data_flags, resolve_data_root
 from medvq.config import Config
 from medvq.data import check_data
 from medvq.devices import resolve_accelerator
@@ -80,10 +80,10 @@ class SteadyClock:
 
 @contextmanager
 def ray_session() -> Iterator[float]:
-    """A new local Ray instance with one logical CPU per core, never a cluster already running here;
-    yields the seconds `ray.init` took."""
+    """A new local Ray instance with one logical CPU per core, never a cluster already running here, whose workers
+    start as the job's do; yields the seconds `ray.init` took."""
     started = time.perf_counter()
-    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), log_to_driver=False, runtime_env=JOB_RUNTIME_ENV)
     try:
         yield time.perf_counter() - started
     finally:

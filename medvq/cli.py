@@ -16,7 +16,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
 
-from medvq.collector import IN_EVERY_WORKER, for_a_long_lived_process
+from medvq.collector import WORKER_SETUP_HOOK, space_out_full_collections
 from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
 from medvq.data import DEFAULT_ROOT
 from medvq.errors import RunFailed, Stopped, UserError
@@ -244,11 +244,14 @@ def stop_like_ctrl_c(signum: int, frame) -> None:
     signal.raise_signal(signal.SIGINT)
 
 
+JOB_RUNTIME_ENV = {"worker_process_setup_hook": WORKER_SETUP_HOOK}  # every Ray worker of a job
+
+
 def start_ray() -> None:
     """Join the cluster under `ray job submit` (RAY_ADDRESS), else start a local instance. Worker logs stay in Ray's
     log files and dashboard; each of the job's workers sets Python's collector as the driver does (medvq.collector).
     ray.init makes SIGTERM exit at once: it gets back the meaning run_job gives it."""
-    ray.init(log_to_driver=False, runtime_env={"worker_process_setup_hook": IN_EVERY_WORKER})
+    ray.init(log_to_driver=False, runtime_env=JOB_RUNTIME_ENV)
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
@@ -258,7 +261,7 @@ def run_job(main: Callable[[], None]) -> None:
     Lightning then stop at a point the same command continues from."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
-    for_a_long_lived_process()
+    space_out_full_collections()
     try:
         main()
     except KeyboardInterrupt:

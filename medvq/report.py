@@ -62,14 +62,14 @@ def start_projector() -> ray.actor.ActorHandle:
 
 
 def encoded_while_the_umap_starts(
-    checkpoint: str, config: Config, pool: tuple[int, float, int], cpus: float
+    checkpoint: str, config: Config, pool: tuple[int, float, int], free_cpus: float
 ) -> tuple[pa.Table, ray.actor.ActorHandle]:
-    """Every image encoded (`encoded_batches` on `pool`, on a cluster of `cpus` CPUs), and the UMAP's process,
-    started beside the encoding so that its imports are done by the time the neighbours are. On a CPU it starts with
-    the encoding when the encoder's actors leave a CPU free (its imports then fill the core their own leave idle);
-    else as the first batch comes back, when those actors, which read the images too, hold their CPUs: it cannot
-    take one they wait for. With GPUs the reads are tasks of their own, which it could starve of a CPU: it starts
-    once the encoding is done."""
+    """Every image encoded (`encoded_batches` on `pool`), and the UMAP's process, started beside the encoding so that
+    its imports are done by the time the neighbours are. On a CPU it starts before the encoding when the encoder's
+    actors leave one of the `free_cpus` free (its imports then fill the core their own leave idle); else as the
+    first batch comes back, when those actors, which read the images too, hold their CPUs: it cannot take one they
+    wait for. With GPUs the reads are tasks of their own, which it could starve of a CPU: it starts once the
+    encoding is done."""
     batches = encoded_batches(checkpoint, config, pool)
     # torch.optim imports torch._dynamo as the probes build their first optimizer (0.9 s): here, while this waits
     threading.Thread(target=importlib.import_module, args=("torch._dynamo",), daemon=True).start()
@@ -77,7 +77,7 @@ def encoded_while_the_umap_starts(
     parts = []
     if gpus_per_actor > 0:
         parts.extend(batches)
-    elif cpus < actors + 1:
+    elif free_cpus < actors + 1:
         parts.append(next(batches))
     projector = start_projector()
     parts.extend(batches)  # what is left: a CPU's batches, all or but the first; none of a GPU's
@@ -114,8 +114,8 @@ def encode_and_measure(
     `meanwhile` (work that needs neither: the figures of training) goes to whichever lane is free first.
     ("umap": the actor's own seconds.) Needs Ray initialised."""
     seconds, started = {}, time.monotonic()
-    pool, cpus = encoder_pool(actors, gpus_per_actor), ray.cluster_resources().get("CPU", 0)
-    table, projector = encoded_while_the_umap_starts(checkpoint, config, pool, cpus)
+    pool, free_cpus = encoder_pool(actors, gpus_per_actor), ray.available_resources().get("CPU", 0)
+    table, projector = encoded_while_the_umap_starts(checkpoint, config, pool, free_cpus)
     spare = first_caller_runs(meanwhile)
 
     def umap_lane(mapped: ray.ObjectRef, others: np.ndarray, distances: np.ndarray) -> tuple[Path, float]:

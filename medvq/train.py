@@ -25,6 +25,7 @@ from medvq.checkpoints import (
     kept,
     read_checkpoint,
 )
+from medvq.collector import back_to_pythons_pace
 from medvq.config import Config, results_shaping
 from medvq.datamodule import MedMNISTDataModule
 from medvq.devices import resolve_accelerator, resolve_precision
@@ -239,6 +240,7 @@ def train_local(config: Config, out_dir: Path) -> dict[str, float]:
     resume = local_resume_point(config, out_dir)
     if resume is not None:
         print(f"continuing the run in {out_dir} from its {CHECKPOINT_NAME}", flush=True)
+    back_to_pythons_pace()
     L.seed_everything(config.seed, verbose=False)
     recorder = LocalCheckpoints(out_dir, check_cadence(config))
     trainer = build_trainer(config, callbacks=[recorder])
@@ -265,6 +267,7 @@ def fit_on_worker(config: Config) -> str | None:
     Returns why the run diverged, or None: rank zero's return value is the run's `return_value`, while its metrics
     are those of its last checkpoint.
     """
+    back_to_pythons_pace()
     L.seed_everything(config.seed, verbose=False)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no per-worker banners in the driver log
     trainer = build_trainer(

@@ -145,9 +145,9 @@ def test_encoding_projects_measures_and_replaces_on_rerun(ray_instance, checkpoi
     assert shown.startswith(f"{len(frame)} ({len(frame)}, {features})") and "label_name" in shown
 
 
-@pytest.mark.parametrize(("gpus_per_actor", "cpus", "started_after"), [(0.0, 2, 0), (0.0, 1, 1), (1.0, 8, 3)])
-def test_when_the_umaps_process_starts_beside_the_encoding(monkeypatch, gpus_per_actor, cpus, started_after):
-    """On a CPU the UMAP's process starts with the encoding if the encoder's one actor leaves a CPU free, else once
+@pytest.mark.parametrize(("gpus_per_actor", "free_cpus", "started_after"), [(0.0, 2, 0), (0.0, 1, 1), (1.0, 8, 3)])
+def test_when_the_umaps_process_starts_beside_the_encoding(monkeypatch, gpus_per_actor, free_cpus, started_after):
+    """On a CPU the UMAP's process starts before the encoding if the encoder's one actor leaves a CPU free, else once
     that actor, which reads the images too, holds its CPU (the first batch); with GPUs the reads are tasks that it
     could starve: it waits for the last batch."""
     events = []
@@ -159,7 +159,7 @@ def test_when_the_umaps_process_starts_beside_the_encoding(monkeypatch, gpus_per
 
     monkeypatch.setattr(report, "encoded_batches", batches)
     monkeypatch.setattr(report, "start_projector", lambda: events.append("projector") or "the actor")
-    table, projector = report.encoded_while_the_umap_starts("model.ckpt", Config(), (1, gpus_per_actor, 2), cpus)
+    table, projector = report.encoded_while_the_umap_starts("model.ckpt", Config(), (1, gpus_per_actor, 2), free_cpus)
     assert events.index("projector") == started_after and events.count("batch") == 3
     assert table.column("number").to_pylist() == [0, 1, 2] and projector == "the actor"
 

@@ -1,7 +1,7 @@
 """Lightning takes seconds of a core to import (benchmarks/RESULTS.md), paid again by every process that imports it:
 only the processes that train import it. No process imports medmnist's package (scikit-learn, 0.7 s): medvq reads
-its table of datasets alone, and imports the package only to download. And the garbage collector's full passes, a
-quarter of a Train worker's imports, are spaced out in every process of a job."""
+its table of datasets alone, and imports the package only to download. And every process of a job spaces out the
+garbage collector's full passes while it imports (medvq.collector)."""
 
 import os
 import subprocess
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medvq.collector import FULL_PASS_EVERY
+from medvq.collector import FULL_PASS_EVERY, PYTHONS_PACE
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = {"lightning", "torchmetrics", "medmnist", "sklearn"}
@@ -40,17 +40,28 @@ def imported_of(packages: set[str], modules: str) -> str:
     return done.stdout.strip()
 
 
-def test_the_driver_and_every_ray_worker_of_a_job_make_few_full_collections():
-    """The job's driver (run_job) and each of its Ray workers (start_ray's setup hook) space the collector's full
-    passes out and set aside what they imported: a new local Ray instance, as `python jobs/sweep.py` starts one."""
+def test_a_jobs_processes_space_out_full_collections_until_they_train(tiny_config, tmp_path):
+    """The job's driver (run_job) and each of its Ray workers (start_ray's setup hook) space out the collector's full
+    passes and set aside what they imported; a process that trains is back at Python's pace once it starts to.
+    RAY_ADDRESS=local: a new instance, as `python jobs/sweep.py` starts on a machine running no other Ray."""
+    config = tiny_config(epochs=1, limit_batches=1).to_dict()
     check = (
-        "import gc, ray; from medvq.cli import run_job, start_ray\n"
+        "import gc, ray; from pathlib import Path\n"
+        "from medvq.cli import run_job, start_ray; from medvq.config import Config\n"
+        "pace = lambda: (gc.get_threshold()[2], gc.get_freeze_count() > 0)\n"
+        "def trained(config, out):\n"
+        "    from medvq.train import train_local\n"
+        "    train_local(Config.from_dict(config), Path(out))\n"
+        "    return pace()\n"
         "def main():\n"
         "    start_ray()\n"
-        "    worker = ray.get(ray.remote(lambda: (gc.get_threshold()[2], gc.get_freeze_count() > 0)).remote())\n"
-        "    print([(gc.get_threshold()[2], gc.get_freeze_count() > 0), worker])\n"
+        "    idle = ray.get(ray.remote(pace).remote())\n"
+        f"    training = ray.get(ray.remote(trained).remote({config!r}, {str(tmp_path)!r}))\n"
+        "    print([pace(), idle, training])\n"
         "run_job(main)"
     )
-    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
-    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.strip().splitlines()[-1] == f"[({FULL_PASS_EVERY}, True), ({FULL_PASS_EVERY}, True)]"
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    spaced, pythons = (FULL_PASS_EVERY, True), (PYTHONS_PACE[2], True)
+    assert done.stdout.strip().splitlines()[-1] == str([spaced, spaced, pythons])
