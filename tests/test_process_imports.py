@@ -40,6 +40,7 @@ def imported_of(packages: set[str], modules: str) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.integration  # starts Ray
 def test_a_jobs_processes_space_out_full_collections_until_they_train(tiny_config, tmp_path):
     """The job's driver (run_job) and each of its Ray workers (start_ray's setup hook) space out the collector's full
     passes and set aside what they imported; a process that trains is back at Python's pace once it starts to.
