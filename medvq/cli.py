@@ -12,9 +12,11 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
+from ray._private import ray_constants
 
 from medvq.collector import WORKER_SETUP_HOOK, space_out_full_collections
 from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
@@ -255,6 +257,23 @@ def start_ray() -> None:
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
 
 
+@contextmanager
+def ray_stopped_at_the_end():
+    """Stop the Ray that the block started or joined as it ends, without the waits of Ray's exit hook: half a second
+    for late worker errors (a job's worker logs stay in Ray's files), then, on a local instance, a second for the
+    autoscaler's monitor, which Ray stops after the GCS and which cannot exit without it. So the monitor goes first
+    (it keeps no state). A Ray already running in this process (a test's) is left running."""
+    started_here = not ray.is_initialized()
+    try:
+        yield
+    finally:
+        if started_here and ray.is_initialized():
+            node = ray._private.worker._global_node  # the local instance's processes: Ray has no public handle
+            if node is not None and ray_constants.PROCESS_TYPE_MONITOR in node.all_processes:
+                node.kill_monitor(check_alive=False)
+            ray.shutdown()
+
+
 def run_job(main: Callable[[], None]) -> None:
     """Run a job's main. A UserError, RunFailed or Stopped becomes one line on stderr and its exit code, with
     no traceback. SIGTERM (`ray job stop`, a scheduler's preemption) means what Ctrl-C means: Ray Tune and
@@ -263,7 +282,8 @@ def run_job(main: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, stop_like_ctrl_c)
     space_out_full_collections()
     try:
-        main()
+        with ray_stopped_at_the_end():
+            main()
     except KeyboardInterrupt:
         print("error: stopped by a signal: run the same command to continue", file=sys.stderr)
         sys.exit(EXIT_CODES[Stopped])

@@ -1,15 +1,18 @@
 """Lightning takes seconds of a core to import (benchmarks/RESULTS.md), paid again by every process that imports it:
 only the processes that train import it. No process imports medmnist's package (scikit-learn, 0.7 s): medvq reads
-its table of datasets alone, and imports the package only to download. And every process of a job spaces out the
-garbage collector's full passes while it imports (medvq.collector)."""
+its table of datasets alone, and imports the package only to download. Every process of a job spaces out the
+garbage collector's full passes while it imports (medvq.collector). And a job stops the Ray it started as it ends."""
 
+import ast
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import ray
 
+from medvq.cli import ray_stopped_at_the_end
 from medvq.collector import FULL_PASS_EVERY, PYTHONS_PACE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +69,42 @@ def test_a_jobs_processes_space_out_full_collections_until_they_train(tiny_confi
     assert done.returncode == 0, done.stderr[-3000:]
     spaced, pythons = (FULL_PASS_EVERY, True), (PYTHONS_PACE[2], True)
     assert done.stdout.strip().splitlines()[-1] == str([spaced, spaced, pythons])
+
+
+@pytest.mark.integration  # starts Ray
+def test_a_job_stops_every_process_of_the_ray_it_started():
+    """run_job stops the local instance itself, its autoscaler's monitor first (medvq.cli.ray_stopped_at_the_end):
+    when the job's process is gone, so is each process of that instance."""
+    check = (
+        "import ray\n"
+        "from medvq.cli import run_job, start_ray\n"
+        "def main():\n"
+        "    start_ray()\n"
+        "    processes = ray._private.worker._global_node.all_processes\n"
+        "    print({kind: [info.process.pid for info in infos] for kind, infos in processes.items()})\n"
+        "run_job(main)"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pids = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert {"raylet", "gcs_server", "monitor"} <= set(pids)
+    assert [kind for kind, kind_pids in pids.items() if any(running(pid) for pid in kind_pids)] == []
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_ray_running_before_the_job_is_left_running(monkeypatch):
+    """A test's own Ray, running in its process before a job's main runs there, is the test's to stop."""
+    stopped = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    with ray_stopped_at_the_end():
+        pass
+    assert stopped == []
