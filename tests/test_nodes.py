@@ -55,3 +55,19 @@ def test_the_node_types_come_from_the_autoscaler_monitors_config_file(monkeypatc
     monkeypatch.setattr(nodes.ray_state, "get_cluster_config", lambda: None)
     monkeypatch.setattr(nodes, "_local_monitor_command", lambda: [str(config) if w == "CONFIG" else w for w in monitor])
     assert nodes.autoscaler_node_types() == expected
+
+
+@pytest.mark.parametrize(
+    "alive, node_types, can_leave",
+    [
+        (1, None, False),  # one node that no autoscaler runs: `python jobs/sweep.py` on a machine
+        (1, [], True),  # an autoscaler elsewhere (KubeRay's) may add nodes, then drain them
+        (1, [({"CPU": 2}, 3)], True),
+        (2, None, True),  # a node but the head may be drained (`ray drain-node`, a cloud's notice)
+    ],
+)
+def test_nodes_can_leave_unless_one_node_runs_without_an_autoscaler(monkeypatch, alive, node_types, can_leave):
+    dead = {"Alive": False, "Resources": {"CPU": 2}}  # a node gone before: it leaves no more
+    monkeypatch.setattr(nodes.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2}}] * alive + [dead])
+    monkeypatch.setattr(nodes, "autoscaler_node_types", lambda: node_types)
+    assert nodes.nodes_can_leave() is can_leave
