@@ -36,7 +36,11 @@ from medvq.nodes import nodes_can_leave
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
+# Ray Train's preemption watcher, a process of about a CPU-second per run, watches for nodes that Ray drains before
+# taking them away: none on one node that no autoscaler runs. Passed on the same way; decided at each run (nodes may
+# join), unless the user set it.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+WATCHER_SET_BY_USER = PREEMPTION_WATCHER_ENV in os.environ
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
@@ -109,8 +113,8 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
     name resumes it from its last checkpoint.
     """
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
-    if not nodes_can_leave():  # then the run's preemption watcher, a process of about a CPU-second, watches nothing
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+    if not WATCHER_SET_BY_USER:
+        os.environ[PREEMPTION_WATCHER_ENV] = "1" if nodes_can_leave() else "0"
     use_gpu = config.gpus_per_worker > 0  # decided by the job (medvq.devices); here only carried out
     # Explicit, never guessed: a CPU worker may still see the node's GPUs.
     config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
