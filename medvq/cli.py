@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from typing import Any, get_args, get_origin, get_type_hints
 
 import ray
-from ray._private import ray_constants
 
 from medvq.collector import WORKER_SETUP_HOOK, space_out_full_collections
 from medvq.config import BOUNDS, Config, Setting, SweepConfig, results_shaping, settings
@@ -259,18 +258,17 @@ def start_ray() -> None:
 
 @contextmanager
 def ray_stopped_at_the_end():
-    """Stop the Ray that the block started or joined as it ends, without the waits of Ray's exit hook: half a second
-    for late worker errors (a job's worker logs stay in Ray's files), then, on a local instance, a second for the
-    autoscaler's monitor, which Ray stops after the GCS and which cannot exit without it. So the monitor goes first
-    (it keeps no state). A Ray already running in this process (a test's) is left running."""
+    """Stop the local Ray instance that the block started, as it ends, its autoscaler's monitor first: Ray's own exit
+    hook waits for late worker errors, then stops the monitor after the GCS, without which the monitor cannot leave
+    (benchmarks/RESULTS.md); the monitor keeps no state. A cluster the block joined is left to Ray's hook, which
+    records an unexpected error there; a Ray already running in this process (a test's) is left running."""
     started_here = not ray.is_initialized()
     try:
         yield
     finally:
-        if started_here and ray.is_initialized():
-            node = ray._private.worker._global_node  # the local instance's processes: Ray has no public handle
-            if node is not None and ray_constants.PROCESS_TYPE_MONITOR in node.all_processes:
-                node.kill_monitor(check_alive=False)
+        node = ray._private.worker._global_node  # the local instance's processes: Ray has no public handle
+        if started_here and node is not None and node.all_processes:  # none when it joined a cluster
+            node.kill_monitor(check_alive=False)
             ray.shutdown()
 
 

@@ -36,11 +36,7 @@ from medvq.nodes import nodes_can_leave
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-# Ray Train's preemption watcher, a process of about a CPU-second per run, watches for nodes that Ray drains before
-# taking them away: none on one node that no autoscaler runs. Passed on the same way; decided at each run (nodes may
-# join), unless the user set it.
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
-WATCHER_SET_BY_USER = PREEMPTION_WATCHER_ENV in os.environ
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
@@ -113,8 +109,6 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
     name resumes it from its last checkpoint.
     """
     os.environ.setdefault(CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS)
-    if not WATCHER_SET_BY_USER:
-        os.environ[PREEMPTION_WATCHER_ENV] = "1" if nodes_can_leave() else "0"
     use_gpu = config.gpus_per_worker > 0  # decided by the job (medvq.devices); here only carried out
     # Explicit, never guessed: a CPU worker may still see the node's GPUs.
     config = config.with_changes(accelerator="gpu" if use_gpu else "cpu")
@@ -137,7 +131,23 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
         run_config=run,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    return trainer.fit()
+    with preemption_watched_where_nodes_can_leave():
+        return trainer.fit()
+
+
+@contextmanager
+def preemption_watched_where_nodes_can_leave() -> Iterator[None]:
+    """While the block runs, Ray Train starts its preemption watcher (a process per run, benchmarks/RESULTS.md) only
+    if a node can leave: it watches for the nodes Ray drains. Decided at each run, as nodes may join; a value the
+    user set is kept."""
+    if PREEMPTION_WATCHER_ENV in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER_ENV] = "1" if nodes_can_leave() else "0"
+    try:
+        yield
+    finally:
+        del os.environ[PREEMPTION_WATCHER_ENV]
 
 
 def train_on_ray(config: Config, out_dir: Path, storage: str, name: str) -> dict[str, float]:

@@ -1,11 +1,14 @@
 """What the cluster can hold: the nodes up now, or what an autoscaler can grow it to (Ray's fake autoscaler
-in tests/test_autoscaling.py; the folder checks across nodes in tests/test_multinode.py)."""
+in tests/test_autoscaling.py; the folder checks across nodes in tests/test_multinode.py); and whether a node can leave
+it, for Ray Train's preemption watcher."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from medvq import nodes
+from medvq import nodes, ray_train
 from medvq.errors import UserError
 from medvq.nodes import Capacity
 
@@ -71,3 +74,18 @@ def test_nodes_can_leave_unless_one_node_runs_without_an_autoscaler(monkeypatch,
     monkeypatch.setattr(nodes.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2}}] * alive + [dead])
     monkeypatch.setattr(nodes, "autoscaler_node_types", lambda: node_types)
     assert nodes.nodes_can_leave() is can_leave
+
+
+@pytest.mark.parametrize(
+    "users, can_leave, during",
+    [(None, False, "0"), (None, True, "1"), ("1", False, "1"), ("0", True, "0")],  # a value the user set is kept
+)
+def test_ray_train_watches_for_preemption_only_where_a_node_can_leave(monkeypatch, users, can_leave, during):
+    """Ray Train reads the variable as a run starts (fit()); the job sets it for that run only."""
+    monkeypatch.delenv(ray_train.PREEMPTION_WATCHER_ENV, raising=False)
+    if users is not None:
+        monkeypatch.setenv(ray_train.PREEMPTION_WATCHER_ENV, users)
+    monkeypatch.setattr(ray_train, "nodes_can_leave", lambda: can_leave)
+    with ray_train.preemption_watched_where_nodes_can_leave():
+        assert os.environ[ray_train.PREEMPTION_WATCHER_ENV] == during
+    assert os.environ.get(ray_train.PREEMPTION_WATCHER_ENV) == users

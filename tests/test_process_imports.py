@@ -72,24 +72,30 @@ def test_a_jobs_processes_space_out_full_collections_until_they_train(tiny_confi
 
 
 @pytest.mark.integration  # starts Ray
-def test_a_job_stops_every_process_of_the_ray_it_started():
-    """run_job stops the local instance itself, its autoscaler's monitor first (medvq.cli.ray_stopped_at_the_end):
-    when the job's process is gone, so is each process of that instance."""
+def test_a_job_stops_the_local_ray_it_started_before_pythons_exit_its_monitor_first():
+    """run_job stops the local instance itself (medvq.cli.ray_stopped_at_the_end), not Ray's exit hook after it: when
+    it returns, no process of the instance runs, and the autoscaler's monitor was stopped before the GCS."""
     check = (
         "import ray\n"
+        "from ray._private.node import Node\n"
         "from medvq.cli import run_job, start_ray\n"
+        "stopped, kill = [], Node._kill_process_type\n"
+        "Node._kill_process_type = lambda node, kind, *a, **k: (stopped.append(kind), kill(node, kind, *a, **k))\n"
         "def main():\n"
         "    start_ray()\n"
-        "    processes = ray._private.worker._global_node.all_processes\n"
-        "    print({kind: [info.process.pid for info in infos] for kind, infos in processes.items()})\n"
-        "run_job(main)"
+        "    global pids\n"
+        "    pids = {kind: [info.process.pid for info in infos] for kind, infos in\n"
+        "            ray._private.worker._global_node.all_processes.items()}\n"
+        "run_job(main)\n"
+        "print([pids, ray.is_initialized(), stopped])"
     )
     env = {**os.environ, "RAY_ADDRESS": "local"}
     done = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    pids = ast.literal_eval(done.stdout.strip().splitlines()[-1])
-    assert {"raylet", "gcs_server", "monitor"} <= set(pids)
+    pids, initialised, stopped = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert {"raylet", "gcs_server", "monitor"} <= set(pids) and not initialised
     assert [kind for kind, kind_pids in pids.items() if any(running(pid) for pid in kind_pids)] == []
+    assert stopped.index("monitor") < stopped.index("gcs_server")
 
 
 def running(pid: int) -> bool:
