@@ -1,6 +1,7 @@
 """The README's quick start (jobs/sweep.py --smoke) timed beside its floor: the same interpreter importing the job's
-modules and starting Ray, then exiting. Both are timed from outside, as a user waits for them; the floor is taken
-before and after the job, and the lower is the one compared (this machine's other work only adds time).
+modules and starting Ray, then exiting as a job does (run_job stops the Ray it started). Both are timed from outside,
+as a user waits for them; the floor is taken before and after the job, and the lower is the one compared (this
+machine's other work only adds time).
 
     python benchmarks/quick_start.py --data-root DATA --datasets bloodmnist,pneumoniamnist,retinamnist,breastmnist
 """
@@ -19,12 +20,12 @@ from medvq.cli import run_job
 from medvq.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
-# jobs/sweep.py run as a module of another name: its imports, not its main
-FLOOR = "import runpy; runpy.run_path('jobs/sweep.py'); from medvq.cli import start_ray; start_ray()"
+# jobs/sweep.py run as a module of another name: its imports, not its main; then a job that only starts Ray
+FLOOR = "import runpy; runpy.run_path('jobs/sweep.py'); from medvq.cli import run_job, start_ray; run_job(start_ray)"
 
 
 def floor_seconds() -> float:
-    """Seconds to import everything jobs/sweep.py imports, start a local Ray instance and shut it down."""
+    """Seconds to import everything jobs/sweep.py imports, start a local Ray instance and stop it as a job does."""
     seconds, done = timed(subprocess.run, [sys.executable, "-c", FLOOR], cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"the floor's process failed: {done.stderr[-2000:]}")
