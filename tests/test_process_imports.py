@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -106,11 +107,17 @@ def running(pid: int) -> bool:
         return False
 
 
-def test_a_ray_running_before_the_job_is_left_running(monkeypatch):
-    """A test's own Ray, running in its process before a job's main runs there, is the test's to stop."""
+@pytest.mark.parametrize("running_before", [True, False])
+def test_a_local_ray_running_before_the_job_is_left_running(monkeypatch, running_before):
+    """A test's own local Ray, running in its process before a job's main runs there, is the test's to stop; one
+    that the job started is the job's."""
     stopped = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append(True))
+    local_instance = SimpleNamespace(
+        all_processes={"raylet": [], "monitor": []}, kill_monitor=lambda check_alive: stopped.append("monitor")
+    )
+    monkeypatch.setattr(ray, "is_initialized", lambda: running_before)  # as the block starts
+    monkeypatch.setattr(ray._private.worker, "_global_node", local_instance)
+    monkeypatch.setattr(ray, "shutdown", lambda: stopped.append("ray"))
     with ray_stopped_at_the_end():
         pass
-    assert stopped == []
+    assert stopped == ([] if running_before else ["monitor", "ray"])
