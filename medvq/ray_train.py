@@ -30,13 +30,11 @@ from medvq.checkpoints import (
 )
 from medvq.config import Config
 from medvq.errors import RunFailed
-from medvq.nodes import nodes_can_leave
 
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
@@ -131,23 +129,7 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
         run_config=run,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    with preemption_watched_where_nodes_can_leave():
-        return trainer.fit()
-
-
-@contextmanager
-def preemption_watched_where_nodes_can_leave() -> Iterator[None]:
-    """While the block runs, Ray Train starts its preemption watcher (a process per run, benchmarks/RESULTS.md) only
-    if a node can leave: it watches for the nodes Ray drains. Decided at each run, as nodes may join; a value the
-    user set is kept."""
-    if PREEMPTION_WATCHER_ENV in os.environ:
-        yield
-        return
-    os.environ[PREEMPTION_WATCHER_ENV] = "1" if nodes_can_leave() else "0"
-    try:
-        yield
-    finally:
-        del os.environ[PREEMPTION_WATCHER_ENV]
+    return trainer.fit()
 
 
 def train_on_ray(config: Config, out_dir: Path, storage: str, name: str) -> dict[str, float]:
