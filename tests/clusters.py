@@ -41,6 +41,12 @@ _WORKER_RANGES = itertools.count(random.randrange(48))
 TOKEN = secrets.token_hex(32)
 
 
+def process_fields(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the process's name (its state, then its parent, ...); raises
+    FileNotFoundError once the process is gone. The name, in parentheses, may hold spaces: split after its ")"."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct free ports: each is held until all are chosen, so the kernel cannot hand one out twice
     (Ray refuses to start when two of its components get the same port)."""

@@ -20,7 +20,7 @@ import pytest
 from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE
 from medvq.tune import read_trial_history
-from tests.clusters import wait_for
+from tests.clusters import process_fields, wait_for
 from tests.conftest import REPO, SYNTHETIC_DATASETS, slow_sweep_flags
 
 pytestmark = pytest.mark.integration
@@ -158,7 +158,7 @@ def test_sweep_rejects_bad_input_before_any_worker_starts(synthetic_root, tmp_pa
 def parent_pid(pid: int) -> int:
     """The parent of a process (0 once it is gone): the fourth field of /proc/PID/stat, after the name's ")"."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        return int(process_fields(pid)[1])
     except (OSError, IndexError, ValueError):
         return 0
 

@@ -28,6 +28,7 @@ from tests.clusters import (
     Cluster,
     Processes,
     client_env,
+    process_fields,
     s3_filesystem,
     start_head,
     start_private_node,
@@ -191,7 +192,7 @@ def test_a_local_folder_the_other_nodes_cannot_see_is_refused_before_any_trial(
 
 
 def parent(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(process_fields(pid)[1])
 
 
 def started_ancestor(pid: int, started: set[int]) -> int:

@@ -15,6 +15,7 @@ import ray
 
 from medvq.cli import ray_stopped_at_the_end
 from medvq.collector import FULL_PASS_EVERY, PYTHONS_PACE
+from tests.clusters import process_fields
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = {"lightning", "torchmetrics", "medmnist", "sklearn"}
@@ -102,13 +103,13 @@ def test_a_job_stops_the_local_ray_it_started_before_pythons_exit_its_monitor_fi
 def running(pid: int) -> bool:
     """Whether `pid` is a process that has not exited (a zombie has)."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return process_fields(pid)[0] != "Z"
     except FileNotFoundError:
         return False
 
 
 @pytest.mark.parametrize("running_before", [True, False])
-def test_a_local_ray_running_before_the_job_is_left_running(monkeypatch, running_before):
+def test_a_job_stops_only_the_local_ray_it_started(monkeypatch, running_before):
     """A test's own local Ray, running in its process before a job's main runs there, is the test's to stop; one
     that the job started is the job's."""
     stopped = []
