@@ -35,6 +35,11 @@ from medvq.errors import RunFailed
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+# The newest checkpoints a run keeps: the last resumes it, and the two before cover a Tune trial that ASHA stops while
+# its run goes on (it ends with the trial's process, seconds later). The controller keeps (and prunes) each epoch's
+# checkpoint before it hands the report to Tune through a queue of one, so once Tune stops taking reports, at most two
+# more epochs are kept: the one Tune recorded stays (benchmarks/RESULTS.md).
+CHECKPOINTS_KEPT = 3
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
@@ -113,13 +118,11 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
     # One worker per GPU; several one-worker runs may share a GPU through fractional gpus_per_worker.
     resources = {"CPU": config.cpus_per_worker, **({"GPU": config.gpus_per_worker} if use_gpu else {})}
     scaling = ScalingConfig(num_workers=config.workers, use_gpu=use_gpu, resources_per_worker=resources)
-    # Two newest checkpoints: the last one resumes the run, and the one before still exists if Tune (ASHA)
-    # stops a trial whose run has already written one more epoch. Retry failed workers twice.
     run = RunConfig(
         name=name,
         storage_path=storage,
-        checkpoint_config=CheckpointConfig(num_to_keep=2),
-        failure_config=FailureConfig(max_failures=2),
+        checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        failure_config=FailureConfig(max_failures=2),  # a failed worker is retried twice
         callbacks=list(callbacks),
     )
     trainer = TorchTrainer(

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
+from ray import tune
+from ray.train._internal.session import get_session
 
-from medvq.checkpoints import TRAIN_CHECKPOINT, TRAINED_PRECISION, read_checkpoint
-from medvq.config import SweepConfig
+from medvq.checkpoints import EPOCHS_DONE, TRAIN_CHECKPOINT, TRAINED_PRECISION, read_checkpoint
+from medvq.config import Config, SweepConfig
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.module import VQVAEModule
-from medvq.ray_train import run_on_ray, train_on_ray
-from medvq.tune import run_sweep, write_sweep_outputs
+from medvq.ray_train import CHECKPOINTS_KEPT, run_on_ray, train_on_ray
+from medvq.tune import TRIAL_DRIVER_MEMORY, read_trial_history, run_sweep, run_trial, trial_row, write_sweep_outputs
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +92,31 @@ def test_a_ray_train_run_that_diverges_fails_in_one_line_and_leaves_no_model(ray
     with pytest.raises(RunFailed, match=r"train_loss became (nan|inf) in epoch 0; no checkpoint was written"):
         train_on_ray(config, tmp_path, str(tmp_path / "storage"), "diverges")
     assert not (tmp_path / "model.ckpt").exists()
+
+
+def test_a_trial_tune_stops_keeps_the_checkpoint_tune_recorded_while_its_train_run_goes_on(
+    ray_instance, tiny_config, tmp_path
+):
+    def trial_slow_to_stop(params: dict, base: Config, storage: str) -> None:
+        """`run_trial`, in a trial process that takes seconds to stop (as on a busy node): Tune has taken its last
+        report, and the trial's Train run goes on meanwhile."""
+        session = get_session()
+        finish = session.finish
+        session.finish = lambda *args, **kwargs: time.sleep(4) or finish(*args, **kwargs)
+        run_trial(params, base, storage)
+
+    storage = str(tmp_path / "storage")
+    trainable = tune.with_parameters(trial_slow_to_stop, base=tiny_config(epochs=30), storage=storage)
+    (result,) = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}),
+        param_space={"codebook_size": 16, "commitment_weight": 0.25, "seed": 0},
+        run_config=tune.RunConfig(name="stopped", storage_path=storage, stop={EPOCHS_DONE: 1}, verbose=0),
+    ).fit()
+    time.sleep(2)  # the Train run's end, after the trial's
+    row = trial_row(result, grace_epochs=1, epochs=30, storage=storage)
+    assert (row["status"], row["epochs_run"]) == ("stopped", 1), row["error"]
+    assert read_trial_history(row["checkpoint_path"])["epoch"].tolist() == [0]
+    written = sorted(Path(row["checkpoint_path"]).parent.glob("checkpoint_*"))  # named by the time they were written
+    after = written[written.index(Path(row["checkpoint_path"])) + 1 :]
+    # Two more epochs would have pruned it with one checkpoint fewer kept.
+    assert len(after) >= CHECKPOINTS_KEPT - 1, "the run stopped with its trial: nothing was tested"
