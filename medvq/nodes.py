@@ -94,6 +94,14 @@ def capacity() -> Capacity:
     return Capacity(alive + tuple(resources for resources, most in node_types if most != 0), totals, autoscaling=True)
 
 
+def nodes_can_leave() -> bool:
+    """Whether Ray may drain one of the cluster's nodes, warning before it takes the node away (an autoscaler scaling
+    down, a cloud's preemption notice): unless it is one node that no autoscaler runs. A single node that leaves ends
+    the job whatever Ray Train's preemption watcher (a process per run) sees."""
+    alive = sum(node["Alive"] for node in ray.nodes())
+    return alive > 1 or autoscaler_node_types() is not None
+
+
 def autoscaler_node_types() -> list[NodeType] | None:
     """The worker node types an autoscaler can add, with their limits: as it publishes them in Ray's GCS
     (where Ray Train reads them), else from the config file of the autoscaler monitor on this node (Ray's

@@ -30,6 +30,7 @@ from medvq.checkpoints import (
 )
 from medvq.config import Config
 from medvq.errors import RunFailed
+from medvq.nodes import nodes_can_leave
 
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
@@ -40,6 +41,7 @@ CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_
 # checkpoint before it hands the report to Tune through a queue of one, so once Tune stops taking reports, at most two
 # more epochs are kept: the one Tune recorded stays (benchmarks/RESULTS.md).
 CHECKPOINTS_KEPT = 3
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
@@ -132,7 +134,23 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
         run_config=run,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
-    return trainer.fit()
+    with preemption_watched_where_nodes_can_leave():
+        return trainer.fit()
+
+
+@contextmanager
+def preemption_watched_where_nodes_can_leave() -> Iterator[None]:
+    """While the block runs, Ray Train starts its preemption watcher (a process per run, benchmarks/RESULTS.md) only
+    if a node can leave: it watches for the nodes Ray drains. Decided at each run, as nodes may join; a value the
+    user set is kept."""
+    if PREEMPTION_WATCHER_ENV in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER_ENV] = "1" if nodes_can_leave() else "0"
+    try:
+        yield
+    finally:
+        del os.environ[PREEMPTION_WATCHER_ENV]
 
 
 def train_on_ray(config: Config, out_dir: Path, storage: str, name: str) -> dict[str, float]:

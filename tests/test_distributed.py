@@ -10,6 +10,7 @@ import pytest
 import torch
 from ray import tune
 from ray.train._internal.session import get_session
+from ray.util.state import list_actors
 
 from medvq.checkpoints import EPOCHS_DONE, TRAIN_CHECKPOINT, TRAINED_PRECISION, read_checkpoint
 from medvq.config import Config, SweepConfig
@@ -34,6 +35,9 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
     assert saved[TRAINED_PRECISION] == resolve_precision("auto", "cpu")  # as the worker resolved the config's "auto"
     # The EMA really moved: the codebook is not still its random initialisation.
     assert not torch.allclose(codebook["model.quantizer.codebook.cluster_size"], torch.ones(config.codebook_size))
+    # One node, no autoscaler: nothing for a preemption watcher to see, and none was started.
+    actors = {actor.class_name for actor in list_actors(limit=10_000, raise_on_missing_output=False)}
+    assert "RayTrainWorker" in actors and "PreemptionWatcher" not in actors
 
 
 def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray_instance, tiny_config, tmp_path):

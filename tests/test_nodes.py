@@ -1,11 +1,14 @@
 """What the cluster can hold: the nodes up now, or what an autoscaler can grow it to (Ray's fake autoscaler
-in tests/test_autoscaling.py; the folder checks across nodes in tests/test_multinode.py)."""
+in tests/test_autoscaling.py; the folder checks across nodes in tests/test_multinode.py); and whether a node can leave
+it, for Ray Train's preemption watcher."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from medvq import nodes
+from medvq import nodes, ray_train
 from medvq.errors import UserError
 from medvq.nodes import Capacity
 
@@ -55,3 +58,34 @@ def test_the_node_types_come_from_the_autoscaler_monitors_config_file(monkeypatc
     monkeypatch.setattr(nodes.ray_state, "get_cluster_config", lambda: None)
     monkeypatch.setattr(nodes, "_local_monitor_command", lambda: [str(config) if w == "CONFIG" else w for w in monitor])
     assert nodes.autoscaler_node_types() == expected
+
+
+@pytest.mark.parametrize(
+    "alive, node_types, can_leave",
+    [
+        (1, None, False),  # one node that no autoscaler runs: `python jobs/sweep.py` on a machine
+        (1, [], True),  # an autoscaler elsewhere (KubeRay's) may add nodes, then drain them
+        (1, [({"CPU": 2}, 3)], True),
+        (2, None, True),  # a node but the head may be drained (`ray drain-node`, a cloud's notice)
+    ],
+)
+def test_nodes_can_leave_unless_one_node_runs_without_an_autoscaler(monkeypatch, alive, node_types, can_leave):
+    dead = {"Alive": False, "Resources": {"CPU": 2}}  # a node gone before: it leaves no more
+    monkeypatch.setattr(nodes.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2}}] * alive + [dead])
+    monkeypatch.setattr(nodes, "autoscaler_node_types", lambda: node_types)
+    assert nodes.nodes_can_leave() is can_leave
+
+
+@pytest.mark.parametrize(
+    "users, can_leave, during",
+    [(None, False, "0"), (None, True, "1"), ("1", False, "1"), ("0", True, "0")],  # a value the user set is kept
+)
+def test_ray_train_watches_for_preemption_only_where_a_node_can_leave(monkeypatch, users, can_leave, during):
+    """Ray Train reads the variable as a run starts (fit()); the job sets it for that run only."""
+    monkeypatch.delenv(ray_train.PREEMPTION_WATCHER_ENV, raising=False)
+    if users is not None:
+        monkeypatch.setenv(ray_train.PREEMPTION_WATCHER_ENV, users)
+    monkeypatch.setattr(ray_train, "nodes_can_leave", lambda: can_leave)
+    with ray_train.preemption_watched_where_nodes_can_leave():
+        assert os.environ[ray_train.PREEMPTION_WATCHER_ENV] == during
+    assert os.environ.get(ray_train.PREEMPTION_WATCHER_ENV) == users
