@@ -17,10 +17,11 @@ from pathlib import Path
 from common import Row, benchmark_parser, ray_session, run_benchmark, timed
 
 from medvq.after_training import encode_measure_and_draw
-from medvq.checkpoints import CHECKPOINT_NAME, checkpoint_config
+from medvq.checkpoints import checkpoint_config
 from medvq.cli import run_job
 from medvq.config import Config
 from medvq.errors import UserError
+from medvq.run_files import CHECKPOINT_NAME
 
 # What the figures read besides the latents: the shipped model, its history, the sweep's trials
 RUN_FILES = (CHECKPOINT_NAME, "metrics.csv", "best_metrics.csv", "trials.csv", "best.json", "provenance.json")

@@ -23,7 +23,6 @@ import ray
 from common import Row, SteadyClock, benchmark_parser, ray_session, run_benchmark, timed, torch_device
 from train_speed import add_budget_flag, budget, lightning_run
 
-from medvq.checkpoints import CHECKPOINT_NAME
 from medvq.cli import run_job
 from medvq.config import Config
 from medvq.data import SPLITS
@@ -32,6 +31,7 @@ from medvq.latent_space import layout, neighbour_search, vectors, with_layout
 from medvq.plots import draw_run
 from medvq.projection import umap_projection
 from medvq.report import write_latents
+from medvq.run_files import CHECKPOINT_NAME
 
 
 def _split(config: Config, name: str, split: str) -> dict[str, np.ndarray]:

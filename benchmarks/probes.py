@@ -18,8 +18,9 @@ import torch
 from sklearn.decomposition import PCA
 
 from medvq.baselines import RESNET18_28
+from medvq.batches import to_float_images
 from medvq.cli import JobParser, add_data_flags, add_out_flag, resolve_data_root, run_job, text_value
-from medvq.data import load_split, rgb, to_float_images
+from medvq.data import load_split, rgb
 from medvq.latent_space import PROBE_SPLITS, class_probes
 from medvq.model import FEATURE_GRID, pooled_features
 from medvq.module import VQVAEModule

@@ -32,9 +32,9 @@ from seed_model import SeedVQVAE, seed_dataset, seed_loader, seed_optimizer, see
 from torch import nn
 from torch.utils.data import DataLoader
 
+from medvq.batches import load_splits, to_float_images
 from medvq.cli import POSITIVE, POSITIVE_INT, JobParser, list_value, run_job
 from medvq.config import Config
-from medvq.data import load_splits, to_float_images
 from medvq.datamodule import MedMNISTDataModule
 from medvq.metrics import image_scores
 from medvq.model import VQVAE

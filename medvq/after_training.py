@@ -7,11 +7,11 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from medvq.checkpoints import CHECKPOINT_NAME
 from medvq.config import Config
 from medvq.data import each_split_read_once
 from medvq.plots import LATENT_FIGURES, TRAINING_FIGURES, draw_run
 from medvq.report import encode_and_measure
+from medvq.run_files import CHECKPOINT_NAME
 
 DRAWN = {"training_plots": TRAINING_FIGURES, "plots": LATENT_FIGURES}  # step -> its figures
 

@@ -1,7 +1,6 @@
 """Reading a checkpoint safely (plain tensors and data only, through torch's weights-only unpickler), and the model
 it holds without Lightning: the encoder's actors and the job's driver (its figures) need only the model, and Lightning
-takes seconds to import. Also the names every run gives its checkpoints, its history and what it reports at each
-check."""
+takes seconds to import. The names of a run's files: medvq.run_files."""
 
 from __future__ import annotations
 
@@ -20,14 +19,6 @@ from medvq.storage import read_bytes
 
 MODEL_PREFIX = "model."  # the VQVAE's weights in a checkpoint of medvq.module.VQVAEModule
 TRAINED_PRECISION = "trained_precision"  # checkpoint key: the Lightning precision the weights were trained in
-CHECKPOINT_NAME = "model.ckpt"  # a local run's, and the copy every job leaves in its output folder
-TRAIN_CHECKPOINT = "checkpoint.ckpt"  # inside a Ray Train checkpoint folder
-METRICS_NAME = "metrics.csv"  # the per-epoch history, one row per epoch
-DIVERGED, EPOCHS_DONE, EPOCH_SECONDS = (
-    "diverged",
-    "epochs_done",
-    "epoch_seconds",
-)  # reported to Ray Train and Tune beside the metrics
 
 
 @contextmanager
@@ -81,10 +72,3 @@ def trained(checkpoint: str | Path | bytes) -> Trained:
     weights = {k.removeprefix(MODEL_PREFIX): v for k, v in saved["state_dict"].items() if k.startswith(MODEL_PREFIX)}
     model.load_state_dict(weights)
     return Trained(model.eval(), config, saved.get(TRAINED_PRECISION))
-
-
-def kept(rows: list[dict], checkpoint: Path | str) -> str:
-    """What a diverged run leaves behind, in words."""
-    if not rows:
-        return "no checkpoint was written"
-    return f"{checkpoint} holds epoch {rows[-1]['epoch']}, the last checked, all of whose losses were finite"

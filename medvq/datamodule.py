@@ -10,8 +10,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from medvq.batches import IndexBatches, SplitArrays, load_splits
 from medvq.config import Config
-from medvq.data import IndexBatches, SplitArrays, check_data, load_splits
+from medvq.data import check_data
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,10 @@ import ray
 import torch
 import torch.nn.functional as F
 
+from medvq.batches import to_float_images
 from medvq.checkpoints import trained
 from medvq.config import Config
-from medvq.data import SPLITS, dataset_info, load_split, rgb, to_float_images
+from medvq.data import SPLITS, dataset_info, load_split, rgb
 from medvq.errors import UserError
 from medvq.metrics import image_scores
 from medvq.nodes import capacity

@@ -52,7 +52,8 @@ from bokeh.plotting import figure
 from bokeh.resources import INLINE
 from PIL import Image
 
-from medvq.data import SPLITS, load_split, rgb, short_label, to_float_images
+from medvq.batches import to_float_images
+from medvq.data import SPLITS, load_split, rgb, short_label
 from medvq.encode import RECONSTRUCTION, THUMB, thumbnail_images, thumbnail_pixels
 from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, vectors

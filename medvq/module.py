@@ -12,9 +12,9 @@ from typing import IO
 import lightning as L
 import torch
 
+from medvq.batches import to_float_images
 from medvq.checkpoints import TRAINED_PRECISION, refused_if_unsafe
 from medvq.config import Config
-from medvq.data import to_float_images
 from medvq.metrics import StageMetrics, structural_similarity
 from medvq.model import VQVAE
 from medvq.provenance import STRETCHES_JOINED_BY
@@ -40,7 +40,7 @@ class VQVAEModule(L.LightningModule):
         if self.config.compile_model:
             # Each stage's whole step as one graph: forward, the codebook's EMA update, the loss and the metrics' sums.
             # fullgraph: a graph break is an error, not a silently slower step. dynamic=False: every training batch
-            # has one shape (data.IndexBatches), so it compiles once; validation's last, shorter batch compiles a
+            # has one shape (batches.IndexBatches), so it compiles once; validation's last, shorter batch compiles a
             # second graph, once. Methods, not modules: the state dict keeps its keys, checkpoints load either way.
             compiled = partial(torch.compile, fullgraph=True, dynamic=False)
             self._train_step, self._val_step = compiled(self._train_step), compiled(self._val_step)

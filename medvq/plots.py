@@ -24,8 +24,9 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from medvq import provenance
+from medvq.batches import to_float_images
 from medvq.checkpoints import Trained, trained
-from medvq.data import each_split_read_once, load_split, rgb, short_label, to_float_images
+from medvq.data import each_split_read_once, load_split, rgb, short_label
 from medvq.errors import UserError
 from medvq.explorer import draw_explorer
 from medvq.latent_space import code_usage

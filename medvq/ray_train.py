@@ -1,7 +1,8 @@
 """Ray Train runs of medvq's Lightning trainer, from any driver: jobs/train.py, a Tune trial, the sweep's final fit.
 
-Only the workers train, so only they import Lightning (medvq.train): a run's driver and Ray Train's controller
-import this module, and each Lightning import costs seconds of a core in every process that makes it.
+Only the workers train, so only they import Lightning (medvq.train) and torch (medvq.process_group): a run's driver
+and Ray Train's controller import this module, and each of those imports costs seconds of a core in every process
+that makes it.
 """
 
 from __future__ import annotations
@@ -16,21 +17,14 @@ from pathlib import Path
 import pandas as pd
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.util.queue import Queue
 
-from medvq.checkpoints import (
-    CHECKPOINT_NAME,
-    DIVERGED,
-    EPOCH_SECONDS,
-    EPOCHS_DONE,
-    METRICS_NAME,
-    TRAIN_CHECKPOINT,
-    kept,
-)
 from medvq.config import Config
 from medvq.errors import RunFailed
 from medvq.nodes import nodes_can_leave
+from medvq.process_group import TorchProcessGroup
+from medvq.run_files import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, kept
 
 # Ray Train's controller polls its workers every 2 s by default and a worker's report waits for the poll, which
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
@@ -127,12 +121,12 @@ def run_on_ray(config: Config, *, storage: str, name: str, callbacks=()) -> ray.
         failure_config=FailureConfig(max_failures=2),  # a failed worker is retried twice
         callbacks=list(callbacks),
     )
-    trainer = TorchTrainer(
+    trainer = DataParallelTrainer(
         train_worker,
         train_loop_config=config.to_dict(),
+        backend_config=TorchProcessGroup(backend="nccl" if use_gpu else "gloo"),
         scaling_config=scaling,
         run_config=run,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
     )
     with preemption_watched_where_nodes_can_leave():
         return trainer.fit()

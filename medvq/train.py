@@ -15,16 +15,7 @@ import pandas as pd
 import ray.train
 from ray.train.lightning import RayDDPStrategy, RayLightningEnvironment, prepare_trainer
 
-from medvq.checkpoints import (
-    CHECKPOINT_NAME,
-    DIVERGED,
-    EPOCH_SECONDS,
-    EPOCHS_DONE,
-    METRICS_NAME,
-    TRAIN_CHECKPOINT,
-    kept,
-    read_checkpoint,
-)
+from medvq.checkpoints import read_checkpoint
 from medvq.collector import back_to_pythons_pace
 from medvq.config import Config, results_shaping
 from medvq.datamodule import MedMNISTDataModule
@@ -32,6 +23,7 @@ from medvq.devices import resolve_accelerator, resolve_precision
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.module import VQVAEModule
 from medvq.provenance import PROVENANCE_FILE
+from medvq.run_files import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT, kept
 from medvq.storage import ERROR_FILE, PARTIAL, replace_atomically
 
 CHECKED_LOSSES = ("train_loss", "val_loss", "val_nmse")  # any of them non-finite: the run diverged

@@ -22,11 +22,11 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from medvq.checkpoints import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT
 from medvq.config import Config, SweepConfig
 from medvq.errors import RunFailed, Stopped, UserError
 from medvq.nodes import capacity
 from medvq.ray_train import run_on_ray
+from medvq.run_files import CHECKPOINT_NAME, DIVERGED, EPOCHS_DONE, METRICS_NAME, TRAIN_CHECKPOINT
 from medvq.storage import info, is_file, join, read_bytes, uri_on
 
 OBJECTIVE, MODE = "val_nmse", "min"

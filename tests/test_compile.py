@@ -6,8 +6,8 @@ from collections import Counter
 
 import torch
 
-from medvq.checkpoints import CHECKPOINT_NAME
 from medvq.module import VQVAEModule
+from medvq.run_files import CHECKPOINT_NAME
 from medvq.train import train_local
 
 

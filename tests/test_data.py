@@ -1,4 +1,4 @@
-"""medvq.data: MedMNIST files -> verified uint8 arrays with ids -> batches."""
+"""medvq.data and medvq.batches: MedMNIST files -> verified uint8 arrays with ids -> batches."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from medmnist import INFO
 from medmnist.dataset import MedMNIST
 
 from medvq import data
-from medvq.data import SPLITS, IndexBatches, each_split_read_once, file_name, load_split, load_splits, to_float_images
+from medvq.batches import IndexBatches, load_splits, to_float_images
+from medvq.data import SPLITS, each_split_read_once, file_name, load_split
 from medvq.errors import UserError
 from medvq.synthetic import write_synthetic_npz
 

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import ray
 import torch
 from ray import tune
 from ray.train._internal.session import get_session
 from ray.util.state import list_actors
 
-from medvq.checkpoints import EPOCHS_DONE, TRAIN_CHECKPOINT, TRAINED_PRECISION, read_checkpoint
+from medvq.checkpoints import TRAINED_PRECISION, read_checkpoint
 from medvq.config import Config, SweepConfig
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
 from medvq.module import VQVAEModule
 from medvq.ray_train import CHECKPOINTS_KEPT, run_on_ray, train_on_ray
+from medvq.run_files import EPOCHS_DONE, TRAIN_CHECKPOINT
 from medvq.tune import TRIAL_DRIVER_MEMORY, read_trial_history, run_sweep, run_trial, trial_row, write_sweep_outputs
 
 pytestmark = pytest.mark.integration
@@ -38,6 +41,26 @@ def test_two_worker_run_keeps_one_codebook_on_both_workers(ray_instance, tiny_co
     # One node, no autoscaler: nothing for a preemption watcher to see, and none was started.
     actors = {actor.class_name for actor in list_actors(limit=10_000, raise_on_missing_output=False)}
     assert "RayTrainWorker" in actors and "PreemptionWatcher" not in actors
+
+
+def test_only_the_workers_import_torch_not_a_runs_driver_or_its_controller(ray_instance, tiny_config, tmp_path):
+    """Torch takes a second of a core to import, on the start path of every run (a trial's driver, Ray Train's
+    controller): only the workers, which train, import it."""
+    seen = tmp_path / "controller_imports"
+
+    class ControllerImports(ray.train.UserCallback):  # Ray Train runs its callbacks in the controller
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            seen.write_text(" ".join(sorted({"torch", "lightning"} & set(sys.modules))) or "neither")
+
+    @ray.remote(num_cpus=0)
+    class Driver:  # a process of its own, as a Tune trial's driver is
+        def run(self, config: Config, storage: str) -> list[str]:
+            result = run_on_ray(config, storage=storage, name="imports", callbacks=[ControllerImports()])
+            assert result.checkpoint is not None
+            return sorted({"torch", "lightning"} & set(sys.modules))
+
+    assert ray.get(Driver.remote().run.remote(tiny_config(), str(tmp_path / "storage"))) == []
+    assert seen.read_text() == "neither"
 
 
 def test_a_sweep_keeps_going_past_diverged_trials_and_repeats_differ_by_seed(ray_instance, tiny_config, tmp_path):

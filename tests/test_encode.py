@@ -15,9 +15,10 @@ import torch
 from medmnist import INFO
 
 from medvq import report
+from medvq.batches import to_float_images
 from medvq.checkpoints import checkpoint_config
 from medvq.config import Config
-from medvq.data import SPLITS, load_split, rgb, to_float_images
+from medvq.data import SPLITS, load_split, rgb
 from medvq.encode import RECONSTRUCTION, THUMB, encode_latents, encoder_pool, thumbnail_images
 from medvq.errors import UserError
 from medvq.latent_space import NEIGHBOURS, write_summary

@@ -17,8 +17,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 import medvq.metrics
 import medvq.module
-from medvq.checkpoints import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME
-from medvq.data import to_float_images
+from medvq.batches import to_float_images
 from medvq.datamodule import MedMNISTDataModule
 from medvq.devices import resolve_precision
 from medvq.errors import RunFailed
@@ -26,6 +25,7 @@ from medvq.metrics import LOSSES, StageMetrics, image_scores, structural_similar
 from medvq.module import VQVAEModule, squared_error_loss
 from medvq.provenance import PROVENANCE_FILE
 from medvq.ray_train import epoch_line, printed_epochs
+from medvq.run_files import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DONE, METRICS_NAME
 from medvq.train import (
     CHECK_SHARE,
     MOST_SECONDS_BETWEEN_CHECKS,
