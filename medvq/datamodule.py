@@ -1,6 +1,6 @@
-"""The LightningDataModule of a run: whole splits loaded once as tensors (medvq/data.py), on the GPU when they fit,
-and batches sliced from them. Apart from data.py, so that what reads images without training (the encoder's actors,
-the figures) need not import Lightning."""
+"""The LightningDataModule of a run: whole splits loaded once as tensors (medvq/batches.py), on the GPU when they
+fit, and batches sliced from them. Apart from batches.py, so that what reads images without training (the encoder's
+actors, the figures) need not import Lightning."""
 
 from __future__ import annotations
 
