@@ -30,13 +30,13 @@ from medvq.run_files import CHECKPOINT_NAME, DIVERGED, EPOCH_SECONDS, EPOCHS_DON
 # held short epochs (a smoke run's; likely a GPU's) to 2 s (benchmarks/RESULTS.md). Ray Train passes the variable
 # from the process that calls fit() to its controller; a value set by the user is kept.
 CONTROLLER_POLL_ENV, CONTROLLER_POLL_SECONDS = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
 # The newest checkpoints a run keeps: the last resumes it, and the two before cover a Tune trial that ASHA stops while
 # its run goes on (it ends with the trial's process, seconds later). The controller keeps (and prunes, oldest first)
 # each report's one checkpoint before TuneReportCallback hands the report to Tune through a queue of one, blocking
 # while it is full: once Tune stops taking reports, at most two more are kept, and the one Tune recorded stays
 # (benchmarks/RESULTS.md; a test makes a trial slow to stop). Pruning by a score instead would bring the race back.
 CHECKPOINTS_KEPT = 3
-PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"  # passed on the same way
 PRINTER_WAIT_SECONDS = 30  # for the epoch printer to finish: it always does unless the queue's actor hangs
 
 
